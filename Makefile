@@ -1,0 +1,42 @@
+# Every target creates .venv and installs the package first, so a fresh clone needs only `make demo` / `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test test-fast lint bench bench-smoke clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision are pinned to a pair that imports together on CPU-only machines;
+# pyproject keeps loose ranges so other pairs work elsewhere.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m xkd_ray.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+
+bench-smoke: $(STAMP)
+	for script in bench/*.py; do $(BIN)/python $$script --smoke || exit 1; done
+
+clean:
+	rm -rf .xkd_cache .pytest_cache build *.egg-info

@@ -1,0 +1,241 @@
+"""Captum explanations as normalised maps, and the on-disk cache of the teacher's outputs.
+
+Teacher explanations are the distillation target: computed once per (teacher, explainer,
+dataset split), stored as Parquet under a content-hashed name, and read by every later run
+and every search trial. Integrated Gradients costs ~50 forward/backward passes per image,
+so recomputing it per trial would dominate a search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
+from rich.progress import Progress
+from torch import nn
+from torchvision.transforms.functional import gaussian_blur
+
+from xkd_ray.config import EXPLAINERS, stable_hash
+from xkd_ray.errors import XKDConfigError, XKDDataError
+from xkd_ray.models import find_layer
+
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Explanations:
+    maps: torch.Tensor  # float32 [N, H, W] in [0, 1]
+    degenerate_maps: int  # all-zero Grad-CAM maps that fell back to |raw CAM|
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    high = flat.max(dim=1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(1e-12)).view_as(maps)
+
+
+def _blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma <= 0:
+        return maps
+    kernel = 2 * math.ceil(2 * sigma) + 1
+    return gaussian_blur(maps.unsqueeze(1), [kernel, kernel], [sigma, sigma]).squeeze(1)
+
+
+def _explain_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    explainer: str,
+    layer: nn.Module | None,
+    ig_steps: int,
+    blur_sigma: float,
+) -> tuple[torch.Tensor, int]:
+    size = images.shape[-2:]
+    if explainer == "gradcam":
+        raw = LayerGradCam(model, layer).attribute(images, target=targets, relu_attributions=False)
+        raw = LayerAttribution.interpolate(raw, size, interpolate_mode="bilinear")[:, 0]
+        maps = raw.clamp_min(0.0)
+        # Grad-CAM on tiny images is sometimes all-negative; keep *some* localisation
+        # (|raw CAM|) instead of a flat map, and count it so reports can say how often.
+        degenerate = maps.flatten(1).amax(dim=1) <= 0
+        maps = torch.where(degenerate[:, None, None], raw.abs(), maps)
+        return _min_max(maps.detach()), int(degenerate.sum())
+    if explainer == "integrated_gradients":
+        attribution = IntegratedGradients(model).attribute(
+            images, baselines=torch.zeros_like(images), target=targets, n_steps=ig_steps, internal_batch_size=len(images)
+        )
+    elif explainer == "saliency":
+        attribution = Saliency(model).attribute(images, target=targets, abs=True)
+    else:
+        raise XKDConfigError(f"explain.explainer: got {explainer!r}; allowed values are {', '.join(EXPLAINERS)}")
+    maps = _blur(attribution.detach().abs().sum(dim=1), blur_sigma)
+    return _min_max(maps), 0
+
+
+def explain_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    explainer: str = "gradcam",
+    layer: str | None = None,
+    ig_steps: int = 32,
+    blur_sigma: float = 1.0,
+    batch_size: int = 128,
+    progress: bool = False,
+    description: str = "explaining",
+) -> Explanations:
+    """Maps in [0, 1] at input resolution, explaining ``targets`` (default: the model's own
+    predictions). The model is put in eval mode and left there."""
+    model.eval()
+    device = next(model.parameters()).device
+    layer_module = find_layer(model, layer) if explainer == "gradcam" else None
+    all_maps: list[torch.Tensor] = []
+    degenerate = 0
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(description, total=len(images))
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(device)
+            if targets is None:
+                with torch.no_grad():
+                    batch_targets = model(batch).argmax(dim=1)
+            else:
+                batch_targets = targets[start : start + batch_size].to(device)
+            maps, count = _explain_batch(model, batch, batch_targets, explainer, layer_module, ig_steps, blur_sigma)
+            all_maps.append(maps.float().cpu())
+            degenerate += count
+            bar.advance(task, len(batch))
+    return Explanations(torch.cat(all_maps), degenerate)
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """What distillation needs from the teacher for one split, aligned with the split's order."""
+
+    logits: torch.Tensor  # float32 [N, classes]
+    maps: torch.Tensor  # float32 [N, H, W]
+    degenerate_maps: int
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+
+def cache_key(teacher_id: str, explain_settings: dict[str, Any], data_fingerprint: str, split: str) -> str:
+    """Content hash of everything the cached maps depend on (batch size and cache folder excluded)."""
+    return stable_hash(
+        {
+            "version": CACHE_FORMAT_VERSION,
+            "teacher": teacher_id,
+            "explain": explain_settings,
+            "data": data_fingerprint,
+            "split": split,
+        }
+    )
+
+
+def cache_path(cache_dir: str | Path, split: str, key: str) -> Path:
+    return Path(cache_dir) / "explanations" / f"teacher-{split}-{key}.parquet"
+
+
+def write_teacher_outputs(path: Path, outputs: TeacherOutputs, metadata: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves a half-written cache."""
+    count, classes = outputs.logits.shape
+    height, width = outputs.maps.shape[-2:]
+    table = pa.table(
+        {
+            "index": pa.array(np.arange(count, dtype=np.int64)),
+            "logits": pa.FixedSizeListArray.from_arrays(pa.array(outputs.logits.numpy().ravel()), classes),
+            "map": pa.FixedSizeListArray.from_arrays(pa.array(outputs.maps.numpy().ravel()), height * width),
+        }
+    )
+    info = {**metadata, "height": height, "width": width, "degenerate_maps": outputs.degenerate_maps}
+    table = table.replace_schema_metadata({"xkd_ray": json.dumps(info, sort_keys=True, default=str)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        pq.write_table(table, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def read_teacher_outputs(path: Path) -> TeacherOutputs:
+    try:
+        table = pq.read_table(path)
+        info = json.loads(table.schema.metadata[b"xkd_ray"])
+        count = table.num_rows
+        logits = np.asarray(table.column("logits").combine_chunks().flatten(), dtype=np.float32).reshape(count, -1)
+        maps = np.asarray(table.column("map").combine_chunks().flatten(), dtype=np.float32)
+        maps = maps.reshape(count, int(info["height"]), int(info["width"]))
+    except (OSError, KeyError, ValueError, pa.ArrowException, TypeError) as exc:
+        raise XKDDataError(f"{path}: explanation cache is unreadable ({exc}); delete it to recompute") from exc
+    return TeacherOutputs(torch.from_numpy(logits.copy()), torch.from_numpy(maps.copy()), int(info["degenerate_maps"]))
+
+
+def cached_teacher_outputs(
+    teacher: nn.Module,
+    teacher_id: str,
+    images: torch.Tensor,
+    split: str,
+    data_fingerprint: str,
+    *,
+    explainer: str,
+    layer: str | None,
+    ig_steps: int,
+    blur_sigma: float,
+    batch_size: int,
+    cache_dir: str | Path,
+    progress: bool = True,
+) -> tuple[TeacherOutputs, Path, bool]:
+    """The teacher's logits and maps for one split: from the cache, or computed and cached.
+
+    Returns the outputs, the cache file and whether it was a cache hit.
+    """
+    settings = {"explainer": explainer, "layer": layer, "ig_steps": ig_steps, "blur_sigma": blur_sigma}
+    if explainer != "integrated_gradients":
+        settings.pop("ig_steps")
+    if explainer == "gradcam":
+        settings.pop("blur_sigma")
+    key = cache_key(teacher_id, settings, data_fingerprint, split)
+    path = cache_path(cache_dir, split, key)
+    if path.exists():
+        outputs = read_teacher_outputs(path)
+        if len(outputs.logits) != len(images) or outputs.maps.shape[-2:] != images.shape[-2:]:
+            raise XKDDataError(f"{path}: cached explanations do not match the {split} split; delete the file")
+        return outputs, path, True
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    with torch.no_grad():
+        logits = torch.cat(
+            [teacher(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+        )
+    explained = explain_maps(
+        teacher,
+        images,
+        logits.argmax(dim=1),
+        explainer=explainer,
+        layer=layer,
+        ig_steps=ig_steps,
+        blur_sigma=blur_sigma,
+        batch_size=batch_size,
+        progress=progress,
+        description=f"teacher {explainer} ({split})",
+    )
+    outputs = TeacherOutputs(logits, explained.maps, explained.degenerate_maps)
+    write_teacher_outputs(path, outputs, {"split": split, "teacher": teacher_id, **settings})
+    return outputs, path, False

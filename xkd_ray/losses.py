@@ -1,0 +1,137 @@
+"""The training objective, as pure tensor functions a reader can check against the formulas.
+
+    L = (1 - alpha) * CE(z_S, y) + alpha * T^2 * KL(softmax(z_T/T) || softmax(z_S/T))
+        + beta * L_exp(m, E_T(x))                      (xd)
+        + at_weight * AT(A_S, A_T)                     (at)
+
+No I/O, no config objects: every function takes tensors and numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-8
+
+
+def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(student_logits, labels)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD: T^2 * KL(p_T || p_S) on temperature-softened logits, mean over the batch.
+
+    The T^2 factor keeps the soft-target gradients on the same scale as CE's when T changes.
+    """
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def pearson_per_image(maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between paired maps, one value per image ([N, ...] -> [N]).
+
+    A constant map has no defined correlation; it gets 0 (no evidence either way) rather
+    than NaN, so one flat map cannot poison a batch mean.
+    """
+    a = maps_a.flatten(1).float()
+    b = maps_b.flatten(1).float()
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    denominator = a.norm(dim=1) * b.norm(dim=1)
+    correlation = (a * b).sum(dim=1) / denominator.clamp_min(_EPS)
+    return torch.where(denominator > _EPS, correlation, torch.zeros_like(correlation))
+
+
+def explanation_loss(predicted_maps: torch.Tensor, teacher_maps: torch.Tensor, kind: str = "pearson") -> torch.Tensor:
+    """Distance between the head's maps and the teacher's, mean over the batch.
+
+    ``pearson`` (1 - r per image) is the default because it is invariant to the map's scale
+    and offset: with a sigmoid head, ``mse`` is minimised by a near-zero map when the teacher's
+    maps are sparse, which is the collapse measured in DESIGN.md.
+    """
+    if predicted_maps.shape != teacher_maps.shape:
+        raise ValueError(f"map shapes differ: {tuple(predicted_maps.shape)} vs {tuple(teacher_maps.shape)}")
+    if kind == "pearson":
+        return (1.0 - pearson_per_image(predicted_maps, teacher_maps)).mean()
+    if kind == "mse":
+        return F.mse_loss(predicted_maps.float(), teacher_maps.float())
+    if kind == "cosine":
+        cosine = F.cosine_similarity(predicted_maps.flatten(1).float(), teacher_maps.flatten(1).float(), dim=1)
+        return (1.0 - cosine).mean()
+    if kind == "kl":
+        # Maps as spatial probability distributions: KL(teacher || predicted).
+        p_teacher = _as_distribution(teacher_maps)
+        p_predicted = _as_distribution(predicted_maps)
+        kl = (p_teacher * (torch.log(p_teacher + _EPS) - torch.log(p_predicted + _EPS))).sum(dim=1)
+        return kl.mean()
+    raise ValueError(f"unknown explanation loss {kind!r}; allowed: pearson, mse, kl, cosine")
+
+
+def _as_distribution(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(1).float().clamp_min(0.0) + _EPS
+    return flat / flat.sum(dim=1, keepdim=True)
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis attention: mean over channels of A^2, flattened, L2-normalised."""
+    attention = features.float().pow(2).mean(dim=1).flatten(1)
+    return F.normalize(attention, dim=1)
+
+
+def attention_transfer_loss(
+    student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]
+) -> torch.Tensor:
+    """Sum over matched layers of mean_batch ||a_S - a_T||^2 (student maps resized to the teacher's)."""
+    if len(student_features) != len(teacher_features):
+        raise ValueError(f"{len(student_features)} student vs {len(teacher_features)} teacher feature maps")
+    total = student_features[0].new_zeros(())
+    for student_map, teacher_map in zip(student_features, teacher_features, strict=True):
+        if student_map.shape[-2:] != teacher_map.shape[-2:]:
+            student_map = F.interpolate(student_map, size=teacher_map.shape[-2:], mode="bilinear", align_corners=False)
+        difference = attention_map(student_map) - attention_map(teacher_map)
+        total = total + difference.pow(2).sum(dim=1).mean()
+    return total
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    beta: float = 0.0,
+    predicted_maps: torch.Tensor | None = None,
+    teacher_maps: torch.Tensor | None = None,
+    explanation_kind: str = "pearson",
+    at_weight: float = 0.0,
+    student_features: list[torch.Tensor] | None = None,
+    teacher_features: list[torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The joint loss and its parts (returned so training logs show what each term does).
+
+    Terms whose weight is zero are not computed, so the plain student (alpha = beta = 0)
+    and Hinton KD (beta = 0) are exactly special cases of the same function.
+    """
+    parts: dict[str, torch.Tensor] = {"ce": cross_entropy(student_logits, labels)}
+    total = (1.0 - alpha) * parts["ce"]
+    if alpha > 0:
+        if teacher_logits is None:
+            raise ValueError("alpha > 0 needs teacher_logits")
+        parts["kd"] = kd_loss(student_logits, teacher_logits, temperature)
+        total = total + alpha * parts["kd"]
+    if beta > 0 and predicted_maps is not None:
+        if teacher_maps is None:
+            raise ValueError("beta > 0 with a head needs teacher_maps")
+        parts["explanation"] = explanation_loss(predicted_maps, teacher_maps, explanation_kind)
+        total = total + beta * parts["explanation"]
+    if at_weight > 0 and student_features is not None:
+        if teacher_features is None:
+            raise ValueError("at_weight > 0 needs teacher_features")
+        parts["at"] = attention_transfer_loss(student_features, teacher_features)
+        total = total + at_weight * parts["at"]
+    parts["total"] = total
+    return parts

@@ -1,0 +1,91 @@
+"""Objectives and diagnostics as pure tensor/number functions (no I/O, no models).
+
+Fidelity is reported next to ``fidelity_template`` (a constant map) because a naive head can
+score below it: see DESIGN.md, "Measured pitfalls".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from xkd_ray.losses import pearson_per_image
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    """Top-1 agreement: how often the student predicts what the teacher predicts."""
+    return (student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean().item()
+
+
+def fidelity(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> float:
+    """Mean over images of the Pearson correlation between the two explanations."""
+    return pearson_per_image(student_maps, teacher_maps).mean().item()
+
+
+def template_fidelity(template_map: torch.Tensor, teacher_maps: torch.Tensor) -> float:
+    """The bar to beat: one constant map (the mean training teacher map) used for every image."""
+    return fidelity(template_map.expand_as(teacher_maps), teacher_maps)
+
+
+def _random_rank_top_k(maps: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Boolean mask of the k largest cells per map, ties broken uniformly at random.
+
+    ``torch.topk`` breaks ties by index, which makes two sparse maps with many zeros look
+    alike (their zero cells are picked in the same order); a random permutation before a
+    stable sort removes that bias, reproducibly given the generator.
+    """
+    flat = maps.flatten(1)
+    count, cells = flat.shape
+    permutation = torch.stack([torch.randperm(cells, generator=generator) for _ in range(count)])
+    shuffled = torch.gather(flat, 1, permutation)
+    order = torch.sort(shuffled, dim=1, descending=True, stable=True).indices[:, :k]
+    chosen = torch.gather(permutation, 1, order)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask.scatter_(1, chosen, True)
+    return mask
+
+
+def topk_iou(
+    student_maps: torch.Tensor, teacher_maps: torch.Tensor, fraction: float = 0.1, seed: int = 0
+) -> float:
+    """Mean IoU of the top ``fraction`` of cells of each pair of maps (ties broken at random)."""
+    cells = student_maps[0].numel()
+    k = max(1, math.ceil(fraction * cells))
+    generator = torch.Generator().manual_seed(seed)
+    student_top = _random_rank_top_k(student_maps.float().cpu(), k, generator)
+    teacher_top = _random_rank_top_k(teacher_maps.float().cpu(), k, generator)
+    intersection = (student_top & teacher_top).sum(dim=1).float()
+    union = (student_top | teacher_top).sum(dim=1).float()
+    return (intersection / union).mean().item()
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """a dominates b when it is no worse in every objective and better in one (maximisation)."""
+    return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
+
+
+def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates (maximisation); duplicates all kept."""
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+
+def hypervolume_2d(points: Sequence[Sequence[float]], reference: Sequence[float] = (0.0, 0.0)) -> float:
+    """Area dominated by the points and bounded below by ``reference`` (two maximised objectives).
+
+    Sweep the front by decreasing first objective; each point adds the strip between its
+    second objective and the best one seen so far.
+    """
+    ref_x, ref_y = reference
+    kept = sorted(((x, y) for x, y in points if x > ref_x and y > ref_y), key=lambda p: (-p[0], -p[1]))
+    area, best_y = 0.0, ref_y
+    for x, y in kept:
+        if y > best_y:
+            area += (x - ref_x) * (y - best_y)
+            best_y = y
+    return area

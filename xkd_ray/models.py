@@ -1,0 +1,204 @@
+"""Teacher CNNs, the student classifier and its explanation head.
+
+Every model can be rebuilt from a small JSON-able ``architecture`` dict, which is saved next
+to its weights so a checkpoint never needs the experiment config (or pickled code) to load.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torchvision
+from torch import nn
+
+from xkd_ray.errors import XKDCheckpointError, XKDConfigError
+
+
+def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=False),
+    )
+
+
+class VGGTeacher(nn.Module):
+    """A small VGG-style CNN: three stages of two 3x3 convs; the default teacher.
+
+    The last conv block keeps an 8x8 grid on 32x32 inputs, fine enough for Grad-CAM to
+    say *where* the evidence is.
+    """
+
+    default_explain_layer = "stage3"
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(conv_block(in_channels, width), conv_block(width, width))
+        self.stage2 = nn.Sequential(nn.MaxPool2d(2), conv_block(width, 2 * width), conv_block(2 * width, 2 * width))
+        self.stage3 = nn.Sequential(
+            nn.MaxPool2d(2), conv_block(2 * width, 4 * width), conv_block(4 * width, 4 * width)
+        )
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, num_classes))
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Stage outputs, the feature maps attention transfer matches."""
+        first = self.stage1(x)
+        second = self.stage2(first)
+        return [first, second, self.stage3(second)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.stages(x)[-1])
+
+
+class ResNet18Teacher(nn.Module):
+    """torchvision's resnet18, trained from scratch, with a 3x3 stem and no max-pool.
+
+    The ImageNet stem (7x7 stride 2 + max-pool) would shrink a 32x32 image to 8x8 before
+    the first block, leaving Grad-CAM a 1x1 grid at ``layer4``.
+    """
+
+    default_explain_layer = "net.layer4"
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64) -> None:
+        super().__init__()
+        del width  # resnet18's widths are fixed by torchvision
+        self.net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+        self.net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        net = self.net
+        x = net.layer1(net.relu(net.bn1(net.conv1(x))))
+        second = net.layer2(x)
+        third = net.layer3(second)
+        return [second, third, net.layer4(third)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(torch.flatten(self.net.avgpool(self.stages(x)[-1]), 1))
+
+
+TEACHERS: dict[str, type[nn.Module]] = {"vgg": VGGTeacher, "resnet18": ResNet18Teacher}
+
+
+def build_teacher(arch: str, in_channels: int, num_classes: int, width: int) -> nn.Module:
+    if arch not in TEACHERS:
+        raise XKDConfigError(f"teacher.arch: got {arch!r}; allowed values are {', '.join(TEACHERS)}")
+    return TEACHERS[arch](in_channels, num_classes, width)
+
+
+def find_layer(model: nn.Module, name: str | None) -> nn.Module:
+    """The module to explain: ``name`` (dotted path) or the model's default last conv stage."""
+    name = name or getattr(model, "default_explain_layer", None)
+    if name is None:
+        raise XKDConfigError("explain.layer: this model has no default layer; name one")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
+        raise XKDConfigError(f"explain.layer: no layer {name!r}; some valid names: {', '.join(names[:12])}") from None
+
+
+class ConvAutoencoder(nn.Module):
+    """The explanation head: image -> map in [0, 1] at input resolution.
+
+    ``depth`` stride-2 conv blocks down, mirrored transposed convs up; the sigmoid keeps the
+    map in the teacher maps' range.
+    """
+
+    def __init__(self, in_channels: int, depth: int = 2, width: int = 16) -> None:
+        super().__init__()
+        if depth < 1:
+            raise XKDConfigError(f"student.ae_depth: got {depth}; must be >= 1")
+        channels = [in_channels] + [width * 2**level for level in range(depth)]
+        self.encoder = nn.Sequential(*[conv_block(channels[i], channels[i + 1], stride=2) for i in range(depth)])
+        decoder: list[nn.Module] = []
+        for level in range(depth, 0, -1):
+            out_channels = channels[level - 1] if level > 1 else width
+            decoder += [
+                nn.ConvTranspose2d(channels[level], out_channels, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(inplace=False),
+            ]
+        self.decoder = nn.Sequential(*decoder)
+        self.output = nn.Conv2d(width, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.output(self.decoder(self.encoder(x))))
+
+
+class StudentOutput(NamedTuple):
+    logits: torch.Tensor
+    maps: torch.Tensor | None  # [N, H, W] from the head, None without one
+    features: list[torch.Tensor]  # stage outputs, for attention transfer
+
+
+class StudentNet(nn.Module):
+    """A small CNN classifier, optionally carrying an explanation head fused into its input.
+
+    ``concat`` stacks the head's map as an extra input channel; ``gate`` multiplies the
+    image by (1 + map). Either way the map takes part in the classification, so the student
+    is trained to use the evidence it claims to see.
+    """
+
+    default_explain_layer = "stage3"
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int = 16,
+        ae_depth: int | None = None,
+        ae_width: int = 16,
+        fusion: str = "concat",
+    ) -> None:
+        super().__init__()
+        self._architecture = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "width": width,
+            "ae_depth": ae_depth,
+            "ae_width": ae_width,
+            "fusion": fusion,
+        }
+        if fusion not in ("concat", "gate"):
+            raise XKDConfigError(f"student.fusion: got {fusion!r}; allowed values are concat, gate")
+        self.fusion = fusion
+        self.head = ConvAutoencoder(in_channels, ae_depth, ae_width) if ae_depth else None
+        classifier_channels = in_channels + 1 if self.head is not None and fusion == "concat" else in_channels
+        self.stage1 = conv_block(classifier_channels, width)
+        self.stage2 = nn.Sequential(nn.MaxPool2d(2), conv_block(width, 2 * width))
+        self.stage3 = nn.Sequential(nn.MaxPool2d(2), conv_block(2 * width, 4 * width))
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
+
+    def architecture(self) -> dict[str, Any]:
+        return dict(self._architecture)
+
+    @classmethod
+    def from_architecture(cls, architecture: dict[str, Any]) -> StudentNet:
+        try:
+            return cls(**architecture)
+        except TypeError as exc:
+            raise XKDCheckpointError(f"student architecture {architecture!r} is not valid: {exc}") from exc
+
+    def forward(self, x: torch.Tensor, return_all: bool = False) -> torch.Tensor | StudentOutput:
+        """Logits by default (what captum and users expect); everything the loss needs with
+        ``return_all`` (a single forward keeps DDP's gradient hooks in charge)."""
+        maps = self.head(x) if self.head is not None else None
+        if maps is None:
+            fused = x
+        elif self.fusion == "concat":
+            fused = torch.cat([x, maps], dim=1)
+        else:
+            fused = x * (1.0 + maps)
+        first = self.stage1(fused)
+        second = self.stage2(first)
+        third = self.stage3(second)
+        logits = self.classifier(third)
+        if not return_all:
+            return logits
+        return StudentOutput(logits, None if maps is None else maps[:, 0], [first, second, third])
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
