@@ -238,9 +238,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         smallest = self.data.image_size // (2**self.student.ae_depth)
-        if self.distill.has_head and (
-            self.data.image_size % (2**self.student.ae_depth) != 0 or smallest < 2
-        ):
+        if self.distill.has_head and (self.data.image_size % (2**self.student.ae_depth) != 0 or smallest < 2):
             raise _fail(
                 "student.ae_depth",
                 f"ae_depth={self.student.ae_depth} is too deep for data.image_size="

@@ -36,7 +36,9 @@ SPLITS = ("train", "val", "test")
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def write_model_folder(directory: str | Path, model: nn.Module, config: dict[str, Any], metrics: dict[str, Any]) -> Path:
+def write_model_folder(
+    directory: str | Path, model: nn.Module, config: dict[str, Any], metrics: dict[str, Any]
+) -> Path:
     """Write model.pt + config.json + metrics.json into a temp folder, then rename it into place,
     so readers only ever see a complete folder."""
     directory = Path(directory)
@@ -423,7 +425,9 @@ def distill(
             record = {"epoch": epoch, **train_one_epoch(student, loader, optimizer, config, epoch, teacher=teacher)}
             scheduler.step()
             if evaluate_every_epoch or epoch == config.distill.epochs - 1:
-                record.update(evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config))
+                record.update(
+                    evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
+                )
             history.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record, student)
@@ -455,7 +459,9 @@ def student_record(config: ExperimentConfig, student: StudentNet, data: DistillD
     }
 
 
-def save_student(directory: str | Path, config: ExperimentConfig, student: StudentNet, data: DistillData, metrics: dict[str, Any]) -> Path:
+def save_student(
+    directory: str | Path, config: ExperimentConfig, student: StudentNet, data: DistillData, metrics: dict[str, Any]
+) -> Path:
     return write_model_folder(directory, student, student_record(config, student, data), metrics)
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 from rich.progress import Progress
 from torch import nn
@@ -74,7 +73,11 @@ def _explain_batch(
         return _min_max(maps.detach()), int(degenerate.sum())
     if explainer == "integrated_gradients":
         attribution = IntegratedGradients(model).attribute(
-            images, baselines=torch.zeros_like(images), target=targets, n_steps=ig_steps, internal_batch_size=len(images)
+            images,
+            baselines=torch.zeros_like(images),
+            target=targets,
+            n_steps=ig_steps,
+            internal_batch_size=len(images),
         )
     elif explainer == "saliency":
         attribution = Saliency(model).attribute(images, target=targets, abs=True)

@@ -81,9 +81,7 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(attention, dim=1)
 
 
-def attention_transfer_loss(
-    student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]
-) -> torch.Tensor:
+def attention_transfer_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> torch.Tensor:
     """Sum over matched layers of mean_batch ||a_S - a_T||^2 (student maps resized to the teacher's)."""
     if len(student_features) != len(teacher_features):
         raise ValueError(f"{len(student_features)} student vs {len(teacher_features)} teacher feature maps")

@@ -51,9 +51,7 @@ def _random_rank_top_k(maps: torch.Tensor, k: int, generator: torch.Generator) -
     return mask
 
 
-def topk_iou(
-    student_maps: torch.Tensor, teacher_maps: torch.Tensor, fraction: float = 0.1, seed: int = 0
-) -> float:
+def topk_iou(student_maps: torch.Tensor, teacher_maps: torch.Tensor, fraction: float = 0.1, seed: int = 0) -> float:
     """Mean IoU of the top ``fraction`` of cells of each pair of maps (ties broken at random)."""
     cells = student_maps[0].numel()
     k = max(1, math.ceil(fraction * cells))

@@ -36,10 +36,10 @@ class VGGTeacher(nn.Module):
         super().__init__()
         self.stage1 = nn.Sequential(conv_block(in_channels, width), conv_block(width, width))
         self.stage2 = nn.Sequential(nn.MaxPool2d(2), conv_block(width, 2 * width), conv_block(2 * width, 2 * width))
-        self.stage3 = nn.Sequential(
-            nn.MaxPool2d(2), conv_block(2 * width, 4 * width), conv_block(4 * width, 4 * width)
+        self.stage3 = nn.Sequential(nn.MaxPool2d(2), conv_block(2 * width, 4 * width), conv_block(4 * width, 4 * width))
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, num_classes)
         )
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, num_classes))
 
     def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stage outputs, the feature maps attention transfer matches."""

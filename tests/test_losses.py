@@ -1,0 +1,87 @@
+"""Each loss against a value computed by hand on a tiny tensor."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xkd_ray.losses import (
+    attention_transfer_loss,
+    cross_entropy,
+    distillation_loss,
+    explanation_loss,
+    kd_loss,
+    pearson_per_image,
+)
+
+
+def test_cross_entropy_by_hand():
+    # -log(e^2 / (e^2 + 1)) = log(1 + e^-2)
+    assert cross_entropy(torch.tensor([[2.0, 0.0]]), torch.tensor([0])).item() == pytest.approx(
+        math.log(1 + math.exp(-2))
+    )
+
+
+def test_kd_loss_by_hand_and_temperature_squared_scaling():
+    # teacher softmax [0.75, 0.25], student [0.5, 0.5]: KL = 0.75 ln 1.5 + 0.25 ln 0.5
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    student = torch.zeros(1, 2)
+    assert kd_loss(student, torch.tensor([[math.log(3.0), 0.0]]), 1.0).item() == pytest.approx(expected, rel=1e-5)
+    # At T = 2 the teacher logits 2 ln 3 soften to the same distribution; the loss is scaled by T^2 = 4.
+    assert kd_loss(student, torch.tensor([[2 * math.log(3.0), 0.0]]), 2.0).item() == pytest.approx(
+        4 * expected, rel=1e-5
+    )
+
+
+def test_kd_loss_is_zero_when_student_matches_teacher():
+    logits = torch.randn(4, 5)
+    assert kd_loss(logits, logits, 3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pearson_per_image_by_hand():
+    a = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 4.0, 6.0], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    assert pearson_per_image(a, b).tolist() == pytest.approx([1.0, -1.0, 0.0], abs=1e-6)
+
+
+def test_explanation_losses_by_hand():
+    predicted = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    target = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    assert explanation_loss(predicted, target, "pearson").item() == pytest.approx((0.0 + 2.0) / 2, abs=1e-6)
+    assert explanation_loss(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 1.0]]), "mse").item() == pytest.approx(0.5)
+    cosine = explanation_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]), "cosine").item()
+    assert cosine == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-6)
+    # teacher mass all on cell 0, prediction uniform: KL = 1 * ln(1 / 0.5)
+    kl = explanation_loss(torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 0.0]]), "kl").item()
+    assert kl == pytest.approx(math.log(2), abs=1e-4)
+    with pytest.raises(ValueError, match="unknown explanation loss"):
+        explanation_loss(predicted, target, "l1")
+
+
+def test_attention_transfer_by_hand():
+    # attention maps normalise to [1, 0] and [0, 1]: squared distance 2
+    student = [torch.tensor([[[[1.0, 0.0]]]])]
+    teacher = [torch.tensor([[[[0.0, 3.0]]]])]
+    assert attention_transfer_loss(student, teacher).item() == pytest.approx(2.0)
+    assert attention_transfer_loss(teacher, teacher).item() == pytest.approx(0.0)
+
+
+def test_kd_reduces_to_ce_when_alpha_is_zero():
+    torch.manual_seed(0)
+    logits, teacher, labels = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    parts = distillation_loss(logits, labels, teacher, temperature=4.0, alpha=0.0)
+    assert parts["total"].item() == pytest.approx(F.cross_entropy(logits, labels).item())
+    assert "kd" not in parts
+
+
+def test_joint_loss_is_the_weighted_sum_of_its_terms():
+    torch.manual_seed(1)
+    logits, teacher, labels = torch.randn(4, 3), torch.randn(4, 3), torch.randint(0, 3, (4,))
+    maps, teacher_maps = torch.rand(4, 6, 6), torch.rand(4, 6, 6)
+    parts = distillation_loss(
+        logits, labels, teacher, temperature=2.0, alpha=0.3, beta=5.0, predicted_maps=maps, teacher_maps=teacher_maps
+    )
+    expected = 0.7 * cross_entropy(logits, labels) + 0.3 * kd_loss(logits, teacher, 2.0)
+    expected = expected + 5.0 * explanation_loss(maps, teacher_maps)
+    assert parts["total"].item() == pytest.approx(expected.item(), rel=1e-6)

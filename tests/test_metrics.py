@@ -1,0 +1,98 @@
+"""Metrics: fidelity extremes, top-k IoU ties, Pareto sorting and hypervolume against brute force."""
+
+import random
+
+import pytest
+import torch
+
+from xkd_ray.metrics import (
+    accuracy,
+    agreement,
+    dominates,
+    fidelity,
+    hypervolume_2d,
+    non_dominated,
+    template_fidelity,
+    topk_iou,
+)
+
+
+def test_accuracy_and_agreement():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, 0.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+    assert agreement(logits, torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])) == pytest.approx(2 / 3)
+
+
+def test_fidelity_is_one_for_identical_maps_and_near_zero_for_noise():
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(200, 16, 16, generator=generator)
+    assert fidelity(maps, maps) == pytest.approx(1.0, abs=1e-5)
+    noise = torch.rand(200, 16, 16, generator=generator)
+    assert abs(fidelity(maps, noise)) < 0.02
+    assert fidelity(maps, -maps) == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_template_fidelity_uses_one_map_for_every_image():
+    teacher_maps = torch.rand(10, 4, 4)
+    template = teacher_maps[0]
+    assert template_fidelity(template, teacher_maps) == pytest.approx(fidelity(template.expand(10, 4, 4), teacher_maps))
+
+
+def test_topk_iou_identical_and_disjoint():
+    a = torch.zeros(1, 10, 10)
+    a[0, 0, :] = torch.arange(1.0, 11.0)
+    assert topk_iou(a, a) == pytest.approx(1.0)
+    b = torch.zeros(1, 10, 10)
+    b[0, 9, :] = torch.arange(1.0, 11.0)
+    assert topk_iou(a, b) == pytest.approx(0.0)
+
+
+def test_topk_iou_breaks_ties_at_random_not_by_index():
+    # Two maps with only 2 non-zero cells each (k = 10): topk by index would pick the same 8
+    # zero cells for both and report a large overlap; random tie-breaking keeps it near chance.
+    a = torch.zeros(200, 10, 10)
+    b = torch.zeros(200, 10, 10)
+    a[:, 0, 0:2] = 1.0
+    b[:, 5, 5:7] = 1.0
+    naive_a = torch.topk(a.flatten(1), 10).indices
+    naive_b = torch.topk(b.flatten(1), 10).indices
+    naive_iou = (
+        sum(
+            len(set(x.tolist()) & set(y.tolist())) / len(set(x.tolist()) | set(y.tolist()))
+            for x, y in zip(naive_a, naive_b, strict=True)
+        )
+        / 200
+    )
+    fair = topk_iou(a, b, seed=0)
+    assert naive_iou > 0.4
+    assert fair < 0.1
+    assert topk_iou(a, b, seed=0) == fair  # reproducible with the same seed
+
+
+def _brute_force_hypervolume(points, reference, grid=400):
+    xs = [reference[0] + (i + 0.5) / grid for i in range(grid)]
+    ys = [reference[1] + (j + 0.5) / grid for j in range(grid)]
+    covered = sum(1 for x in xs for y in ys if any(px >= x and py >= y for px, py in points))
+    return covered / grid**2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_non_dominated_and_hypervolume_match_brute_force(seed):
+    rng = random.Random(seed)
+    points = [(round(rng.random(), 2), round(rng.random(), 2)) for _ in range(25)]
+    front = non_dominated(points)
+    brute = [
+        i
+        for i, (px, py) in enumerate(points)
+        if not any(qx >= px and qy >= py and (qx > px or qy > py) for qx, qy in points)
+    ]
+    assert front == brute
+    assert all(not dominates(points[j], points[i]) for i in front for j in range(len(points)))
+    assert hypervolume_2d(points) == pytest.approx(_brute_force_hypervolume(points, (0.0, 0.0)), abs=5e-3)
+    # Only the front contributes to the hypervolume.
+    assert hypervolume_2d([points[i] for i in front]) == pytest.approx(hypervolume_2d(points))
+
+
+def test_hypervolume_by_hand():
+    assert hypervolume_2d([(1.0, 0.5), (0.5, 1.0)]) == pytest.approx(0.75)
+    assert hypervolume_2d([(0.5, 0.5)], reference=(0.5, 0.0)) == 0.0
