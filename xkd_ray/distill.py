@@ -363,6 +363,56 @@ def predict_student(
     return torch.cat(logits), (torch.cat(maps) if maps else None)
 
 
+def student_predictions(
+    student: StudentNet,
+    images: torch.Tensor,
+    teacher_predictions: torch.Tensor,
+    config: ExperimentConfig,
+    *,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Logits, head maps (or None) and post-hoc captum maps for the teacher's predicted class."""
+    logits, head_maps = predict_student(student, images, device=device)
+    posthoc = explain_maps(
+        student,
+        images,
+        teacher_predictions,
+        explainer=config.explain.explainer,
+        layer=None,
+        ig_steps=config.explain.ig_steps,
+        blur_sigma=config.explain.blur_sigma,
+        batch_size=config.explain.batch_size,
+    ).maps
+    return logits, head_maps, posthoc
+
+
+def metrics_from_predictions(
+    logits: torch.Tensor,
+    head_maps: torch.Tensor | None,
+    posthoc_maps: torch.Tensor,
+    labels: torch.Tensor,
+    outputs: TeacherOutputs,
+    template_map: torch.Tensor,
+    config: ExperimentConfig,
+) -> dict[str, float]:
+    """The two objectives and the diagnostics DESIGN.md asks for, on one whole split.
+
+    ``fidelity`` uses the head's map when the student has one (that is the explanation it
+    gives at inference) and captum on the student otherwise; ``fidelity_posthoc`` is always
+    captum on the student, for the teacher's predicted class.
+    """
+    explanation = head_maps if head_maps is not None else posthoc_maps
+    return {
+        "accuracy": accuracy(logits, labels),
+        "agreement": agreement(logits, outputs.logits),
+        "fidelity": fidelity(explanation, outputs.maps),
+        "fidelity_posthoc": fidelity(posthoc_maps, outputs.maps),
+        "fidelity_template": template_fidelity(template_map, outputs.maps),
+        "topk_iou": topk_iou(explanation, outputs.maps, seed=config.distill.seed),
+        "degenerate_maps": outputs.degenerate_maps,
+    }
+
+
 def evaluate_student(
     student: StudentNet,
     split: Split,
@@ -372,33 +422,8 @@ def evaluate_student(
     *,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """The two objectives and the diagnostics DESIGN.md asks for, on one whole split.
-
-    ``fidelity`` uses the head's map when the student has one (that is the explanation it
-    gives at inference) and captum on the student otherwise; ``fidelity_posthoc`` is always
-    captum on the student, for the teacher's predicted class.
-    """
-    logits, head_maps = predict_student(student, split.images, device=device)
-    posthoc = explain_maps(
-        student,
-        split.images,
-        outputs.predictions,
-        explainer=config.explain.explainer,
-        layer=None,
-        ig_steps=config.explain.ig_steps,
-        blur_sigma=config.explain.blur_sigma,
-        batch_size=config.explain.batch_size,
-    ).maps
-    explanation = head_maps if head_maps is not None else posthoc
-    return {
-        "accuracy": accuracy(logits, split.labels),
-        "agreement": agreement(logits, outputs.logits),
-        "fidelity": fidelity(explanation, outputs.maps),
-        "fidelity_posthoc": fidelity(posthoc, outputs.maps),
-        "fidelity_template": template_fidelity(template_map, outputs.maps),
-        "topk_iou": topk_iou(explanation, outputs.maps, seed=config.distill.seed),
-        "degenerate_maps": outputs.degenerate_maps,
-    }
+    logits, head_maps, posthoc = student_predictions(student, split.images, outputs.predictions, config, device=device)
+    return metrics_from_predictions(logits, head_maps, posthoc, split.labels, outputs, template_map, config)
 
 
 EpochCallback = Callable[[int, dict[str, float], StudentNet], None]

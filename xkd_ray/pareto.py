@@ -1,0 +1,237 @@
+"""The on-disk Pareto registry: every finished trial, and the non-dominated students, loadable
+without Ray.
+
+Layout of an experiment folder::
+
+    trials.parquet          one row per finished trial (ok / errored / diverged), val metrics
+    students/<trial_id>/    every ok trial's student (model.pt, config.json, metrics.json)
+    pareto/<trial_id>/      the non-dominated students, with test metrics added
+    pareto/front.parquet    the front as a table
+    summary.json            trials, front size, hypervolume
+
+Every file is written to a temporary name and renamed, so a reader (or a crash) never sees a
+half-written student; the front is recomputed from ``trials.parquet`` on each update, so it
+always equals the non-dominated set of all finished trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from xkd_ray.distill import load_student, read_json, write_model_folder
+from xkd_ray.errors import XKDCheckpointError
+from xkd_ray.explain import explain_maps
+from xkd_ray.metrics import hypervolume_2d, non_dominated
+
+OBJECTIVES = ("accuracy", "fidelity")
+VAL_COLUMNS = ("accuracy", "fidelity", "agreement", "fidelity_posthoc", "fidelity_template", "topk_iou")
+TRIAL_COLUMNS = ("trial_id", "method", "status", "config", "student_dir", "error", *(f"val_{c}" for c in VAL_COLUMNS))
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _atomic_write_table(path: Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_trials(experiment: str | Path) -> list[dict[str, Any]]:
+    path = Path(experiment) / "trials.parquet"
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def record_trial(experiment: str | Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add (or replace, on a retried trial) one finished trial's row; returns all rows."""
+    rows = [r for r in read_trials(experiment) if r["trial_id"] != row["trial_id"]]
+    clean = {column: row.get(column) for column in TRIAL_COLUMNS}
+    if not isinstance(clean["config"], str):
+        clean["config"] = json.dumps(clean["config"], sort_keys=True, default=str)
+    rows.append(clean)
+    schema = pa.schema([(c, pa.float64()) if c.startswith("val_") else (c, pa.string()) for c in TRIAL_COLUMNS])
+    _atomic_write_table(Path(experiment) / "trials.parquet", pa.Table.from_pylist(rows, schema=schema))
+    return rows
+
+
+def front_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The non-dominated ok trials by (val accuracy, val fidelity)."""
+    candidates = [r for r in rows if r["status"] == "ok" and all(r.get(f"val_{o}") is not None for o in OBJECTIVES)]
+    points = [tuple(r[f"val_{o}"] for o in OBJECTIVES) for r in candidates]
+    return [candidates[i] for i in non_dominated(points)]
+
+
+TestEvaluator = Callable[[nn.Module, dict[str, Any]], dict[str, float]]
+
+
+def update_registry(
+    experiment: str | Path,
+    evaluate_test: TestEvaluator,
+    reference: tuple[float, float] = (0.0, 0.0),
+) -> dict[str, Any]:
+    """Bring ``pareto/`` in line with ``trials.parquet``: add new front members (evaluated once
+    on the test split), drop students that left the front, rewrite the front table and summary."""
+    experiment = Path(experiment)
+    rows = read_trials(experiment)
+    front = front_rows(rows)
+    pareto_dir = experiment / "pareto"
+    pareto_dir.mkdir(parents=True, exist_ok=True)
+    table_rows = []
+    for row in front:
+        folder = pareto_dir / row["trial_id"]
+        if not (folder / "metrics.json").exists():
+            student, record, metrics = load_student(row["student_dir"])
+            metrics = {**metrics, "test": evaluate_test(student, record)}
+            write_model_folder(folder, student, record, metrics)
+        metrics = read_json(folder / "metrics.json")
+        table_rows.append(
+            {
+                "trial_id": row["trial_id"],
+                "method": row["method"],
+                "path": str(folder.relative_to(experiment)),
+                **{f"val_{c}": metrics.get("val", {}).get(c) for c in VAL_COLUMNS},
+                **{f"test_{c}": metrics.get("test", {}).get(c) for c in VAL_COLUMNS},
+            }
+        )
+    table_rows.sort(key=lambda r: -r["val_accuracy"])
+    columns = ["trial_id", "method", "path", *(f"{s}_{c}" for s in ("val", "test") for c in VAL_COLUMNS)]
+    schema = pa.schema(
+        [(c, pa.string()) if c in ("trial_id", "method", "path") else (c, pa.float64()) for c in columns]
+    )
+    _atomic_write_table(pareto_dir / "front.parquet", pa.Table.from_pylist(table_rows, schema=schema))
+    keep = {r["trial_id"] for r in front}
+    for child in pareto_dir.iterdir():
+        if child.is_dir() and child.name not in keep:
+            shutil.rmtree(child, ignore_errors=True)
+    summary = {
+        "trials": len(rows),
+        "trials_ok": sum(r["status"] == "ok" for r in rows),
+        "trials_errored": sum(r["status"] == "errored" for r in rows),
+        "trials_diverged": sum(r["status"] == "diverged" for r in rows),
+        "front_size": len(front),
+        "hypervolume": hypervolume_2d([tuple(r[f"val_{o}"] for o in OBJECTIVES) for r in front], reference),
+        "hypervolume_reference": list(reference),
+        "best_accuracy": max((r["val_accuracy"] for r in front), default=None),
+        "best_fidelity": max((r["val_fidelity"] for r in front), default=None),
+    }
+    _atomic_write_bytes(experiment / "summary.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def list_pareto_students(experiment: str | Path) -> pa.Table:
+    """The current front as an Arrow table (``.to_pandas()`` for a DataFrame)."""
+    path = Path(experiment) / "pareto" / "front.parquet"
+    if not path.exists():
+        raise XKDCheckpointError(f"{path}: no Pareto front yet (has any trial finished?)")
+    return pq.read_table(path)
+
+
+@dataclass
+class ParetoStudent:
+    """A student from the front, ready to use: ``model(x)`` gives logits, ``explain(x)`` maps."""
+
+    model: nn.Module
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    path: Path
+
+    def explain(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's own explanation: its head's maps, or captum on it when it has no head."""
+        with torch.no_grad():
+            output = self.model(images, return_all=True)
+        if output.maps is not None:
+            return output.maps
+        explain = self.config.get("experiment", {}).get("explain", {})
+        return explain_maps(
+            self.model,
+            images,
+            explainer=explain.get("explainer", "gradcam"),
+            ig_steps=explain.get("ig_steps", 32),
+            blur_sigma=explain.get("blur_sigma", 1.0),
+        ).maps
+
+
+def _choose(rows: list[dict[str, Any]], prefer: str | dict[str, float]) -> dict[str, Any]:
+    points = [(r["val_accuracy"], r["val_fidelity"]) for r in rows]
+    if isinstance(prefer, dict):
+        unknown = set(prefer) - set(OBJECTIVES)
+        if unknown:
+            raise ValueError(f"prefer: unknown objective {sorted(unknown)[0]!r}; use accuracy and/or fidelity")
+        weights = (float(prefer.get("accuracy", 0.0)), float(prefer.get("fidelity", 0.0)))
+        scores = [weights[0] * a + weights[1] * f for a, f in points]
+        return rows[max(range(len(rows)), key=scores.__getitem__)]
+    if prefer == "accuracy":
+        return rows[max(range(len(rows)), key=lambda i: points[i])]
+    if prefer == "fidelity":
+        return rows[max(range(len(rows)), key=lambda i: (points[i][1], points[i][0]))]
+    if prefer == "knee":
+        # Closest to the utopia point after scaling each objective to [0, 1] over the front.
+        lows = [min(p[k] for p in points) for k in range(2)]
+        spans = [max(p[k] for p in points) - lows[k] or 1.0 for k in range(2)]
+        distance = [sum((1 - (p[k] - lows[k]) / spans[k]) ** 2 for k in range(2)) for p in points]
+        return rows[min(range(len(rows)), key=distance.__getitem__)]
+    raise ValueError(f"prefer: got {prefer!r}; use 'knee', 'accuracy', 'fidelity' or a weights dict")
+
+
+def load_pareto_student(experiment: str | Path, prefer: str | dict[str, float] = "knee") -> ParetoStudent:
+    """Load one student of an experiment's front; needs no Ray and no running cluster."""
+    experiment = Path(experiment)
+    rows = list_pareto_students(experiment).to_pylist()
+    if not rows:
+        raise XKDCheckpointError(f"{experiment}: the Pareto front is empty")
+    chosen = _choose(rows, prefer)
+    model, config, metrics = load_student(experiment / chosen["path"])
+    return ParetoStudent(model=model, metrics=metrics, config=config, path=experiment / chosen["path"])
+
+
+def write_front_plot(experiment: str | Path, path: str | Path) -> Path:
+    """Accuracy vs fidelity: every ok trial as a dot coloured by method, the front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_trials(experiment) if r["status"] == "ok"]
+    front = sorted(front_rows(rows), key=lambda r: r["val_accuracy"])
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for method in sorted({r["method"] or "?" for r in rows}):
+        points = [r for r in rows if (r["method"] or "?") == method]
+        axes.scatter([r["val_accuracy"] for r in points], [r["val_fidelity"] for r in points], label=method, alpha=0.7)
+    if front:
+        axes.plot([r["val_accuracy"] for r in front], [r["val_fidelity"] for r in front], "k--", label="Pareto front")
+    if rows:
+        template = rows[0].get("val_fidelity_template")
+        if template is not None:
+            axes.axhline(template, color="grey", linewidth=0.8, label="template map (bar to beat)")
+    axes.set_xlabel("validation accuracy")
+    axes.set_ylabel("validation fidelity (Pearson to teacher map)")
+    axes.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,116 @@
+"""The search job: ``python xkd_ray/search.py --space SPACE --out DIR`` (also ``xkd search``).
+
+This is the script ``ray submit cluster/cluster.yaml xkd_ray/search.py -- ARGS`` and
+``ray job submit -- python xkd_ray/search.py ARGS`` run on a cluster. Everything that can be
+checked without Ray (the space file, the output folder) is checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a file: put the repo root (not xkd_ray/) on the path so module names such as
+    # `tune` or `data` cannot shadow installed packages.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+
+from xkd_ray.errors import XKDConfigError, XKDError
+from xkd_ray.space import SearchSpec, load_search_space
+
+console = Console()
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--space", type=Path, required=True, help="search space YAML (see search_spaces/)")
+    parser.add_argument("--out", type=Path, required=True, help="experiment folder (shared storage on a cluster)")
+    parser.add_argument("--trials", type=int, help="override search.trials")
+    parser.add_argument("--workers-per-trial", type=int, help="override search.workers_per_trial")
+    parser.add_argument("--sampler", choices=["tpe", "nsga2", "random"], help="override search.sampler")
+    parser.add_argument("--seed", type=int, help="override search.seed")
+    parser.add_argument("--gpu", action="store_true", help="train each trial's workers on GPUs")
+    parser.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start locally")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    parser.add_argument("--no-live", action="store_true", help="no live table (logs only)")
+
+
+def check_experiment_folder(out: Path) -> None:
+    """Fail before any trial runs when the experiment folder cannot be written (permissions,
+    full disk), instead of losing the first finished trial."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"\0" * 65536)
+        probe.unlink()
+    except OSError as exc:
+        raise XKDConfigError(f"--out {out}: cannot write the experiment folder ({exc.strerror or exc})") from None
+
+
+def spec_from_args(args: argparse.Namespace) -> SearchSpec:
+    overrides: dict[str, Any] = {}
+    for name in ("trials", "workers_per_trial", "sampler", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    spec = load_search_space(args.space, overrides)
+    if args.gpu:
+        spec.base = spec.base.with_overrides({"ray.use_gpu": True})
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    check_experiment_folder(args.out)
+
+    from xkd_ray.pareto import list_pareto_students, load_pareto_student, write_front_plot
+    from xkd_ray.train import ensure_ray
+    from xkd_ray.tune import run_search
+
+    ensure_ray(args.address)
+    summary = run_search(spec, args.out, resume=args.resume, live=not args.no_live)
+    front = list_pareto_students(args.out)
+    write_front_plot(args.out, args.out / "pareto" / "front.png")
+    console.print(front_table(front.to_pylist(), f"Pareto front ({summary.get('front_size', 0)} students)"))
+    knee = load_pareto_student(args.out, prefer="knee")
+    console.print(
+        f"hypervolume {summary.get('hypervolume', 0):.4f} over {summary.get('trials', 0)} trials "
+        f"in {summary['wall_seconds']:.0f} s; knee student: {knee.path}"
+    )
+    return 0
+
+
+def front_table(rows: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("trial_id", "method", "val_accuracy", "val_fidelity", "test_accuracy", "test_fidelity"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in table_columns(table)))
+    return table
+
+
+def table_columns(table: Any) -> list[str]:
+    return [str(column.header) for column in table.columns]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xkd search", description=__doc__.splitlines()[0])
+    add_search_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except XKDError as exc:
+        print(f"xkd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Ray Train: one student's training sharded over DDP workers (gloo on CPU, nccl on GPU).
+
+The per-worker loop is the core loop (``distill.train_one_epoch`` / ``evaluate_student``'s
+metrics) plus what distribution needs: a ``DistributedSampler`` whose global order does not
+depend on the worker count, per-epoch checkpoints with the full training state, and
+validation metrics computed on the whole split (each worker explains a shard, then all
+shards are gathered) so the reported numbers do not depend on the worker count either.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from xkd_ray.config import ExperimentConfig
+from xkd_ray.distill import (
+    DistillData,
+    build_student,
+    distill_dataset,
+    evaluate_student,
+    make_optimizer,
+    metrics_from_predictions,
+    student_predictions,
+    train_one_epoch,
+)
+from xkd_ray.errors import XKDConfigError
+from xkd_ray.models import StudentNet
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, 624, 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+
+
+def _amp_dtype(config: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs that support it (fp16 otherwise would need a grad scaler); off on CPU."""
+    if device.type != "cuda" or not config.ray.amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+
+
+def _gather_evaluation(
+    student: StudentNet,
+    split_name: str,
+    data: DistillData,
+    config: ExperimentConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Each rank evaluates a contiguous shard; shards are gathered in rank order and the metrics
+    computed once on the whole split, identically on every rank."""
+    split = data.splits.split(split_name)
+    outputs = data.teacher_outputs[split_name]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    bounds = np.linspace(0, len(split), world + 1).astype(int)
+    shard = slice(int(bounds[rank]), int(bounds[rank + 1]))
+    mine = student_predictions(student, split.images[shard], outputs.predictions[shard], config, device=device)
+    gathered: list[Any] = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    logits = torch.cat([g[0] for g in gathered])
+    head = torch.cat([g[1] for g in gathered]) if gathered[0][1] is not None else None
+    posthoc = torch.cat([g[2] for g in gathered])
+    return metrics_from_predictions(logits, head, posthoc, split.labels, outputs, data.template_map, config)
+
+
+def _maybe_inject_fault(config: ExperimentConfig, epoch: int, start_epoch: int) -> None:
+    """Test hook: the last worker kills its own process (SIGKILL, a real crash) once, at
+    ``ray.fail_at_epoch``, on a run that has not been restarted yet."""
+    if config.ray.fail_at_epoch is None or epoch != config.ray.fail_at_epoch or start_epoch > 0:
+        return
+    context = ray.train.get_context()
+    if context.get_world_rank() == context.get_world_size() - 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: resume from the last checkpoint, train, report per epoch."""
+    config = ExperimentConfig.from_dict(loop_config["config"])
+    data: DistillData = ray.get(loop_config["data_ref"])
+    context = ray.train.get_context()
+    world, rank = context.get_world_size(), context.get_world_rank()
+    device = ray.train.torch.get_device()
+    settings = config.distill
+    if settings.batch_size % world != 0:
+        raise XKDConfigError(
+            f"distill.batch_size: {settings.batch_size} is not divisible by ray.num_workers={world}; "
+            "the global batch is split evenly over workers"
+        )
+    torch.manual_seed(settings.seed)
+    student = build_student(config, data.splits)
+    optimizer, scheduler = make_optimizer(config, student)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+    if world > 1:
+        # Per-shard batch statistics would make the result depend on the worker count.
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    model = ray.train.torch.prepare_model(
+        student, parallel_strategy_kwargs={"find_unused_parameters": settings.head_warmup_epochs > 0}
+    )
+    teacher = data.teacher().to(device) if settings.method == "at" else None
+    dataset = distill_dataset(data.splits.train, data.teacher_outputs["train"])
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(dataset, batch_size=settings.batch_size // world, sampler=sampler), add_dist_sampler=False
+    )
+    amp_dtype = _amp_dtype(config, device)
+    for epoch in range(start_epoch, settings.epochs):
+        _maybe_inject_fault(config, epoch, start_epoch)
+        sampler.set_epoch(epoch)
+        record = train_one_epoch(
+            model, loader, optimizer, config, epoch, teacher=teacher, device=device, amp_dtype=amp_dtype
+        )
+        scheduler.step()
+        if not math.isfinite(record["train_total"]):
+            # A diverged run (NaN/inf loss) stops here: no checkpoint of broken weights.
+            ray.train.report({**record, "epoch": epoch, "diverged": True})
+            return
+        bare = model.module if hasattr(model, "module") else model
+        record.update(_gather_evaluation(bare, "val", data, config, device))
+        record.update({"epoch": epoch, "start_epoch": start_epoch, "workers": world, "diverged": False})
+        with tempfile.TemporaryDirectory() as directory:
+            report_checkpoint = None
+            if rank == 0:
+                state = {
+                    "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "rng": _rng_state(),
+                }
+                torch.save(state, Path(directory) / CHECKPOINT_FILE)
+                report_checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(record, checkpoint=report_checkpoint)
+
+
+def make_trainer(
+    config: ExperimentConfig,
+    data_ref: ray.ObjectRef,
+    *,
+    name: str,
+    storage_path: str | Path,
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
+    ray_settings = config.ray
+    resources = {"CPU": ray_settings.cpus_per_worker}
+    if ray_settings.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": config.to_dict(), "data_ref": data_ref},
+        torch_config=TorchConfig(backend="nccl" if ray_settings.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=ray_settings.num_workers, use_gpu=ray_settings.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_settings.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=ray_settings.max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def student_from_checkpoint(config: ExperimentConfig, data: DistillData, checkpoint: Checkpoint) -> StudentNet:
+    student = build_student(config, data.splits)
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    student.load_state_dict(state["model"])
+    return student.eval()
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join ``address`` (or a running cluster) or start a local Ray; never start a second one."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(address=address, ignore_reinit_error=True, logging_level="WARNING", log_to_driver=False)
+
+
+def distill_with_ray(
+    config: ExperimentConfig,
+    data: DistillData,
+    *,
+    address: str | None = None,
+    storage_path: str | Path | None = None,
+    name: str | None = None,
+) -> tuple[StudentNet, dict[str, Any]]:
+    """Train one student with Ray Train and evaluate it like the plain loop does.
+
+    Re-running with the same ``name`` and ``storage_path`` resumes from the run's last
+    checkpoint (Ray Train restores its own state from storage).
+    """
+    if config.ray.num_workers < 1:
+        raise XKDConfigError("ray.num_workers: must be >= 1 to train with Ray (0 = plain loop)")
+    ensure_ray(address)
+    storage_path = storage_path or Path(config.explain.cache_dir) / "ray_train"
+    name = name or f"distill-{config.distill.method}-{uuid.uuid4().hex[:8]}"
+    trainer = make_trainer(config, ray.put(data), name=name, storage_path=storage_path)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    student = student_from_checkpoint(config, data, result.checkpoint)
+    history = [
+        dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
+    ]
+    metrics = {
+        "val": evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config),
+        "test": evaluate_student(student, data.splits.test, data.teacher_outputs["test"], data.template_map, config),
+        "teacher": data.teacher_metrics,
+        "history": history,
+        "ray": {"name": name, "storage_path": str(storage_path), "last_report": dict(result.metrics or {})},
+    }
+    return student, metrics

@@ -1,0 +1,284 @@
+"""Ray Tune + Optuna multi-objective search over students, feeding the Pareto registry.
+
+Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is not a Tune trainable: each trial is a
+small *driver function* that builds its own ``TorchTrainer`` (named after the trial id, so a
+restored search resumes the inner run from its checkpoints) and forwards the workers' reports
+to Tune with ``TuneReportCallback``. The teacher and its explanation cache are prepared once,
+before any trial, and shared through the object store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search.optuna import OptunaSearch
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from xkd_ray.config import ExperimentConfig
+from xkd_ray.distill import DistillData, evaluate_student, prepare, save_student
+from xkd_ray.pareto import front_rows, read_trials, record_trial, update_registry
+from xkd_ray.space import Parameter, SearchSpec
+from xkd_ray.train import make_trainer, student_from_checkpoint
+
+OBJECTIVE_METRICS = ["accuracy", "fidelity"]
+STUDY_NAME = "xkd"
+
+
+def tune_domain(parameter: Parameter) -> Any:
+    if parameter.kind == "uniform":
+        return tune.uniform(parameter.low, parameter.high)
+    if parameter.kind == "loguniform":
+        return tune.loguniform(parameter.low, parameter.high)
+    if parameter.kind == "int":
+        return tune.randint(parameter.low, parameter.high + 1)
+    if parameter.kind == "choice":
+        return tune.choice(list(parameter.choices))
+    return parameter.value
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
+def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
+    """Optuna with a journal file inside the experiment, so the study survives a restart."""
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))
+    )
+    return OptunaSearch(
+        metric=OBJECTIVE_METRICS,
+        mode=["max", "max"],
+        sampler=make_sampler(spec.search.sampler, spec.search.seed),
+        study_name=STUDY_NAME,
+        storage=storage,
+    )
+
+
+def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
+    """One trial: train a student with Ray Train, save it, report the final objectives."""
+    experiment = Path(shared["experiment"])
+    config = ExperimentConfig.from_dict(shared["base"]).with_overrides({**shared["fixed"], **sampled})
+    data: DistillData = ray.get(shared["data_ref"])
+    trial_id = tune.get_context().get_trial_id()
+    trainer = make_trainer(
+        config,
+        shared["data_ref"],
+        name=f"trial-{trial_id}",
+        storage_path=experiment / "train",
+        callbacks=[TuneReportCallback()],
+    )
+    result = trainer.fit()
+    last = dict(result.metrics or {})
+    if last.get("diverged"):
+        tune.report({"accuracy": 0.0, "fidelity": -1.0, "status": "diverged", "config": config.to_dict()})
+        return
+    student = student_from_checkpoint(config, data, result.checkpoint)
+    val = evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
+    student_dir = experiment / "students" / trial_id
+    save_student(student_dir, config, student, data, {"val": val, "teacher": data.teacher_metrics})
+    tune.report({**val, "status": "ok", "student_dir": str(student_dir), "config": config.to_dict()})
+
+
+class RegistryCallback(tune.Callback):
+    """After every finished trial: record it, update the Pareto registry and the dashboard gauges.
+
+    Holds only paths and the base config (callbacks are pickled with the Tuner); the data is
+    read back from the explanation cache on first use, in the search's driver process.
+    """
+
+    def __init__(self, experiment: str, base_config: dict[str, Any], reference: tuple[float, float]) -> None:
+        self.experiment = experiment
+        self.base_config = base_config
+        self.reference = reference
+        self._data: DistillData | None = None
+        self._gauges: dict[str, Any] = {}
+
+    def setup(self, **info: Any) -> None:
+        from ray.util.metrics import Gauge
+
+        names = {
+            "trials_finished": "finished trials",
+            "front_size": "students on the Pareto front",
+            "hypervolume": "hypervolume of the front (val accuracy x fidelity)",
+            "best_accuracy": "best val accuracy on the front",
+            "best_fidelity": "best val fidelity on the front",
+        }
+        try:
+            self._gauges = {
+                key: Gauge(f"xkd_{key}", description=text, tag_keys=("experiment",)) for key, text in names.items()
+            }
+        except Exception:  # metrics are a nicety: never let them stop a search
+            self._gauges = {}
+
+    def _evaluate_test(self, student: Any, record: dict[str, Any]) -> dict[str, float]:
+        config = ExperimentConfig.from_dict(record["experiment"])
+        if self._data is None:
+            self._data = prepare(ExperimentConfig.from_dict(self.base_config), progress=False)
+        data = self._data
+        return evaluate_student(student, data.splits.test, data.teacher_outputs["test"], data.template_map, config)
+
+    def _finish(self, trial: Any, row: dict[str, Any]) -> None:
+        record_trial(self.experiment, row)
+        summary = update_registry(self.experiment, self._evaluate_test, self.reference)
+        tags = {"experiment": Path(self.experiment).name}
+        for key, gauge in self._gauges.items():
+            value = summary.get("trials" if key == "trials_finished" else key)
+            if value is not None:
+                gauge.set(float(value), tags=tags)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        status = result.get("status", "errored")
+        if status == "ok" and not all(math.isfinite(float(result.get(m, math.nan))) for m in OBJECTIVE_METRICS):
+            status = "diverged"
+        row = {
+            "trial_id": trial.trial_id,
+            "method": (result.get("config") or {}).get("distill", {}).get("method"),
+            "status": status,
+            "config": result.get("config") or trial.config,
+            "student_dir": result.get("student_dir"),
+            **{f"val_{k}": result.get(k) for k in ("accuracy", "fidelity", "agreement", "fidelity_posthoc")},
+            **{f"val_{k}": result.get(k) for k in ("fidelity_template", "topk_iou")},
+        }
+        if status != "ok":
+            row.update({f"val_{k}": None for k in ("accuracy", "fidelity")})
+        self._finish(trial, row)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = getattr(trial, "error_file", None)
+        self._finish(
+            trial,
+            {"trial_id": trial.trial_id, "status": "errored", "config": trial.config, "error": str(error or "")},
+        )
+
+
+class LiveTableCallback(tune.Callback):
+    """A rich live table of trials and the current front, redrawn on every report."""
+
+    def __init__(self, experiment: str) -> None:
+        self.experiment = experiment
+        self._live: Live | None = None
+        self._latest: dict[str, dict[str, Any]] = {}
+
+    def setup(self, **info: Any) -> None:
+        self._live = Live(self._table(), console=Console(), refresh_per_second=2, transient=False)
+        self._live.start()
+
+    def _table(self) -> Table:
+        front = {row["trial_id"] for row in front_rows(read_trials(self.experiment))}
+        table = Table(title=f"search {self.experiment}")
+        for column in ("trial", "status", "epoch", "accuracy", "fidelity", "front"):
+            table.add_column(column)
+        for trial_id, result in sorted(self._latest.items()):
+            table.add_row(
+                trial_id,
+                str(result.get("status", "running")),
+                str(result.get("epoch", "")),
+                f"{result.get('accuracy', float('nan')):.3f}",
+                f"{result.get('fidelity', float('nan')):.3f}",
+                "*" if trial_id in front else "",
+            )
+        return table
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._latest[trial.trial_id] = result
+        if self._live is not None:
+            self._live.update(self._table())
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._latest.setdefault(trial.trial_id, {})["status"] = (trial.last_result or {}).get("status", "done")
+        if self._live is not None:
+            self._live.update(self._table())
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"experiment": self.experiment, "_live": None, "_latest": {}}
+
+
+def concurrent_trials(spec: SearchSpec) -> int:
+    """How many trials fit the cluster at once: each needs its workers' CPUs (or GPUs) + a
+    small driver share."""
+    if spec.search.max_concurrent_trials:
+        return spec.search.max_concurrent_trials
+    resources = ray.cluster_resources()
+    per_trial_cpu = spec.search.workers_per_trial * spec.search.cpus_per_worker + DRIVER_CPU
+    by_cpu = int(resources.get("CPU", 1) // per_trial_cpu + 1e-9)
+    if spec.base.ray.use_gpu:
+        by_cpu = min(by_cpu, int(resources.get("GPU", 0) // spec.search.workers_per_trial))
+    return max(1, by_cpu)
+
+
+DRIVER_CPU = 0.1
+
+
+def trial_base_config(spec: SearchSpec) -> ExperimentConfig:
+    """The base config with the search's worker settings applied to Ray Train."""
+    return spec.base.with_overrides(
+        {"ray.num_workers": spec.search.workers_per_trial, "ray.cpus_per_worker": spec.search.cpus_per_worker}
+    )
+
+
+def build_trainable(shared: dict[str, Any]) -> Any:
+    return tune.with_resources(tune.with_parameters(trial_driver, shared=shared), {"cpu": DRIVER_CPU})
+
+
+def run_search(spec: SearchSpec, experiment: str | Path, *, resume: bool = False, live: bool = True) -> dict[str, Any]:
+    """Run (or resume) a search; returns the registry summary. Ray must already be initialised."""
+    experiment = Path(experiment).resolve()
+    base = trial_base_config(spec)
+    started = time.perf_counter()
+    data = prepare(base, progress=True)
+    shared = {
+        "experiment": str(experiment),
+        "base": base.to_dict(),
+        "fixed": spec.fixed_overrides(),
+        "data_ref": ray.put(data),
+    }
+    trainable = build_trainable(shared)
+    tune_path = experiment / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_path)):
+        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        callbacks: list[tune.Callback] = [
+            RegistryCallback(str(experiment), base.to_dict(), spec.search.hypervolume_reference)
+        ]
+        if live:
+            callbacks.append(LiveTableCallback(str(experiment)))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={name: tune_domain(p) for name, p in spec.parameters.items() if p.kind != "fixed"},
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(spec, experiment),
+                num_samples=spec.search.trials,
+                max_concurrent_trials=concurrent_trials(spec),
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(experiment),
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                callbacks=callbacks,
+                verbose=0,
+            ),
+        )
+    tuner.fit()
+    summary = json.loads((experiment / "summary.json").read_text()) if (experiment / "summary.json").exists() else {}
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["explanations_from_cache"] = data.cache_hits
+    return summary
