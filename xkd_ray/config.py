@@ -170,7 +170,7 @@ class DistillConfig:
     explanation_loss: str = "pearson"
     at_weight: float = 1000.0
     head_warmup_epochs: int = 0
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 5e-4
     epochs: int = 20
     batch_size: int = 64

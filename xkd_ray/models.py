@@ -15,12 +15,22 @@ from torch import nn
 from xkd_ray.errors import XKDCheckpointError, XKDConfigError
 
 
-def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+def conv_block(in_channels: int, out_channels: int, stride: int = 1, norm: str = "batch") -> nn.Sequential:
+    """3x3 conv + norm + ReLU. Students use GroupNorm: their training is sharded over DDP
+    workers, and per-shard BatchNorm statistics would make the result depend on the worker
+    count (SyncBatchNorm runs on GPUs only)."""
+    normalisation = (
+        nn.BatchNorm2d(out_channels) if norm == "batch" else nn.GroupNorm(_groups(out_channels), out_channels)
+    )
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        normalisation,
         nn.ReLU(inplace=False),
     )
+
+
+def _groups(channels: int) -> int:
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
 class VGGTeacher(nn.Module):
@@ -111,13 +121,15 @@ class ConvAutoencoder(nn.Module):
         if depth < 1:
             raise XKDConfigError(f"student.ae_depth: got {depth}; must be >= 1")
         channels = [in_channels] + [width * 2**level for level in range(depth)]
-        self.encoder = nn.Sequential(*[conv_block(channels[i], channels[i + 1], stride=2) for i in range(depth)])
+        self.encoder = nn.Sequential(
+            *[conv_block(channels[i], channels[i + 1], stride=2, norm="group") for i in range(depth)]
+        )
         decoder: list[nn.Module] = []
         for level in range(depth, 0, -1):
             out_channels = channels[level - 1] if level > 1 else width
             decoder += [
                 nn.ConvTranspose2d(channels[level], out_channels, 4, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(out_channels),
+                nn.GroupNorm(_groups(out_channels), out_channels),
                 nn.ReLU(inplace=False),
             ]
         self.decoder = nn.Sequential(*decoder)
@@ -166,9 +178,9 @@ class StudentNet(nn.Module):
         self.fusion = fusion
         self.head = ConvAutoencoder(in_channels, ae_depth, ae_width) if ae_depth else None
         classifier_channels = in_channels + 1 if self.head is not None and fusion == "concat" else in_channels
-        self.stage1 = conv_block(classifier_channels, width)
-        self.stage2 = nn.Sequential(nn.MaxPool2d(2), conv_block(width, 2 * width))
-        self.stage3 = nn.Sequential(nn.MaxPool2d(2), conv_block(2 * width, 4 * width))
+        self.stage1 = conv_block(classifier_channels, width, norm="group")
+        self.stage2 = nn.Sequential(nn.MaxPool2d(2), conv_block(width, 2 * width, norm="group"))
+        self.stage3 = nn.Sequential(nn.MaxPool2d(2), conv_block(2 * width, 4 * width, norm="group"))
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
 
     def architecture(self) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -130,9 +129,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
-    if world > 1:
-        # Per-shard batch statistics would make the result depend on the worker count.
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     model = ray.train.torch.prepare_model(
         student, parallel_strategy_kwargs={"find_unused_parameters": settings.head_warmup_epochs > 0}
     )

@@ -1,0 +1,103 @@
+"""The `xkd` command: a real run writes its three files; bad input exits 2 with one line and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import TINY_OVERRIDES
+from xkd_ray.cli import main
+
+
+def _sets(overrides: dict) -> list[str]:
+    args: list[str] = []
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+@pytest.fixture()
+def tiny_args(cache_dir) -> list[str]:
+    return _sets({**TINY_OVERRIDES, "explain.cache_dir": cache_dir})
+
+
+def test_distill_writes_model_config_and_metrics(tiny_args, tiny_data, tmp_path, capsys):
+    out = tmp_path / "kd"
+    assert main(["distill", "--method", "kd", "--out", str(out), *tiny_args]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.pt"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "test", "teacher"}
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert "fidelity_template" in capsys.readouterr().out
+
+
+def _assert_refused(argv: list[str], out, capsys, expected: str) -> None:
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert expected in error, error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"distill.temperature": 0}, "distill.temperature"),
+        ({"distill.alpha": 1.5}, "distill.alpha"),
+        ({"explain.explainer": "lime"}, "explain.explainer"),
+        ({"data.dataset": "imagenet"}, "data.dataset"),
+        ({"data.image_size": 16, "student.ae_depth": 4}, "student.ae_depth"),
+    ],
+)
+def test_bad_config_values_exit_2_naming_the_field(overrides, expected, tmp_path, capsys):
+    out = tmp_path / "out"
+    _assert_refused(["distill", "--method", "xd", "--out", str(out), *_sets(overrides)], out, capsys, expected)
+
+
+def test_unknown_method_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", "--method", "magic", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'magic'" in capsys.readouterr().err
+
+
+def test_missing_data_root_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["distill", "--method", "kd", "--out", str(out), "--set", "data.dataset=mnist"]
+    _assert_refused([*argv, "--data-root", str(tmp_path / "nowhere")], out, capsys, "nowhere")
+
+
+def test_corrupt_teacher_checkpoint_is_refused(tiny_args, tmp_path, capsys):
+    bad = tmp_path / "teacher.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    out = tmp_path / "out"
+    argv = ["distill", "--method", "kd", "--out", str(out), *tiny_args, "--set", f"teacher.checkpoint={bad}"]
+    _assert_refused(argv, out, capsys, "teacher.pt: not a loadable weights file")
+
+
+def test_mismatched_teacher_checkpoint_is_refused(tiny_args, tiny_data, tmp_path, capsys):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, wrong)
+    out = tmp_path / "out"
+    argv = ["distill", "--method", "kd", "--out", str(out), *tiny_args, "--set", f"teacher.checkpoint={wrong}"]
+    _assert_refused(argv, out, capsys, "do not match the configured architecture")
+
+
+def test_malicious_pickle_never_runs(tiny_args, tmp_path, capsys):
+    """weights_only=True refuses pickled code: the payload's side effect must not happen."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": Payload()}, evil)
+    out = tmp_path / "out"
+    argv = ["distill", "--method", "kd", "--out", str(out), *tiny_args, "--set", f"teacher.checkpoint={evil}"]
+    _assert_refused(argv, out, capsys, "evil.pt: not a loadable weights file")
+    assert not marker.exists()

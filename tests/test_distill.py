@@ -1,0 +1,88 @@
+"""The plain (single-process) pipeline on real digits: teacher, explanation cache, students."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xkd_ray.explain as explain_module
+from xkd_ray.distill import distill, load_student, prepare, save_student
+from xkd_ray.errors import XKDCheckpointError
+
+METRIC_KEYS = {
+    "accuracy",
+    "agreement",
+    "fidelity",
+    "fidelity_posthoc",
+    "fidelity_template",
+    "topk_iou",
+    "degenerate_maps",
+}
+
+
+def test_teacher_learns_and_explanations_are_normalised_maps(tiny_data):
+    assert tiny_data.teacher_metrics["test_accuracy"] > 0.8
+    for split in ("train", "val", "test"):
+        outputs = tiny_data.teacher_outputs[split]
+        images = tiny_data.splits.split(split).images
+        assert outputs.maps.shape == (len(images), 16, 16)
+        assert outputs.logits.shape == (len(images), 10)
+        assert float(outputs.maps.min()) >= 0.0 and float(outputs.maps.max()) <= 1.0
+    assert tiny_data.template_map.shape == (16, 16)
+
+
+def test_second_prepare_reads_the_cache_and_calls_no_explainer(tiny_config, tiny_data, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the explainer ran although the cache holds the maps")
+
+    monkeypatch.setattr(explain_module, "explain_maps", refuse)
+    again = prepare(tiny_config, progress=False)
+    assert again.cache_hits == {"train": True, "val": True, "test": True}
+    assert torch.equal(again.teacher_outputs["val"].maps, tiny_data.teacher_outputs["val"].maps)
+    assert again.teacher_id == tiny_data.teacher_id
+
+
+def test_cache_key_changes_with_the_explainer(tiny_config, tiny_data):
+    saliency = prepare(tiny_config.with_overrides({"explain.explainer": "saliency"}), progress=False)
+    assert saliency.cache_hits["val"] is False
+    assert saliency.cache_files["val"] != tiny_data.cache_files["val"]
+    assert not torch.equal(saliency.teacher_outputs["val"].maps, tiny_data.teacher_outputs["val"].maps)
+
+
+@pytest.mark.parametrize("method", ["student", "kd", "at", "xd"])
+def test_every_method_trains_and_reports_all_metrics(tiny_config, tiny_data, method):
+    student, metrics = distill(tiny_config.with_overrides({"distill.method": method}), tiny_data, progress=False)
+    assert set(metrics["val"]) == METRIC_KEYS and set(metrics["test"]) == METRIC_KEYS
+    assert (student.head is not None) == (method == "xd")
+    assert metrics["test"]["accuracy"] > 0.3  # two epochs on 10 classes: well above chance
+    if method != "xd":
+        assert metrics["test"]["fidelity"] == metrics["test"]["fidelity_posthoc"]
+
+
+def test_head_warmup_trains_only_the_head_first(tiny_config, tiny_data):
+    config = tiny_config.with_overrides({"distill.head_warmup_epochs": 1})
+    _, metrics = distill(config, tiny_data, progress=False)
+    first, second = metrics["history"]
+    assert set(first) >= {"train_explanation", "train_total"} and "train_ce" not in first
+    assert "train_ce" in second
+
+
+def test_saved_student_reloads_with_identical_outputs(tiny_config, tiny_data, tmp_path):
+    student, metrics = distill(tiny_config, tiny_data, progress=False)
+    save_student(tmp_path / "student", tiny_config, student, tiny_data, metrics)
+    loaded, record, saved_metrics = load_student(tmp_path / "student")
+    images = tiny_data.splits.test.images[:8]
+    assert torch.allclose(loaded.eval()(images), student.eval()(images))
+    assert record["experiment"]["distill"]["method"] == "xd"
+    assert saved_metrics["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_student_folder_problems_are_checkpoint_errors(tiny_config, tiny_data, tmp_path):
+    student, metrics = distill(tiny_config, tiny_data, progress=False)
+    folder = save_student(tmp_path / "s", tiny_config, student, tiny_data, metrics)
+    (folder / "model.pt").write_bytes((folder / "model.pt").read_bytes()[:100])
+    with pytest.raises(XKDCheckpointError, match="not a loadable weights file"):
+        load_student(folder)
+    (folder / "model.pt").unlink()
+    with pytest.raises(XKDCheckpointError, match="checkpoint file not found"):
+        load_student(folder)
