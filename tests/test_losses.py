@@ -60,10 +60,10 @@ def test_explanation_losses_by_hand():
 
 
 def test_attention_transfer_by_hand():
-    # attention maps normalise to [1, 0] and [0, 1]: squared distance 2
+    # attention maps normalise to [1, 0] and [0, 1]: mean squared difference over 2 cells = 1
     student = [torch.tensor([[[[1.0, 0.0]]]])]
     teacher = [torch.tensor([[[[0.0, 3.0]]]])]
-    assert attention_transfer_loss(student, teacher).item() == pytest.approx(2.0)
+    assert attention_transfer_loss(student, teacher).item() == pytest.approx(1.0)
     assert attention_transfer_loss(teacher, teacher).item() == pytest.approx(0.0)
 
 

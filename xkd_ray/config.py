@@ -168,7 +168,7 @@ class DistillConfig:
     alpha: float = 0.5
     beta: float = 5.0
     explanation_loss: str = "pearson"
-    at_weight: float = 1000.0
+    at_weight: float = 5.0
     head_warmup_epochs: int = 0
     lr: float = 5e-3
     weight_decay: float = 5e-4

@@ -82,7 +82,8 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
 
 
 def attention_transfer_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over matched layers of mean_batch ||a_S - a_T||^2 (student maps resized to the teacher's)."""
+    """Sum over matched layers of mean over images and cells of (a_S - a_T)^2, as in the
+    authors' reference code (student maps resized to the teacher's grid first)."""
     if len(student_features) != len(teacher_features):
         raise ValueError(f"{len(student_features)} student vs {len(teacher_features)} teacher feature maps")
     total = student_features[0].new_zeros(())
@@ -90,7 +91,7 @@ def attention_transfer_loss(student_features: list[torch.Tensor], teacher_featur
         if student_map.shape[-2:] != teacher_map.shape[-2:]:
             student_map = F.interpolate(student_map, size=teacher_map.shape[-2:], mode="bilinear", align_corners=False)
         difference = attention_map(student_map) - attention_map(teacher_map)
-        total = total + difference.pow(2).sum(dim=1).mean()
+        total = total + difference.pow(2).mean()
     return total
 
 
