@@ -80,9 +80,7 @@ def test_image_size_and_train_subset() -> None:
     subset = load_splits(DataConfig(image_size=16, max_train_samples=100))
     assert len(subset.train) == 100
     # Subsetting happens after val/test are carved, so they are unchanged.
-    assert torch.equal(subset.test.labels, small.test.labels) and torch.equal(
-        subset.val.labels, small.val.labels
-    )
+    assert torch.equal(subset.test.labels, small.test.labels) and torch.equal(subset.val.labels, small.val.labels)
     assert subset.fingerprint() != small.fingerprint()
 
 
@@ -241,9 +239,7 @@ def test_imagefolder_empty_class_folder_is_named(tmp_path: Path) -> None:
     root = _image_tree(tmp_path / "pets")
     (root / "train" / "bird").mkdir()
     (root / "train" / "bird" / "notes.txt").write_text("not an image")
-    with pytest.raises(
-        XKDDataError, match=re.escape(str(root / "train" / "bird")) + ": class folder has no images"
-    ):
+    with pytest.raises(XKDDataError, match=re.escape(str(root / "train" / "bird")) + ": class folder has no images"):
         load_splits(DataConfig(dataset="imagefolder", root=str(root)))
 
 

@@ -52,13 +52,10 @@ class Split:
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
             raise XKDDataError(
-                "split images must be float32 [N, C, H, W]; "
-                f"got {self.images.dtype} {list(self.images.shape)}"
+                f"split images must be float32 [N, C, H, W]; got {self.images.dtype} {list(self.images.shape)}"
             )
         if self.labels.ndim != 1 or self.labels.dtype != torch.int64:
-            raise XKDDataError(
-                f"split labels must be int64 [N]; got {self.labels.dtype} {list(self.labels.shape)}"
-            )
+            raise XKDDataError(f"split labels must be int64 [N]; got {self.labels.dtype} {list(self.labels.shape)}")
         if len(self.images) != len(self.labels):
             raise XKDDataError(f"split has {len(self.images)} images but {len(self.labels)} labels")
 
@@ -97,8 +94,7 @@ class Splits:
         if not self._fingerprint:
             digest = hashlib.sha256()
             shapes = {
-                name: [list(self.split(name).images.shape), list(self.split(name).labels.shape)]
-                for name in SPLIT_NAMES
+                name: [list(self.split(name).images.shape), list(self.split(name).labels.shape)] for name in SPLIT_NAMES
             }
             digest.update(json.dumps({"name": self.name, "shapes": shapes}, sort_keys=True).encode())
             for name in SPLIT_NAMES:
@@ -146,9 +142,7 @@ def _take(indices: np.ndarray, labels: np.ndarray, count: int, seed: int) -> tup
     _, per_class = np.unique(labels, return_counts=True)
     classes = len(per_class)
     stratify = labels if per_class.min() >= 2 and min(count, len(indices) - count) >= classes else None
-    rest, taken = train_test_split(
-        indices, test_size=count, random_state=seed, shuffle=True, stratify=stratify
-    )
+    rest, taken = train_test_split(indices, test_size=count, random_state=seed, shuffle=True, stratify=stratify)
     return np.asarray(taken), np.asarray(rest)
 
 
@@ -168,8 +162,7 @@ def _check_not_empty(where: str, sizes: dict[str, int], config: DataConfig) -> N
     """An empty split would only fail later, inside training or metrics, with an obscure error."""
     hints = {
         "train": "add images or lower data.val_fraction / data.test_fraction",
-        "val": f"data.val_fraction={config.val_fraction} leaves no images; "
-        "set it > 0 (students are ranked on val)",
+        "val": f"data.val_fraction={config.val_fraction} leaves no images; set it > 0 (students are ranked on val)",
         "test": f"data.test_fraction={config.test_fraction} leaves no images; set it > 0",
     }
     for name in SPLIT_NAMES:
@@ -221,8 +214,7 @@ def _assemble(
     for split in SPLIT_NAMES:
         if len(labels[split]) and (labels[split].min() < 0 or labels[split].max() >= len(class_names)):
             raise XKDDataError(
-                f"{where}: {split} labels fall outside 0..{len(class_names) - 1}; "
-                "the dataset files look corrupted"
+                f"{where}: {split} labels fall outside 0..{len(class_names) - 1}; the dataset files look corrupted"
             )
     _normalise(images)
     parts = {
@@ -272,9 +264,7 @@ def _load_digits(config: DataConfig) -> Splits:
 
 def _root(config: DataConfig, *, may_create: bool) -> Path:
     if not config.root:
-        raise XKDDataError(
-            f"dataset {config.dataset!r} is read from a local folder; set data.root (--data-root)"
-        )
+        raise XKDDataError(f"dataset {config.dataset!r} is read from a local folder; set data.root (--data-root)")
     root = Path(config.root).expanduser()
     if root.exists() and not root.is_dir():
         raise XKDDataError(f"{root}: data root is not a folder")
@@ -305,9 +295,7 @@ def _open_torchvision(config: DataConfig, root: Path, train: bool) -> Any:
                 "or pass --download (needs network)"
             ) from exc
         if config.download:
-            raise XKDDataError(
-                f"{root}: downloading {name} failed ({_reason(exc)}); check network access"
-            ) from exc
+            raise XKDDataError(f"{root}: downloading {name} failed ({_reason(exc)}); check network access") from exc
         raise XKDDataError(f"{root}: {name} files could not be read ({_reason(exc)})") from exc
     except OSError as exc:  # URLError is an OSError: no network while downloading
         action = "downloading" if config.download else "reading"
@@ -358,23 +346,18 @@ def _open_folder(directory: Path) -> Any:
     except FileNotFoundError as exc:
         classes = sorted(entry for entry in directory.iterdir() if entry.is_dir())
         if not classes:
-            raise XKDDataError(
-                f"{directory}: no class sub-folders (expected one folder of images per class)"
-            ) from exc
+            raise XKDDataError(f"{directory}: no class sub-folders (expected one folder of images per class)") from exc
         empty = [
             str(folder)
             for folder in classes
             if not any(
-                has_file_allowed_extension(path.name, IMG_EXTENSIONS)
-                for path in folder.rglob("*")
-                if path.is_file()
+                has_file_allowed_extension(path.name, IMG_EXTENSIONS) for path in folder.rglob("*") if path.is_file()
             )
         ]
         if not empty:
             raise XKDDataError(f"{directory}: {_reason(exc)}") from exc
         raise XKDDataError(
-            f"{', '.join(empty)}: class folder has no images "
-            f"(supported extensions: {', '.join(IMG_EXTENSIONS)})"
+            f"{', '.join(empty)}: class folder has no images (supported extensions: {', '.join(IMG_EXTENSIONS)})"
         ) from exc
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,10 +22,11 @@ import torch
 from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.config import ExperimentConfig, stable_hash
 from xkd_ray.data import Split, Splits, load_splits
-from xkd_ray.errors import XKDCheckpointError
+from xkd_ray.errors import XKDCheckpointError, XKDTrainingDiverged
 from xkd_ray.explain import TeacherOutputs, cached_teacher_outputs, explain_maps
 from xkd_ray.losses import distillation_loss, explanation_loss
 from xkd_ray.metrics import accuracy, agreement, fidelity, template_fidelity, topk_iou
@@ -449,6 +451,8 @@ def distill(
             loader = epoch_loader(config, data, epoch)
             record = {"epoch": epoch, **train_one_epoch(student, loader, optimizer, config, epoch, teacher=teacher)}
             scheduler.step()
+            if not math.isfinite(record["train_total"]):
+                raise XKDTrainingDiverged(f"distill: the loss became NaN/inf at epoch {epoch}; lower distill.lr")
             if evaluate_every_epoch or epoch == config.distill.epochs - 1:
                 record.update(
                     evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
@@ -467,11 +471,12 @@ def distill(
 
 
 def epoch_loader(config: ExperimentConfig, data: DistillData, epoch: int) -> DataLoader:
-    """A shuffled loader whose order depends only on (seed, epoch), so a resumed run sees the
-    same batches as an uninterrupted one."""
-    generator = torch.Generator().manual_seed(config.distill.seed * 100_003 + epoch)
+    """The same sampler Ray Train workers use (one replica here): the batch order depends only on
+    (seed, epoch), so the plain loop, a resumed run and any worker count see the same global batches."""
     dataset = distill_dataset(data.splits.train, data.teacher_outputs["train"])
-    return DataLoader(dataset, batch_size=config.distill.batch_size, shuffle=True, generator=generator)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=config.distill.seed)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=config.distill.batch_size, sampler=sampler)
 
 
 def student_record(config: ExperimentConfig, student: StudentNet, data: DistillData) -> dict[str, Any]:

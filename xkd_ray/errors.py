@@ -21,3 +21,7 @@ class XKDDataError(XKDError, ValueError):
 
 class XKDCheckpointError(XKDError, ValueError):
     """A teacher or student checkpoint is missing, corrupt or does not match its config."""
+
+
+class XKDTrainingDiverged(XKDError, RuntimeError):
+    """The loss became NaN or infinite (e.g. a learning rate far too large): the run is stopped."""

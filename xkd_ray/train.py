@@ -39,7 +39,7 @@ from xkd_ray.distill import (
     student_predictions,
     train_one_epoch,
 )
-from xkd_ray.errors import XKDConfigError
+from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
 from xkd_ray.models import StudentNet
 
 CHECKPOINT_FILE = "state.pt"
@@ -120,6 +120,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     student = build_student(config, data.splits)
     optimizer, scheduler = make_optimizer(config, student)
     start_epoch = 0
+    history: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -129,6 +130,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
+        history = list(state["history"])
     model = ray.train.torch.prepare_model(
         student, parallel_strategy_kwargs={"find_unused_parameters": settings.head_warmup_epochs > 0}
     )
@@ -153,6 +155,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         bare = model.module if hasattr(model, "module") else model
         record.update(_gather_evaluation(bare, "val", data, config, device))
         record.update({"epoch": epoch, "start_epoch": start_epoch, "workers": world, "diverged": False})
+        history.append(record)
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
             if rank == 0:
@@ -162,6 +165,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                     "scheduler": scheduler.state_dict(),
                     "epoch": epoch,
                     "rng": _rng_state(),
+                    "history": history,
                 }
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
                 report_checkpoint = Checkpoint.from_directory(directory)
@@ -197,12 +201,19 @@ def make_trainer(
     )
 
 
-def student_from_checkpoint(config: ExperimentConfig, data: DistillData, checkpoint: Checkpoint) -> StudentNet:
-    student = build_student(config, data.splits)
+def read_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def student_from_checkpoint(
+    config: ExperimentConfig, data: DistillData, checkpoint: Checkpoint
+) -> tuple[StudentNet, list[dict[str, Any]]]:
+    """The trained student and the per-epoch history (kept in the checkpoint, so it survives restarts)."""
+    state = read_checkpoint(checkpoint)
+    student = build_student(config, data.splits)
     student.load_state_dict(state["model"])
-    return student.eval()
+    return student.eval(), list(state["history"])
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -233,12 +244,11 @@ def distill_with_ray(
     name = name or f"distill-{config.distill.method}-{uuid.uuid4().hex[:8]}"
     trainer = make_trainer(config, ray.put(data), name=name, storage_path=storage_path)
     result = trainer.fit()
+    if (result.metrics or {}).get("diverged"):
+        raise XKDTrainingDiverged(f"run {name}: the loss became NaN/inf at epoch {result.metrics.get('epoch')}")
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
-    student = student_from_checkpoint(config, data, result.checkpoint)
-    history = [
-        dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
-    ]
+    student, history = student_from_checkpoint(config, data, result.checkpoint)
     metrics = {
         "val": evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config),
         "test": evaluate_student(student, data.splits.test, data.teacher_outputs["test"], data.template_map, config),

@@ -86,7 +86,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     if last.get("diverged"):
         tune.report({"accuracy": 0.0, "fidelity": -1.0, "status": "diverged", "config": config.to_dict()})
         return
-    student = student_from_checkpoint(config, data, result.checkpoint)
+    student, _ = student_from_checkpoint(config, data, result.checkpoint)
     val = evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
     student_dir = experiment / "students" / trial_id
     save_student(student_dir, config, student, data, {"val": val, "teacher": data.teacher_metrics})
