@@ -1,0 +1,207 @@
+"""The search end to end on a local Ray: trials, the Pareto registry, loading without Ray, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import xkd_ray.explain as explain_module
+from xkd_ray.errors import XKDConfigError
+from xkd_ray.metrics import non_dominated
+from xkd_ray.pareto import front_rows, read_trials
+from xkd_ray.search import main as search_main
+from xkd_ray.space import load_search_space, parse_search_space
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "search_spaces" / "smoke.yaml"
+
+
+def _smoke_space(tmp_path: Path, cache_dir: str, **search: object) -> Path:
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["base"]["explain"]["cache_dir"] = cache_dir
+    raw["search"].update(search)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ({"space": {"distill.temprature": {"uniform": [1, 2]}}}, "space.distill.temprature: unknown key"),
+        ({"space": {"distill.alpha": {"uniform": [0.5, 0.5]}}}, "space.distill.alpha: empty range"),
+        ({"space": {"student.fusion": {"choice": "concat"}}}, "space.student.fusion: choice must be a list"),
+        ({"space": {"student.ae_depth": {"choice": [1, 5]}}}, "space.student.ae_depth: value 5 is not valid"),
+        ({"space": {"distill.beta": {"loguniform": [0, 1]}}}, "space.distill.beta: loguniform needs low > 0"),
+        ({"space": {"distill.alpha": 0.5}, "searh": {}}, "searh: unknown section"),
+        ({"space": {"distill.alpha": 0.5}, "search": {"sampler": "grid"}}, "search.sampler"),
+    ],
+)
+def test_bad_search_spaces_name_the_key(space, expected):
+    with pytest.raises(XKDConfigError, match=expected.replace(".", r"\.")):
+        parse_search_space(space)
+
+
+def test_bad_space_is_refused_before_ray_starts(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space:\n  distill.alpha: {uniform: [1, 0]}\n")
+    out = tmp_path / "experiment"
+    assert search_main(["--space", str(bad), "--out", str(out)]) == 2
+    assert "space.distill.alpha: empty range" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unwritable_experiment_folder_is_refused_before_any_trial(tmp_path, capsys):
+    """A folder that cannot be created (its parent is a file; the same path as a full disk or a
+    read-only mount: an OSError on the first write) stops the search before Ray starts."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the experiment folder's parent should be")
+    assert search_main(["--space", str(SMOKE), "--out", str(blocker / "exp")]) == 2
+    error = capsys.readouterr().err
+    assert "cannot write the experiment folder" in error and "not-a-folder" in error
+
+
+def test_shipped_spaces_parse():
+    for path in sorted((REPO / "search_spaces").glob("*.yaml")):
+        spec = load_search_space(path)
+        assert spec.parameters, path
+
+
+LOAD_IN_FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    from xkd_ray.pareto import list_pareto_students, load_pareto_student
+    from xkd_ray.config import ExperimentConfig
+    from xkd_ray.data import load_splits
+    from xkd_ray.metrics import accuracy
+    import ray
+    experiment = sys.argv[1]
+    rows = list_pareto_students(experiment).to_pylist()
+    out = {}
+    for prefer in ("knee", "accuracy", "fidelity", {"accuracy": 1.0, "fidelity": 1.0}):
+        student = load_pareto_student(experiment, prefer=prefer)
+        assert not student.model.training
+        config = ExperimentConfig.from_dict(student.config["experiment"])
+        test = load_splits(config.data).test
+        maps = student.explain(test.images[:4])
+        assert maps.shape == (4, config.data.image_size, config.data.image_size)
+        out[str(prefer)] = {
+            "path": str(student.path),
+            "recomputed": accuracy(student.model(test.images), test.labels),
+            "stored": student.metrics["test"]["accuracy"],
+        }
+    out["ray_initialized"] = ray.is_initialized()
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def smoke_experiment(ray_local, cache_dir, tmp_path_factory, request):
+    """One smoke search (4 trials), run in this process on the session's local Ray."""
+    from xkd_ray.tune import run_search
+
+    tmp = tmp_path_factory.mktemp("search")
+    fresh_cache = str(tmp / "cache")
+    spec = load_search_space(_smoke_space(tmp, fresh_cache))
+    writes: list[str] = []
+    original = explain_module.write_teacher_outputs
+
+    def counting_write(path, outputs, metadata):
+        writes.append(str(path))
+        return original(path, outputs, metadata)
+
+    patcher = pytest.MonkeyPatch()
+    patcher.setattr(explain_module, "write_teacher_outputs", counting_write)
+    try:
+        summary = run_search(spec, tmp / "experiment", live=False)
+    finally:
+        patcher.undo()
+    return tmp / "experiment", summary, writes, Path(fresh_cache)
+
+
+def test_smoke_search_fills_a_consistent_registry(smoke_experiment):
+    experiment, summary, _, _ = smoke_experiment
+    rows = read_trials(experiment)
+    assert len(rows) >= 4 and sum(r["status"] == "ok" for r in rows) >= 4
+    front = pq.read_table(experiment / "pareto" / "front.parquet").to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    points = [(r["val_accuracy"], r["val_fidelity"]) for r in ok]
+    expected = {ok[i]["trial_id"] for i in non_dominated(points)}
+    assert {r["trial_id"] for r in front} == expected
+    folders = {p.name for p in (experiment / "pareto").iterdir() if p.is_dir()}
+    assert folders == expected
+    assert summary["front_size"] == len(expected) and summary["hypervolume"] > 0
+    assert json.loads((experiment / "summary.json").read_text())["trials"] == len(rows)
+    assert {r["method"] for r in rows} <= {"kd", "xd"}
+
+
+def test_teacher_explainer_ran_once_for_the_whole_search(smoke_experiment):
+    _, summary, writes, cache = smoke_experiment
+    assert len(writes) == 3  # train, val, test: computed once, before any trial
+    assert len(list((cache / "explanations").glob("*.parquet"))) == 3
+    assert summary["explanations_from_cache"] == {"train": False, "val": False, "test": False}
+
+
+def test_front_students_load_without_ray_in_a_fresh_process(smoke_experiment):
+    experiment, _, _, _ = smoke_experiment
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(experiment)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded.pop("ray_initialized") is False
+    for entry in loaded.values():
+        assert entry["recomputed"] == pytest.approx(entry["stored"], abs=1e-9)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_path, cache_dir):
+    space = _smoke_space(tmp_path, cache_dir, trials=5, max_concurrent_trials=1)
+    experiment = tmp_path / "experiment"
+    command = [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(space), "--out", str(experiment)]
+    command += ["--no-live", "--address", "local"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: len(read_trials(experiment)) >= 2, 600, "two finished trials")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        log.close()
+    before = {r["trial_id"]: r for r in read_trials(experiment)}
+    assert len(before) >= 2
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = {r["trial_id"]: r for r in read_trials(experiment)}
+    assert len(after) == 5
+    for trial_id, row in before.items():
+        assert after[trial_id]["val_accuracy"] == row["val_accuracy"]
+    front = {r["trial_id"] for r in front_rows(list(after.values()))}
+    listed = {r["trial_id"] for r in pq.read_table(experiment / "pareto" / "front.parquet").to_pylist()}
+    assert listed == front
+    assert {p.name for p in (experiment / "pareto").iterdir() if p.is_dir()} == front
