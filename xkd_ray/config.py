@@ -206,7 +206,12 @@ class DistillConfig:
 
 @dataclass
 class RayConfig:
-    """How one student's training is spread over Ray Train workers (0 = plain loop)."""
+    """How one student's training is spread over Ray Train workers (0 = plain loop).
+
+    ``threads_per_worker`` caps torch's intra-op threads per worker (0: torch's default), so
+    workers sharing a machine do not oversubscribe its cores. ``fail_at_epoch`` is a fault
+    hook for tests: one worker kills itself at that epoch, once.
+    """
 
     num_workers: int = 0
     use_gpu: bool = False
@@ -214,6 +219,7 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2
     checkpoints_to_keep: int = 2
+    threads_per_worker: int = 0
     fail_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
@@ -221,6 +227,7 @@ class RayConfig:
         _positive("ray.cpus_per_worker", self.cpus_per_worker)
         _non_negative_int("ray.max_failures", self.max_failures)
         _positive("ray.checkpoints_to_keep", self.checkpoints_to_keep, integer=True)
+        _non_negative_int("ray.threads_per_worker", self.threads_per_worker)
         if self.fail_at_epoch is not None:
             _non_negative_int("ray.fail_at_epoch", self.fail_at_epoch)
 

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,6 +458,7 @@ def distill(
                 record.update(
                     evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
                 )
+            record["wall_time"] = time.time()
             history.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record, student)

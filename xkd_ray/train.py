@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             f"distill.batch_size: {settings.batch_size} is not divisible by ray.num_workers={world}; "
             "the global batch is split evenly over workers"
         )
+    if config.ray.threads_per_worker:
+        torch.set_num_threads(config.ray.threads_per_worker)
     torch.manual_seed(settings.seed)
     student = build_student(config, data.splits)
     optimizer, scheduler = make_optimizer(config, student)
@@ -155,6 +158,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         bare = model.module if hasattr(model, "module") else model
         record.update(_gather_evaluation(bare, "val", data, config, device))
         record.update({"epoch": epoch, "start_epoch": start_epoch, "workers": world, "diverged": False})
+        record["wall_time"] = time.time()
         history.append(record)
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
