@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m xkd_ray.demo
+	$(BIN)/xkd demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

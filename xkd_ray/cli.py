@@ -1,4 +1,4 @@
-"""The ``xkd`` command: train a teacher, distill one student, (later) search and inspect fronts.
+"""The ``xkd`` command: train a teacher, distill one student, search, inspect Pareto fronts.
 
 Every user error is an ``XKDError``: it is printed as one line naming the field or file and
 the command exits with status 2, before anything is written.
@@ -125,7 +125,8 @@ def command_distill(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    """Teacher, then one KD and one XD student on the embedded digits, side by side."""
+    """The product in one command, on the embedded digits: teacher, a KD and an XD student side
+    by side, then the default search, ending with the knee student loaded from disk."""
     config = config_from_args(args)
     out = Path(args.out)
     runs = {}
@@ -141,6 +142,43 @@ def command_demo(args: argparse.Namespace) -> int:
         f"teacher test accuracy {teacher['test_accuracy']:.3f}; fidelity_template is the score of one constant "
         "map (the mean teacher map): a method transfers explanations only where it beats it."
     )
+    if args.no_search:
+        return 0
+    from xkd_ray.pareto import load_pareto_student
+    from xkd_ray.search import main as search_main
+
+    experiment = out / "search"
+    code = search_main(["--space", str(args.space), "--out", str(experiment), *(["--resume"] if args.resume else [])])
+    if code != 0:
+        return code
+    knee = load_pareto_student(experiment, prefer="knee")
+    console.print(metrics_table(f"knee student from {knee.path} (loaded from disk)", {"knee": knee.metrics}))
+    console.print(f"total {time.perf_counter() - started:.0f} s; front plot: {experiment / 'pareto' / 'front.png'}")
+    return 0
+
+
+def command_search(args: argparse.Namespace) -> int:
+    from xkd_ray.search import run
+
+    return run(args)
+
+
+def command_pareto(args: argparse.Namespace) -> int:
+    """Print the front of a finished or running experiment (reads only its files)."""
+    from xkd_ray.pareto import list_pareto_students, write_front_plot
+    from xkd_ray.search import front_table
+
+    rows = list_pareto_students(args.experiment).to_pylist()
+    summary_path = args.experiment / "summary.json"
+    title = f"Pareto front of {args.experiment} ({len(rows)} students)"
+    if summary_path.exists():
+        import json
+
+        summary = json.loads(summary_path.read_text())
+        title += f", hypervolume {summary['hypervolume']:.4f} after {summary['trials']} trials"
+    console.print(front_table(rows, title))
+    if args.plot:
+        console.print(f"plot: {write_front_plot(args.experiment, args.plot)}")
     return 0
 
 
@@ -162,9 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     distill.set_defaults(handler=command_distill)
 
     demo = commands.add_parser("demo", help="teacher + KD and XD students on digits, compared")
-    demo.add_argument("--out", default="runs/demo", help="where the demo's students are saved")
+    demo.add_argument("--out", default="runs/demo", help="where the demo's students and search are saved")
+    demo.add_argument("--space", type=Path, default=Path("search_spaces/default.yaml"), help="search space")
+    demo.add_argument("--no-search", action="store_true", help="stop after the KD vs XD comparison")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo search")
     _add_config_arguments(demo)
     demo.set_defaults(handler=command_demo)
+    search = commands.add_parser("search", help="Ray Tune + Optuna search; keeps the Pareto front on disk")
+    from xkd_ray.search import add_search_arguments
+
+    add_search_arguments(search)
+    search.set_defaults(handler=command_search)
+
+    pareto = commands.add_parser("pareto", help="print the Pareto front of an experiment")
+    pareto.add_argument("experiment", type=Path)
+    pareto.add_argument("--plot", type=Path, help="also write the accuracy vs fidelity plot (PNG)")
+    pareto.set_defaults(handler=command_pareto)
     return parser
 
 
