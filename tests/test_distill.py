@@ -86,3 +86,31 @@ def test_student_folder_problems_are_checkpoint_errors(tiny_config, tiny_data, t
     (folder / "model.pt").unlink()
     with pytest.raises(XKDCheckpointError, match="checkpoint file not found"):
         load_student(folder)
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(tiny_config, tiny_data):
+    first = distill(tiny_config, tiny_data, progress=False)[1]
+    second = distill(tiny_config, tiny_data, progress=False)[1]
+    assert first["val"] == second["val"] and first["test"] == second["test"]
+
+
+def test_malicious_student_pickle_is_refused_and_never_runs(tiny_config, tiny_data, tmp_path):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    student, metrics = distill(tiny_config, tiny_data, progress=False)
+    folder = save_student(tmp_path / "s", tiny_config, student, tiny_data, metrics)
+    torch.save({"stage1.0.weight": Payload()}, folder / "model.pt")
+    with pytest.raises(XKDCheckpointError, match="not a loadable weights file"):
+        load_student(folder)
+    assert not marker.exists()
+
+
+def test_diverging_run_stops_with_a_clear_error(tiny_config, tiny_data):
+    from xkd_ray.errors import XKDTrainingDiverged
+
+    with pytest.raises(XKDTrainingDiverged, match="NaN/inf"):
+        distill(tiny_config.with_overrides({"distill.lr": 1e6, "distill.epochs": 3}), tiny_data, progress=False)

@@ -205,3 +205,57 @@ def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_
     listed = {r["trial_id"] for r in pq.read_table(experiment / "pareto" / "front.parquet").to_pylist()}
     assert listed == front
     assert {p.name for p in (experiment / "pareto").iterdir() if p.is_dir()} == front
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
+    """The user's path: a head started with `ray start`, the script submitted with `ray job
+    submit` (token authentication on, as Ray 2.60 defaults), the registry found afterwards."""
+    import tempfile
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    space = _smoke_space(tmp_path, cache_dir, trials=2)
+    experiment = tmp_path / "experiment"
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    temp_dir = tempfile.mkdtemp(prefix="xkdray-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for(
+            lambda: (
+                subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True).returncode
+                == 0
+            ),
+            180,
+            "the Ray head and its dashboard",
+        )
+        runtime_env = json.dumps({"excludes": [".venv", ".xkd_cache", "runs", ".git"]})
+        submitted = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--runtime-env-json", runtime_env, "--",
+             sys.executable, "xkd_ray/search.py", "--space", str(space), "--out", str(experiment),
+             "--address", "auto", "--no-live"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        logs = submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert submitted.returncode == 0, logs
+        assert "succeeded" in logs.lower(), logs
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)
+    assert len(read_trials(experiment)) == 2
+    assert (experiment / "pareto" / "front.parquet").exists()
+    assert (experiment / "pareto" / "front.png").exists()
