@@ -32,7 +32,7 @@ def test_distill_writes_model_config_and_metrics(tiny_args, tiny_data, tmp_path,
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
     state = torch.load(out / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    assert "fidelity_template" in capsys.readouterr().out
+    assert "saved to" in capsys.readouterr().out
 
 
 def _assert_refused(argv: list[str], out, capsys, expected: str) -> None:

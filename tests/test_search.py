@@ -243,14 +243,18 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
             "the Ray head and its dashboard",
         )
         runtime_env = json.dumps({"excludes": [".venv", ".xkd_cache", "runs", ".git"]})
-        submitted = subprocess.run(
-            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
-             "--runtime-env-json", runtime_env, "--",
-             sys.executable, "xkd_ray/search.py", "--space", str(space), "--out", str(experiment),
-             "--address", "auto", "--no-live"],
-            env=env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        logs = submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        for _ in range(20):  # the head's job agent comes up a little after the dashboard answers
+            submitted = subprocess.run(
+                [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
+                 "--runtime-env-json", runtime_env, "--",
+                 sys.executable, "xkd_ray/search.py", "--space", str(space), "--out", str(experiment),
+                 "--address", "auto", "--no-live"],
+                env=env, capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            logs = submitted.stdout[-3000:] + submitted.stderr[-3000:]
+            if "No available agent" not in logs:
+                break
+            time.sleep(3)
         assert submitted.returncode == 0, logs
         assert "succeeded" in logs.lower(), logs
     finally:

@@ -84,13 +84,13 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     result = trainer.fit()
     last = dict(result.metrics or {})
     if last.get("diverged"):
-        tune.report({"accuracy": 0.0, "fidelity": -1.0, "status": "diverged", "config": config.to_dict()})
+        tune.report({"accuracy": 0.0, "fidelity": -1.0, "status": "diverged", "experiment_config": config.to_dict()})
         return
     student, _ = student_from_checkpoint(config, data, result.checkpoint)
     val = evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
     student_dir = experiment / "students" / trial_id
     save_student(student_dir, config, student, data, {"val": val, "teacher": data.teacher_metrics})
-    tune.report({**val, "status": "ok", "student_dir": str(student_dir), "config": config.to_dict()})
+    tune.report({**val, "status": "ok", "student_dir": str(student_dir), "experiment_config": config.to_dict()})
 
 
 class RegistryCallback(tune.Callback):
@@ -147,9 +147,9 @@ class RegistryCallback(tune.Callback):
             status = "diverged"
         row = {
             "trial_id": trial.trial_id,
-            "method": (result.get("config") or {}).get("distill", {}).get("method"),
+            "method": (result.get("experiment_config") or {}).get("distill", {}).get("method"),
             "status": status,
-            "config": result.get("config") or trial.config,
+            "config": result.get("experiment_config") or trial.config,
             "student_dir": result.get("student_dir"),
             **{f"val_{k}": result.get(k) for k in ("accuracy", "fidelity", "agreement", "fidelity_posthoc")},
             **{f"val_{k}": result.get(k) for k in ("fidelity_template", "topk_iou")},
@@ -162,7 +162,13 @@ class RegistryCallback(tune.Callback):
         error = getattr(trial, "error_file", None)
         self._finish(
             trial,
-            {"trial_id": trial.trial_id, "status": "errored", "config": trial.config, "error": str(error or "")},
+            {
+                "trial_id": trial.trial_id,
+                "method": trial.config.get("distill.method", self.base_config["distill"]["method"]),
+                "status": "errored",
+                "config": trial.config,
+                "error": str(error or ""),
+            },
         )
 
 
@@ -242,6 +248,7 @@ def build_trainable(shared: dict[str, Any]) -> Any:
 def run_search(spec: SearchSpec, experiment: str | Path, *, resume: bool = False, live: bool = True) -> dict[str, Any]:
     """Run (or resume) a search; returns the registry summary. Ray must already be initialised."""
     experiment = Path(experiment).resolve()
+    experiment.mkdir(parents=True, exist_ok=True)
     base = trial_base_config(spec)
     started = time.perf_counter()
     data = prepare(base, progress=True)
