@@ -36,7 +36,7 @@ bench: $(STAMP)
 	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
 bench-smoke: $(STAMP)
-	for script in bench/*.py; do $(BIN)/python $$script --smoke || exit 1; done
+	$(BIN)/python -m pytest -q tests/test_bench_smoke.py
 
 clean:
 	rm -rf .xkd_cache .pytest_cache build *.egg-info
