@@ -227,9 +227,13 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     gcs_port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     temp_dir = tempfile.mkdtemp(prefix="xkdray-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    # Every port of its own: the session's local Ray (other tests) already holds the defaults.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port")]  # fmt: skip
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
