@@ -68,9 +68,9 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray_start = time.perf_counter() - started
 
-    def ray_run(workers: int, threads: int) -> tuple[float, float]:
+    def ray_run(workers: int, threads: int, cpus: float) -> tuple[float, float]:
         run_config = config.with_overrides(
-            {"ray.num_workers": workers, "ray.threads_per_worker": threads, "ray.cpus_per_worker": 0.9}
+            {"ray.num_workers": workers, "ray.threads_per_worker": threads, "ray.cpus_per_worker": cpus}
         )
         started = time.perf_counter()
         _, metrics = distill_with_ray(run_config, data, storage_path=storage)
@@ -78,14 +78,17 @@ def main() -> None:
         history = metrics["history"]
         return epoch_seconds(history), total - (history[-1]["wall_time"] - history[0]["wall_time"])
 
-    one_worker, one_worker_startup = ray_run(1, 0)
-    one_thread, _ = ray_run(1, 1)
-    two_workers, _ = ray_run(2, 1)
+    # Same cores as the plain loop: one worker holding every CPU and as many torch threads
+    # (Ray otherwise sets a worker's thread count from its CPU share).
+    cores = os.cpu_count() or 1
+    one_worker, one_worker_startup = ray_run(1, cores, cores)
+    one_thread, _ = ray_run(1, 1, 0.9)
+    two_workers, _ = ray_run(2, 1, 0.9)
     overhead = one_worker / plain_seconds
     efficiency = one_thread / (2 * two_workers)
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {len(data.splits.train)} train images/epoch")
-    print(f"plain loop            {plain_seconds:7.2f} s/epoch")
-    print(f"Ray Train, 1 worker   {one_worker:7.2f} s/epoch  (ratio {overhead:.3f})")
+    print(f"plain loop            {plain_seconds:7.2f} s/epoch  ({torch.get_num_threads()} torch threads)")
+    print(f"Ray Train, 1 worker   {one_worker:7.2f} s/epoch  ({cores} threads; ratio {overhead:.3f})")
     print(f"Ray start-up          {ray_start:7.2f} s; trainer start-up + first epoch {one_worker_startup:.2f} s")
     print(f"1 worker x 1 thread   {one_thread:7.2f} s/epoch")
     print(f"2 workers x 1 thread  {two_workers:7.2f} s/epoch  (scaling efficiency {efficiency:.3f})")
