@@ -218,7 +218,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     """The user's path: a head started with `ray start`, the script submitted with `ray job
-    submit` (token authentication on, as Ray 2.60 defaults), the registry found afterwards."""
+    submit` (token authentication on through RAY_AUTH_MODE=token, as cluster/*.yaml starts Ray), the registry
+    found afterwards."""
     import tempfile
 
     ray_bin = str(Path(sys.executable).parent / "ray")
