@@ -6,8 +6,10 @@ plus the controls that keep the claim honest:
   * input     - the input image itself used as the explanation;
   * kd+head   - a KD student plus the same autoencoder head trained *separately* on the
                 teacher maps (no fusion, no joint loss).
-Prints a Markdown table (test split, mean ± std over seeds), writes it to bench/results/, and
-ends with one RESULT line. Run: python bench/paper_claim.py [--explainer integrated_gradients]
+Prints a Markdown table (test split, mean ± std over seeds), writes it and a grid of maps for 8
+test images (input, teacher, KD student's post-hoc map, XD student's head and post-hoc maps; the
+seed-0 students) to bench/results/, and ends with one RESULT line.
+Run: python bench/paper_claim.py [--explainer integrated_gradients]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import DistillData, distill, prepare
+from xkd_ray.distill import DistillData, distill, prepare, student_predictions
 from xkd_ray.losses import explanation_loss
 from xkd_ray.metrics import fidelity, topk_iou
 from xkd_ray.models import ConvAutoencoder
@@ -50,6 +52,38 @@ def train_head_alone(config: ExperimentConfig, data: DistillData) -> dict[str, f
     return {"head_fidelity": fidelity(predicted, teacher_maps), "head_topk_iou": topk_iou(predicted, teacher_maps)}
 
 
+def write_map_grid(path: Path, data: DistillData, students: dict, config: ExperimentConfig, count: int = 8) -> None:
+    """One row per test image: what the teacher explains, and how each student explains it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = data.splits.test.images[:count]
+    teacher = data.teacher_outputs["test"]
+    columns: dict[str, torch.Tensor] = {"input": images.mean(dim=1), "teacher map": teacher.maps[:count]}
+    for method, student in students.items():
+        _, head_maps, posthoc = student_predictions(student, images, teacher.predictions[:count], config)
+        if head_maps is not None:
+            columns[f"{method} head map"] = head_maps
+        columns[f"{method} post-hoc map"] = posthoc
+    figure, axes = plt.subplots(count, len(columns), figsize=(1.6 * len(columns), 1.6 * count), squeeze=False)
+    for column, (title, maps) in enumerate(columns.items()):
+        for row in range(count):
+            axis = axes[row][column]
+            axis.imshow(maps[row].detach().numpy(), cmap="gray" if column == 0 else "inferno")
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[0][column].set_title(title, fontsize=8)
+    figure.suptitle(f"{config.data.dataset} / {config.explain.explainer}, test images, seed-0 students", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -64,7 +98,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--methods", default="student,kd,at,xd")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works (seconds)")
+    parser.add_argument("--grid-only", action="store_true", help="only train seed-0 kd and xd and draw the map grid")
     args = parser.parse_args()
+    if args.grid_only:
+        args.seeds, args.methods = 1, "kd,xd"
 
     overrides = {"explain.explainer": args.explainer, "data.dataset": args.dataset, "data.root": args.data_root}
     if args.smoke:
@@ -77,10 +114,13 @@ def main() -> None:
     teacher_test = data.teacher_outputs["test"]
     test_images = data.splits.test.images
     rows: dict[str, dict[str, list[float]]] = {}
+    grid_students: dict = {}
     for method in args.methods.split(","):
         for seed in range(args.seeds):
             config = base.with_overrides({"distill.method": method, "distill.seed": seed})
-            _, metrics = distill(config, data, progress=False)
+            student, metrics = distill(config, data, progress=False)
+            if seed == 0 and method in ("kd", "xd"):
+                grid_students[method] = student
             for key in COLUMNS:
                 rows.setdefault(method, {}).setdefault(key, []).append(metrics["test"][key])
             if method == "kd":
@@ -112,9 +152,14 @@ def main() -> None:
     )
     table = "\n".join(lines) + "\n\n" + teacher_line + "\n"
     print(table)
-    if not args.smoke:
+    name = f"paper_claim_{args.dataset}_{args.explainer}"
+    if not args.smoke and not args.grid_only:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"paper_claim_{args.dataset}_{args.explainer}.md").write_text(table)
+        (RESULTS / f"{name}.md").write_text(table)
+    if grid_students:
+        grid = (Path(".xkd_cache/smoke") if args.smoke else RESULTS) / f"{name}.png"
+        write_map_grid(grid, data, grid_students, base)
+        print(f"map grid: {grid}")
 
     def avg(method: str, key: str) -> float:
         values = rows.get(method, {}).get(key)

@@ -101,3 +101,65 @@ def test_malicious_pickle_never_runs(tiny_args, tmp_path, capsys):
     argv = ["distill", "--method", "kd", "--out", str(out), *tiny_args, "--set", f"teacher.checkpoint={evil}"]
     _assert_refused(argv, out, capsys, "evil.pt: not a loadable weights file")
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def saved_student(tiny_config, tiny_data, tmp_path_factory):
+    from xkd_ray.distill import distill, save_student
+
+    config = tiny_config.with_overrides({"distill.epochs": 1})
+    student, metrics = distill(config, tiny_data, progress=False)
+    return save_student(tmp_path_factory.mktemp("student") / "xd", config, student, tiny_data, metrics)
+
+
+def test_evaluate_remeasures_a_saved_student(saved_student, capsys):
+    assert main(["evaluate", str(saved_student)]) == 0
+    stored = json.loads((saved_student / "metrics.json").read_text())["test"]
+    printed = capsys.readouterr().out
+    assert f"{stored['accuracy']:.3f}" in printed and f"{stored['fidelity']:.3f}" in printed
+
+
+def _rewrite_architecture(folder, **changes) -> None:
+    record = json.loads((folder / "config.json").read_text())
+    record["architecture"].update(changes)
+    (folder / "config.json").write_text(json.dumps(record))
+
+
+STUDENT_FOLDER_PROBLEMS = {
+    "missing weights": (lambda f: (f / "model.pt").unlink(), "model.pt: checkpoint file not found"),
+    "truncated weights": (
+        lambda f: (f / "model.pt").write_bytes((f / "model.pt").read_bytes()[:200]),
+        "model.pt: not a loadable weights file",
+    ),
+    "pickle that is not a state_dict": (
+        lambda f: torch.save([torch.zeros(3)], f / "model.pt"),
+        "model.pt: expected a state_dict",
+    ),
+    "wrong architecture": (
+        lambda f: _rewrite_architecture(f, width=16),
+        "model.pt: weights do not match the configured architecture",
+    ),
+    "impossible architecture": (lambda f: _rewrite_architecture(f, width=-3), "config.json: student architecture"),
+    "missing config": (lambda f: (f / "config.json").unlink(), "config.json: file not found"),
+    "config not JSON": (lambda f: (f / "config.json").write_text("{oops"), "config.json: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(STUDENT_FOLDER_PROBLEMS))
+def test_broken_student_folder_is_one_clear_error(problem, saved_student, tmp_path, capsys):
+    """CLI: exit 2 and one line naming the file; Python API: XKDCheckpointError, same message."""
+    import shutil
+
+    from xkd_ray.distill import load_student
+    from xkd_ray.errors import XKDCheckpointError
+
+    folder = tmp_path / "student"
+    shutil.copytree(saved_student, folder)
+    breaks, expected = STUDENT_FOLDER_PROBLEMS[problem]
+    breaks(folder)
+    assert main(["evaluate", str(folder)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and expected in error, error
+    with pytest.raises(XKDCheckpointError) as raised:
+        load_student(folder)
+    assert error == f"xkd: error: {raised.value}"

@@ -205,6 +205,19 @@ def test_imagefolder_tree(tmp_path: Path) -> None:
     assert splits.test.labels.tolist() == [0, 0, 1, 1]
 
 
+def test_imagefolder_mixes_sizes_and_modes(tmp_path: Path) -> None:
+    """Real folders mix grey, palette, alpha and colour files of any size: all become RGB at image_size."""
+    root = _image_tree(tmp_path / "pets")
+    for i, (mode, size) in enumerate([("RGBA", (50, 31)), ("P", (9, 40)), ("LA", (64, 64)), ("CMYK", (17, 17))]):
+        pixels = np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels, mode="RGB").convert(mode).save(
+            root / "train" / "cat" / f"odd{i}.{'jpg' if mode == 'CMYK' else 'png'}"
+        )
+    splits = load_splits(DataConfig(dataset="imagefolder", root=str(root), image_size=16, val_fraction=0.25))
+    assert len(splits.train) + len(splits.val) == 12
+    assert splits.train.images.shape[1:] == (3, 16, 16) and torch.isfinite(splits.train.images).all()
+
+
 # ----------------------------------------------------------------------------- errors
 
 

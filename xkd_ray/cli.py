@@ -157,6 +157,24 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_evaluate(args: argparse.Namespace) -> int:
+    """Re-measure a saved student (a ``--out`` folder or a Pareto student) on a split, with the
+    teacher and explanations its config names (reused from the cache, trained if absent)."""
+    from xkd_ray.distill import evaluate_student, load_student, prepare
+
+    student, record, _ = load_student(args.student)
+    if not isinstance(record.get("experiment"), dict):
+        raise XKDError(f"{args.student / 'config.json'}: no 'experiment' entry")
+    config = ExperimentConfig.from_dict(record["experiment"])
+    data = prepare(config, progress=True)
+    split = data.splits.split(args.split)
+    metrics = evaluate_student(student, split, data.teacher_outputs[args.split], data.template_map, config)
+    console.print(
+        metrics_table(f"{args.student} on the {args.split} split", {"student": {args.split: metrics}}, args.split)
+    )
+    return 0
+
+
 def command_search(args: argparse.Namespace) -> int:
     from xkd_ray.search import run
 
@@ -211,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_search_arguments(search)
     search.set_defaults(handler=command_search)
+
+    evaluate = commands.add_parser("evaluate", help="re-measure a saved student on a split")
+    evaluate.add_argument("student", type=Path, help="a student folder (model.pt, config.json)")
+    evaluate.add_argument("--split", choices=("val", "test"), default="test")
+    evaluate.set_defaults(handler=command_evaluate)
 
     pareto = commands.add_parser("pareto", help="print the Pareto front of an experiment")
     pareto.add_argument("experiment", type=Path)

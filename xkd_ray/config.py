@@ -51,6 +51,11 @@ def _non_negative_int(field_name: str, value: Any) -> None:
         raise _fail(field_name, f"got {value!r}; must be an integer >= 0")
 
 
+def _boolean(field_name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _fail(field_name, f"got {value!r}; must be true or false")
+
+
 def _unit_interval(field_name: str, value: Any, *, open_right: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and 0.0 <= value and (value < 1.0 if open_right else value <= 1.0)
@@ -87,6 +92,7 @@ class DataConfig:
         if self.max_train_samples is not None:
             _positive("data.max_train_samples", self.max_train_samples, integer=True)
         _non_negative_int("data.seed", self.seed)
+        _boolean("data.download", self.download)
         if self.dataset != "digits" and not self.root:
             raise _fail(
                 "data.root",
@@ -209,8 +215,9 @@ class RayConfig:
     """How one student's training is spread over Ray Train workers (0 = plain loop).
 
     ``threads_per_worker`` caps torch's intra-op threads per worker (0: torch's default), so
-    workers sharing a machine do not oversubscribe its cores. ``fail_at_epoch`` is a fault
-    hook for tests: one worker kills itself at that epoch, once.
+    workers sharing a machine do not oversubscribe its cores. ``fail_at_epoch`` and
+    ``fail_trial_driver`` are fault hooks for tests: one worker kills itself at that epoch, once;
+    a search trial's driver raises before training, on every attempt.
     """
 
     num_workers: int = 0
@@ -221,9 +228,12 @@ class RayConfig:
     checkpoints_to_keep: int = 2
     threads_per_worker: int = 0
     fail_at_epoch: int | None = None
+    fail_trial_driver: bool = False
 
     def __post_init__(self) -> None:
         _non_negative_int("ray.num_workers", self.num_workers)
+        for name in ("use_gpu", "amp", "fail_trial_driver"):
+            _boolean(f"ray.{name}", getattr(self, name))
         _positive("ray.cpus_per_worker", self.cpus_per_worker)
         _non_negative_int("ray.max_failures", self.max_failures)
         _positive("ray.checkpoints_to_keep", self.checkpoints_to_keep, integer=True)

@@ -505,6 +505,10 @@ def load_student(directory: str | Path) -> tuple[StudentNet, dict[str, Any], dic
     record = read_json(directory / "config.json")
     if not isinstance(record.get("architecture"), dict):
         raise XKDCheckpointError(f"{directory / 'config.json'}: no 'architecture' entry")
-    student = load_weights_into(StudentNet.from_architecture(record["architecture"]), directory / "model.pt")
+    try:
+        model = StudentNet.from_architecture(record["architecture"])
+    except XKDCheckpointError as exc:
+        raise XKDCheckpointError(f"{directory / 'config.json'}: {exc}") from None
+    student = load_weights_into(model, directory / "model.pt")
     metrics = read_json(directory / "metrics.json") if (directory / "metrics.json").exists() else {}
     return student.eval(), record, metrics

@@ -190,7 +190,7 @@ class StudentNet(nn.Module):
     def from_architecture(cls, architecture: dict[str, Any]) -> StudentNet:
         try:
             return cls(**architecture)
-        except TypeError as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:  # unknown keys, or values torch refuses
             raise XKDCheckpointError(f"student architecture {architecture!r} is not valid: {exc}") from exc
 
     def forward(self, x: torch.Tensor, return_all: bool = False) -> torch.Tensor | StudentOutput:

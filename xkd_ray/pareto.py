@@ -3,7 +3,8 @@ without Ray.
 
 Layout of an experiment folder::
 
-    trials.parquet          one row per finished trial (ok / errored / diverged), val metrics
+    trials.parquet          one row per finished trial (ok / errored / diverged), val metrics,
+                            and how often its training resumed from a checkpoint after a fault
     students/<trial_id>/    every ok trial's student (model.pt, config.json, metrics.json)
     pareto/<trial_id>/      the non-dominated students, with test metrics added
     pareto/front.parquet    the front as a table
@@ -37,7 +38,10 @@ from xkd_ray.metrics import hypervolume_2d, non_dominated
 
 OBJECTIVES = ("accuracy", "fidelity")
 VAL_COLUMNS = ("accuracy", "fidelity", "agreement", "fidelity_posthoc", "fidelity_template", "topk_iou")
-TRIAL_COLUMNS = ("trial_id", "method", "status", "config", "student_dir", "error", *(f"val_{c}" for c in VAL_COLUMNS))
+TRIAL_COLUMNS = (
+    "trial_id", "method", "status", "config", "student_dir", "error", "resumed_from_checkpoint",
+    *(f"val_{c}" for c in VAL_COLUMNS),
+)  # fmt: skip
 
 
 def _atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -70,7 +74,10 @@ def record_trial(experiment: str | Path, row: dict[str, Any]) -> list[dict[str, 
     if not isinstance(clean["config"], str):
         clean["config"] = json.dumps(clean["config"], sort_keys=True, default=str)
     rows.append(clean)
-    schema = pa.schema([(c, pa.float64()) if c.startswith("val_") else (c, pa.string()) for c in TRIAL_COLUMNS])
+    types = {"resumed_from_checkpoint": pa.int64()}
+    schema = pa.schema(
+        [(c, pa.float64() if c.startswith("val_") else types.get(c, pa.string())) for c in TRIAL_COLUMNS]
+    )
     _atomic_write_table(Path(experiment) / "trials.parquet", pa.Table.from_pylist(rows, schema=schema))
     return rows
 

@@ -17,6 +17,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 import argparse
 import os
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     check_experiment_folder(args.out)
 
-    from xkd_ray.pareto import list_pareto_students, load_pareto_student, write_front_plot
+    from xkd_ray.pareto import list_pareto_students, load_pareto_student, read_trials, write_front_plot
     from xkd_ray.train import ensure_ray
     from xkd_ray.tune import run_search
 
@@ -78,11 +79,14 @@ def run(args: argparse.Namespace) -> int:
     front = list_pareto_students(args.out)
     write_front_plot(args.out, args.out / "pareto" / "front.png")
     console.print(front_table(front.to_pylist(), f"Pareto front ({summary.get('front_size', 0)} students)"))
-    knee = load_pareto_student(args.out, prefer="knee")
+    statuses = Counter(row["status"] for row in read_trials(args.out))
     console.print(
         f"hypervolume {summary.get('hypervolume', 0):.4f} over {summary.get('trials', 0)} trials "
-        f"in {summary['wall_seconds']:.0f} s; knee student: {knee.path}"
+        f"({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}) in {summary['wall_seconds']:.0f} s"
     )
+    if front.num_rows == 0:
+        raise XKDError(f"{args.out}: no trial finished ok, so the Pareto front is empty; see trials.parquet")
+    console.print(f"knee student: {load_pareto_student(args.out, prefer='knee').path}")
     return 0
 
 

@@ -5,7 +5,7 @@ A space file has three sections::
     base:      an experiment config (same sections as `xkd distill --config`): fixed values
     space:     dotted config keys -> {uniform: [lo, hi]} | {loguniform: [lo, hi]} |
                {int: [lo, hi]} | {choice: [a, b, ...]} | a plain value (fixed)
-    search:    trials, sampler, seed, workers_per_trial, ...
+    search:    trials, sampler, seed, workers_per_trial, initial_points, ...
 
 Every sampled value is checked against the config's own validation (both ends of each
 range, every choice) so a trial can never fail on a value the space allowed.
@@ -47,6 +47,9 @@ class SearchSettings:
     max_concurrent_trials: int | None = None
     max_failures: int = 1
     hypervolume_reference: tuple[float, float] = (0.0, 0.0)
+    # Configurations to try first (e.g. a known-good setting), each a partial {dotted key: value}
+    # over the searched keys; the sampler fills in the rest. They count towards ``trials``.
+    initial_points: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
@@ -69,6 +72,13 @@ class SearchSettings:
         if not (isinstance(reference, (list, tuple)) and len(reference) == 2):
             raise XKDConfigError("search.hypervolume_reference: must be [accuracy, fidelity]")
         self.hypervolume_reference = (float(reference[0]), float(reference[1]))
+        if not isinstance(self.initial_points, list) or not all(isinstance(p, dict) for p in self.initial_points):
+            raise XKDConfigError("search.initial_points: must be a list of mappings {dotted key: value}")
+        if len(self.initial_points) > self.trials:
+            raise XKDConfigError(
+                f"search.initial_points: {len(self.initial_points)} points but search.trials={self.trials}; "
+                "raise trials or drop points"
+            )
 
 
 @dataclass
@@ -134,6 +144,32 @@ def _check_values(spec: SearchSpec) -> None:
                 raise XKDConfigError(f"space.{name}: value {value!r} is not valid ({exc})") from None
 
 
+def _check_initial_points(spec: SearchSpec) -> None:
+    """Each point may only name searched keys, with a value its range or choice list allows."""
+    for index, point in enumerate(spec.search.initial_points):
+        where = f"search.initial_points[{index}]"
+        for name, value in point.items():
+            parameter = spec.parameters.get(name)
+            if parameter is None or parameter.kind == "fixed":
+                searched = ", ".join(n for n, p in spec.parameters.items() if p.kind != "fixed")
+                raise XKDConfigError(f"{where}.{name}: not a searched key; searched keys are {searched}")
+            if parameter.kind == "choice":
+                if value not in parameter.choices:
+                    raise XKDConfigError(f"{where}.{name}: {value!r} is not one of {list(parameter.choices)}")
+            elif not (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and parameter.low <= value <= parameter.high
+            ):
+                raise XKDConfigError(f"{where}.{name}: {value!r} is outside [{parameter.low}, {parameter.high}]")
+            if parameter.kind == "int" and not isinstance(value, int):
+                raise XKDConfigError(f"{where}.{name}: {value!r} must be an integer")
+        try:
+            spec.trial_config(point)
+        except XKDConfigError as exc:
+            raise XKDConfigError(f"{where}: not a valid configuration ({exc})") from None
+
+
 def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
     if not isinstance(raw, dict):
         raise XKDConfigError(f"{source}: a search space is a mapping with sections base, space, search")
@@ -158,6 +194,7 @@ def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
         source=source,
     )
     _check_values(spec)
+    _check_initial_points(spec)
     return spec
 
 

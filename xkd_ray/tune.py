@@ -55,7 +55,8 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
-    """Optuna with a journal file inside the experiment, so the study survives a restart."""
+    """Optuna with a journal file inside the experiment, so the study survives a restart;
+    ``search.initial_points`` are enqueued and evaluated before the sampler proposes any."""
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))
     )
@@ -65,6 +66,7 @@ def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
         sampler=make_sampler(spec.search.sampler, spec.search.seed),
         study_name=STUDY_NAME,
         storage=storage,
+        points_to_evaluate=[dict(point) for point in spec.search.initial_points] or None,
     )
 
 
@@ -72,6 +74,8 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     """One trial: train a student with Ray Train, save it, report the final objectives."""
     experiment = Path(shared["experiment"])
     config = ExperimentConfig.from_dict(shared["base"]).with_overrides({**shared["fixed"], **sampled})
+    if config.ray.fail_trial_driver:
+        raise RuntimeError("injected fault: ray.fail_trial_driver is set, so this trial's driver fails on purpose")
     data: DistillData = ray.get(shared["data_ref"])
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(
@@ -86,11 +90,32 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     if last.get("diverged"):
         tune.report({"accuracy": 0.0, "fidelity": -1.0, "status": "diverged", "experiment_config": config.to_dict()})
         return
-    student, _ = student_from_checkpoint(config, data, result.checkpoint)
+    student, history = student_from_checkpoint(config, data, result.checkpoint)
+    # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
+    resumed = len({int(record["start_epoch"]) for record in history}) - 1
     val = evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
     student_dir = experiment / "students" / trial_id
     save_student(student_dir, config, student, data, {"val": val, "teacher": data.teacher_metrics})
-    tune.report({**val, "status": "ok", "student_dir": str(student_dir), "experiment_config": config.to_dict()})
+    tune.report(
+        {
+            **val,
+            "status": "ok",
+            "student_dir": str(student_dir),
+            "resumed_from_checkpoint": resumed,
+            "experiment_config": config.to_dict(),
+        }
+    )
+
+
+def _last_error_line(trial: Any) -> str:
+    """The exception line of the trial's stored traceback (its error file), for trials.parquet."""
+    try:
+        error = trial.get_error()
+    except Exception:  # the record of an error must never become a second error
+        error = None
+    text = str(error) if error is not None else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:500]
 
 
 class RegistryCallback(tune.Callback):
@@ -100,9 +125,16 @@ class RegistryCallback(tune.Callback):
     read back from the explanation cache on first use, in the search's driver process.
     """
 
-    def __init__(self, experiment: str, base_config: dict[str, Any], reference: tuple[float, float]) -> None:
+    def __init__(
+        self,
+        experiment: str,
+        base_config: dict[str, Any],
+        reference: tuple[float, float],
+        fixed: dict[str, Any] | None = None,
+    ) -> None:
         self.experiment = experiment
         self.base_config = base_config
+        self.fixed = dict(fixed or {})
         self.reference = reference
         self._data: DistillData | None = None
         self._gauges: dict[str, Any] = {}
@@ -151,6 +183,7 @@ class RegistryCallback(tune.Callback):
             "status": status,
             "config": result.get("experiment_config") or trial.config,
             "student_dir": result.get("student_dir"),
+            "resumed_from_checkpoint": result.get("resumed_from_checkpoint"),
             **{f"val_{k}": result.get(k) for k in ("accuracy", "fidelity", "agreement", "fidelity_posthoc")},
             **{f"val_{k}": result.get(k) for k in ("fidelity_template", "topk_iou")},
         }
@@ -159,15 +192,16 @@ class RegistryCallback(tune.Callback):
         self._finish(trial, row)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = getattr(trial, "error_file", None)
+        """Called once the trial's retries (``search.max_failures``) are used up."""
+        config = ExperimentConfig.from_dict(self.base_config).with_overrides({**self.fixed, **trial.config})
         self._finish(
             trial,
             {
                 "trial_id": trial.trial_id,
-                "method": trial.config.get("distill.method", self.base_config["distill"]["method"]),
+                "method": config.distill.method,
                 "status": "errored",
-                "config": trial.config,
-                "error": str(error or ""),
+                "config": config.to_dict(),
+                "error": f"failed {trial.num_failures} time(s): {_last_error_line(trial)}",
             },
         )
 
@@ -264,7 +298,7 @@ def run_search(spec: SearchSpec, experiment: str | Path, *, resume: bool = False
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         callbacks: list[tune.Callback] = [
-            RegistryCallback(str(experiment), base.to_dict(), spec.search.hypervolume_reference)
+            RegistryCallback(str(experiment), base.to_dict(), spec.search.hypervolume_reference, spec.fixed_overrides())
         ]
         if live:
             callbacks.append(LiveTableCallback(str(experiment)))

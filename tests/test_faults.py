@@ -1,0 +1,89 @@
+"""The search's fault matrix on one real local Ray: a killed worker, a failing trial driver and a
+diverging trial in the same search, which must go on and leave a consistent Pareto registry."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from xkd_ray.metrics import non_dominated
+from xkd_ray.pareto import load_pareto_student, read_trials
+from xkd_ray.space import load_search_space
+
+from .test_search import SMOKE
+
+HEALTHY = {"distill.method": "xd", "distill.lr": 0.005, "ray.fail_at_epoch": None, "ray.fail_trial_driver": False}
+POINTS = {
+    "healthy": HEALTHY,
+    "worker_killed": {**HEALTHY, "ray.fail_at_epoch": 1},  # one worker SIGKILLs itself at epoch 1
+    "diverges": {**HEALTHY, "distill.lr": 1e6},  # NaN/inf loss in the first epoch
+    "driver_fails": {**HEALTHY, "distill.method": "kd", "ray.fail_trial_driver": True},  # raises on every attempt
+}
+
+
+@pytest.fixture(scope="module")
+def faulty_search(ray_local, cache_dir, tmp_path_factory):
+    from xkd_ray.tune import run_search
+
+    tmp = tmp_path_factory.mktemp("faults")
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["base"]["explain"]["cache_dir"] = cache_dir
+    raw["space"].update(
+        {
+            "distill.lr": {"choice": [0.005, 1e6]},
+            "ray.fail_at_epoch": {"choice": [None, 1]},
+            "ray.fail_trial_driver": {"choice": [False, True]},
+        }
+    )
+    raw["search"].update({"trials": len(POINTS), "initial_points": list(POINTS.values()), "max_failures": 1})
+    path = tmp / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    experiment = tmp / "experiment"
+    summary = run_search(load_search_space(path), experiment, live=False)
+    return experiment, summary
+
+
+def _kind(row: dict) -> str:
+    config = json.loads(row["config"])
+    if config["ray"]["fail_trial_driver"]:
+        return "driver_fails"
+    if config["distill"]["lr"] > 1:
+        return "diverges"
+    return "worker_killed" if config["ray"]["fail_at_epoch"] == 1 else "healthy"
+
+
+@pytest.mark.slow
+def test_each_fault_is_recorded_and_the_search_goes_on(faulty_search):
+    experiment, summary = faulty_search
+    rows = {_kind(row): row for row in read_trials(experiment)}
+    assert set(rows) == set(POINTS) and summary["trials"] == len(POINTS)
+    assert rows["healthy"]["status"] == "ok" and rows["healthy"]["resumed_from_checkpoint"] == 0
+    # The killed worker's trial resumed from its checkpoint (not from scratch) and finished.
+    assert rows["worker_killed"]["status"] == "ok" and rows["worker_killed"]["resumed_from_checkpoint"] == 1
+    assert rows["diverges"]["status"] == "diverged" and rows["diverges"]["val_accuracy"] is None
+    # Retried once (search.max_failures=1), then recorded as errored with its full config.
+    errored = rows["driver_fails"]
+    assert errored["status"] == "errored" and errored["val_accuracy"] is None
+    assert errored["error"].startswith("failed 2 time(s)") and "ray.fail_trial_driver" in errored["error"]
+    assert json.loads(errored["config"])["distill"]["method"] == "kd"
+
+
+@pytest.mark.slow
+def test_registry_after_faults_is_consistent_and_loadable(faulty_search):
+    experiment, summary = faulty_search
+    rows = read_trials(experiment)
+    ok = [r for r in rows if r["status"] == "ok"]
+    expected = {ok[i]["trial_id"] for i in non_dominated([(r["val_accuracy"], r["val_fidelity"]) for r in ok])}
+    front = pq.read_table(experiment / "pareto" / "front.parquet").to_pylist()
+    assert {r["trial_id"] for r in front} == expected and summary["front_size"] == len(expected)
+    assert {p.name for p in (experiment / "pareto").iterdir() if p.is_dir()} == expected
+    for prefer in ("knee", "accuracy", "fidelity"):
+        student = load_pareto_student(experiment, prefer=prefer)
+        assert student.path.name in expected and "test" in student.metrics
+    # Nothing half-written: no temporary files left anywhere in the registry.
+    leftovers = [name for _, _, files in os.walk(experiment / "pareto") for name in files if name.endswith(".tmp")]
+    assert leftovers == [] and not list(experiment.glob(".trials.parquet.*"))
