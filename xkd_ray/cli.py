@@ -148,7 +148,8 @@ def command_demo(args: argparse.Namespace) -> int:
     from xkd_ray.search import main as search_main
 
     experiment = out / "search"
-    code = search_main(["--space", str(args.space), "--out", str(experiment), *(["--resume"] if args.resume else [])])
+    search_args = ["--space", str(args.space), "--out", str(experiment), "--trials", str(args.trials)]
+    code = search_main([*search_args, *(["--resume"] if args.resume else [])])
     if code != 0:
         return code
     knee = load_pareto_student(experiment, prefer="knee")
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="where the demo's students and search are saved")
     demo.add_argument("--space", type=Path, default=Path("search_spaces/default.yaml"), help="search space")
     demo.add_argument("--no-search", action="store_true", help="stop after the KD vs XD comparison")
+    demo.add_argument(
+        "--trials", type=int, default=6, help="search budget (6 keeps the whole demo under 10 minutes on 2 cores)"
+    )
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo search")
     _add_config_arguments(demo)
     demo.set_defaults(handler=command_demo)
