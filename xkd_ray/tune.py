@@ -254,7 +254,8 @@ class LiveTableCallback(tune.Callback):
 
 def concurrent_trials(spec: SearchSpec) -> int:
     """How many trials fit the cluster at once: each needs its workers' CPUs (or GPUs) + a
-    small driver share."""
+    small driver share. Counts what the cluster has *now*; on an autoscaling cluster set
+    ``search.max_concurrent_trials`` instead (see search_spaces/cifar10.yaml)."""
     if spec.search.max_concurrent_trials:
         return spec.search.max_concurrent_trials
     resources = ray.cluster_resources()
