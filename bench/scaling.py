@@ -23,6 +23,14 @@ from xkd_ray.config import ExperimentConfig
 from xkd_ray.distill import DistillData, build_student, evaluate_student, make_optimizer, prepare
 from xkd_ray.losses import distillation_loss
 
+PHASES = (
+    "data: batch + cached teacher outputs",
+    "student forward",
+    "losses (CE + KD + explanation)",
+    "backward + optimiser step",
+    "metrics (val, incl. post-hoc Grad-CAM)",
+)
+
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -38,21 +46,21 @@ def one_epoch(config: ExperimentConfig, data: DistillData) -> float:
     started = time.perf_counter()
     order = torch.randperm(len(train))
     for batch in order.split(settings.batch_size):
-        with record_function("data: batch + cached teacher outputs"):
+        with record_function(PHASES[0]):
             images, labels = train.images[batch], train.labels[batch]
             teacher_logits, teacher_maps = outputs.logits[batch], outputs.maps[batch]
-        with record_function("student forward"):
+        with record_function(PHASES[1]):
             result = student(images, return_all=True)
-        with record_function("losses (CE + KD + explanation)"):
+        with record_function(PHASES[2]):
             parts = distillation_loss(
                 result.logits, labels, teacher_logits, temperature=settings.temperature, alpha=settings.alpha,
                 beta=settings.beta, predicted_maps=result.maps, teacher_maps=teacher_maps,
             )  # fmt: skip
-        with record_function("backward + optimiser step"):
+        with record_function(PHASES[3]):
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()
             optimizer.step()
-    with record_function("metrics (val, incl. post-hoc Grad-CAM)"):
+    with record_function(PHASES[4]):
         evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
     return time.perf_counter() - started
 
@@ -96,8 +104,7 @@ def main() -> None:
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         one_epoch(base, data)
-    phases = [e for e in profiler.key_averages() if ":" in e.key or e.key.startswith(("student", "losses", "backward"))]
-    labelled = [e for e in phases if e.key.split(" ")[0] in ("data:", "student", "losses", "backward", "metrics")]
+    labelled = [e for e in profiler.key_averages() if e.key in PHASES]
     total = sum(e.cpu_time_total for e in labelled) or 1.0
     print("where one epoch's time goes (torch.profiler, CPU):")
     for event in sorted(labelled, key=lambda e: -e.cpu_time_total):

@@ -55,3 +55,16 @@ def test_killed_worker_resumes_from_last_checkpoint_and_reproduces_the_run(
     for key in ("accuracy", "fidelity", "fidelity_posthoc", "agreement"):
         assert metrics["val"][key] == pytest.approx(two_worker_run["val"][key], abs=1e-6)
         assert metrics["test"][key] == pytest.approx(two_worker_run["test"][key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_diverging_ray_run_stops_on_every_worker_with_a_clear_error(ray_local, train_config, tiny_data, tmp_path):
+    """NaN/inf on any shard stops all workers together (no DDP deadlock) and the run's result
+    says so; rerunning the same run name does not train the broken weights again."""
+    from xkd_ray.errors import XKDTrainingDiverged
+
+    config = train_config.with_overrides({"ray.num_workers": 2, "distill.lr": 1e6})
+    with pytest.raises(XKDTrainingDiverged, match=r"NaN/inf at epoch \d"):
+        distill_with_ray(config, tiny_data, storage_path=tmp_path, name="diverges")
+    with pytest.raises(XKDTrainingDiverged, match=r"NaN/inf at epoch \d"):
+        distill_with_ray(config, tiny_data, storage_path=tmp_path, name="diverges")

@@ -94,14 +94,56 @@ def _gather_evaluation(
     return metrics_from_predictions(logits, head, posthoc, split.labels, outputs, data.template_map, config)
 
 
-def _maybe_inject_fault(config: ExperimentConfig, epoch: int, start_epoch: int) -> None:
-    """Test hook: the last worker kills its own process (SIGKILL, a real crash) once, at
-    ``ray.fail_at_epoch``, on a run that has not been restarted yet."""
-    if config.ray.fail_at_epoch is None or epoch != config.ray.fail_at_epoch or start_epoch > 0:
+FAULT_MARKER = ".fault-injected"
+
+
+def _maybe_inject_fault(config: ExperimentConfig, epoch: int, run_folder: str) -> None:
+    """Test hook: the last worker kills its own process (SIGKILL, a real crash) at
+    ``ray.fail_at_epoch``, once per run (a marker file in the run's folder says it happened).
+
+    It first waits a few of the controller's health-check intervals, so the previous epoch's
+    report and checkpoint have been collected: the fault under test is "a worker dies after a
+    checkpoint", and a report still in flight when its worker dies is lost by design."""
+    if config.ray.fail_at_epoch is None or epoch != config.ray.fail_at_epoch:
         return
+    marker = Path(run_folder) / FAULT_MARKER
     context = ray.train.get_context()
-    if context.get_world_rank() == context.get_world_size() - 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if marker.exists() or context.get_world_rank() != context.get_world_size() - 1:
+        return
+    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _any_rank_diverged(loss: float, device: torch.device) -> bool:
+    """Each rank sees only its shard's loss; all ranks must agree to stop, or DDP deadlocks."""
+    flag = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _report_divergence(record: dict[str, Any], epoch: int, history: list[dict[str, Any]], rank: int) -> None:
+    """End a diverged run with a weights-free checkpoint that says so: Ray Train's result then
+    carries the divergence, and a restarted run stops instead of training broken weights. Tune
+    checks every report for the search objectives, so they are present (as NaN)."""
+    nan = float("nan")
+    report = {**record, "epoch": epoch, "diverged": True, "accuracy": nan, "fidelity": nan}
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"diverged": True, "epoch": epoch, "history": history}, Path(directory) / CHECKPOINT_FILE)
+            checkpoint = Checkpoint.from_directory(directory)
+        ray.train.report(report, checkpoint=checkpoint)
+
+
+def diverged_at_epoch(checkpoint: Checkpoint | None) -> int | None:
+    """The epoch at which a finished run's loss became NaN/inf, or None if it did not."""
+    if checkpoint is None:
+        return None
+    state = read_checkpoint(checkpoint)
+    return int(state["epoch"]) if state.get("diverged") else None
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
@@ -126,8 +168,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        state = read_checkpoint(checkpoint)
+        if state.get("diverged"):
+            return  # a restarted run that had already diverged: nothing left to train
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -145,15 +188,14 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     )
     amp_dtype = _amp_dtype(config, device)
     for epoch in range(start_epoch, settings.epochs):
-        _maybe_inject_fault(config, epoch, start_epoch)
+        _maybe_inject_fault(config, epoch, loop_config["run_folder"])
         sampler.set_epoch(epoch)
         record = train_one_epoch(
             model, loader, optimizer, config, epoch, teacher=teacher, device=device, amp_dtype=amp_dtype
         )
         scheduler.step()
-        if not math.isfinite(record["train_total"]):
-            # A diverged run (NaN/inf loss) stops here: no checkpoint of broken weights.
-            ray.train.report({**record, "epoch": epoch, "diverged": True})
+        if _any_rank_diverged(record["train_total"], device):
+            _report_divergence(record, epoch, history, rank)
             return
         bare = model.module if hasattr(model, "module") else model
         record.update(_gather_evaluation(bare, "val", data, config, device))
@@ -190,7 +232,11 @@ def make_trainer(
         resources["GPU"] = 1
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"config": config.to_dict(), "data_ref": data_ref},
+        train_loop_config={
+            "config": config.to_dict(),
+            "data_ref": data_ref,
+            "run_folder": str(Path(storage_path).resolve() / name),
+        },
         torch_config=TorchConfig(backend="nccl" if ray_settings.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=ray_settings.num_workers, use_gpu=ray_settings.use_gpu, resources_per_worker=resources
@@ -248,8 +294,9 @@ def distill_with_ray(
     name = name or f"distill-{config.distill.method}-{uuid.uuid4().hex[:8]}"
     trainer = make_trainer(config, ray.put(data), name=name, storage_path=storage_path)
     result = trainer.fit()
-    if (result.metrics or {}).get("diverged"):
-        raise XKDTrainingDiverged(f"run {name}: the loss became NaN/inf at epoch {result.metrics.get('epoch')}")
+    diverged_epoch = diverged_at_epoch(result.checkpoint)
+    if diverged_epoch is not None:
+        raise XKDTrainingDiverged(f"run {name}: the loss became NaN/inf at epoch {diverged_epoch}; lower distill.lr")
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     student, history = student_from_checkpoint(config, data, result.checkpoint)

@@ -28,7 +28,7 @@ from xkd_ray.config import ExperimentConfig
 from xkd_ray.distill import DistillData, evaluate_student, prepare, save_student
 from xkd_ray.pareto import front_rows, read_trials, record_trial, update_registry
 from xkd_ray.space import Parameter, SearchSpec
-from xkd_ray.train import make_trainer, student_from_checkpoint
+from xkd_ray.train import diverged_at_epoch, make_trainer, student_from_checkpoint
 
 OBJECTIVE_METRICS = ["accuracy", "fidelity"]
 STUDY_NAME = "xkd"
@@ -60,13 +60,20 @@ def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))
     )
+    # Initial points go straight into the study's queue: Optuna fills the keys a point leaves
+    # out, whereas Tune's points_to_evaluate insists on every key.
+    study = optuna.create_study(
+        storage=storage, study_name=STUDY_NAME, directions=["maximize", "maximize"], load_if_exists=True
+    )
+    if not study.trials:
+        for point in spec.search.initial_points:
+            study.enqueue_trial(dict(point))
     return OptunaSearch(
         metric=OBJECTIVE_METRICS,
         mode=["max", "max"],
         sampler=make_sampler(spec.search.sampler, spec.search.seed),
         study_name=STUDY_NAME,
         storage=storage,
-        points_to_evaluate=[dict(point) for point in spec.search.initial_points] or None,
     )
 
 
@@ -86,8 +93,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         callbacks=[TuneReportCallback()],
     )
     result = trainer.fit()
-    last = dict(result.metrics or {})
-    if last.get("diverged"):
+    if diverged_at_epoch(result.checkpoint) is not None:
         tune.report({"accuracy": 0.0, "fidelity": -1.0, "status": "diverged", "experiment_config": config.to_dict()})
         return
     student, history = student_from_checkpoint(config, data, result.checkpoint)
