@@ -223,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--space", type=Path, default=Path("search_spaces/default.yaml"), help="search space")
     demo.add_argument("--no-search", action="store_true", help="stop after the KD vs XD comparison")
     demo.add_argument(
-        "--trials", type=int, default=6, help="search budget (6 keeps the whole demo under 10 minutes on 2 cores)"
+        "--trials",
+        type=int,
+        default=4,
+        help="search budget (4 keeps make demo, install included, under 10 minutes on 2 cores)",
     )
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo search")
     _add_config_arguments(demo)
