@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--space", type=Path, default=Path("search_spaces/default.yaml"))
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4, help="student epochs per trial")
+    parser.add_argument("--epochs", type=int, default=3, help="student epochs per trial")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -46,12 +46,15 @@ def tune_domain(parameter: Parameter) -> Any:
     return parameter.value
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+    """Optuna's defaults assume hundreds of trials: TPE samples its first 10 at random and
+    NSGA-II's first generation is 50, so a 16-trial search would be random search under another
+    name. Scale the random start-up (TPE) and the population (NSGA-II) to the budget instead."""
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, trials // 4)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(3, min(10, trials // 3)))
 
 
 def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
@@ -71,7 +74,7 @@ def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
     return OptunaSearch(
         metric=OBJECTIVE_METRICS,
         mode=["max", "max"],
-        sampler=make_sampler(spec.search.sampler, spec.search.seed),
+        sampler=make_sampler(spec.search.sampler, spec.search.seed, spec.search.trials),
         study_name=STUDY_NAME,
         storage=storage,
     )
