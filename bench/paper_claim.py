@@ -157,7 +157,7 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}.md").write_text(table)
     if grid_students:
-        grid = (Path(".xkd_cache/smoke") if args.smoke else RESULTS) / f"{name}.png"
+        grid = (Path(base.explain.cache_dir) if args.smoke else RESULTS) / f"{name}.png"
         write_map_grid(grid, data, grid_students, base)
         print(f"map grid: {grid}")
 

@@ -138,14 +138,6 @@ def _report_divergence(record: dict[str, Any], epoch: int, history: list[dict[st
         ray.train.report(report, checkpoint=checkpoint)
 
 
-def diverged_at_epoch(checkpoint: Checkpoint | None) -> int | None:
-    """The epoch at which a finished run's loss became NaN/inf, or None if it did not."""
-    if checkpoint is None:
-        return None
-    state = read_checkpoint(checkpoint)
-    return int(state["epoch"]) if state.get("diverged") else None
-
-
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: resume from the last checkpoint, train, report per epoch."""
     config = ExperimentConfig.from_dict(loop_config["config"])
@@ -259,8 +251,12 @@ def read_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
 def student_from_checkpoint(
     config: ExperimentConfig, data: DistillData, checkpoint: Checkpoint
 ) -> tuple[StudentNet, list[dict[str, Any]]]:
-    """The trained student and the per-epoch history (kept in the checkpoint, so it survives restarts)."""
+    """The trained student and the per-epoch history (kept in the checkpoint, so it survives
+    restarts). A run whose loss became NaN/inf ends with a weights-free checkpoint that says
+    so, and raises here like the plain loop does."""
     state = read_checkpoint(checkpoint)
+    if state.get("diverged"):
+        raise XKDTrainingDiverged(f"Ray Train: the loss became NaN/inf at epoch {state['epoch']}; lower distill.lr")
     student = build_student(config, data.splits)
     student.load_state_dict(state["model"])
     return student.eval(), list(state["history"])
@@ -294,9 +290,6 @@ def distill_with_ray(
     name = name or f"distill-{config.distill.method}-{uuid.uuid4().hex[:8]}"
     trainer = make_trainer(config, ray.put(data), name=name, storage_path=storage_path)
     result = trainer.fit()
-    diverged_epoch = diverged_at_epoch(result.checkpoint)
-    if diverged_epoch is not None:
-        raise XKDTrainingDiverged(f"run {name}: the loss became NaN/inf at epoch {diverged_epoch}; lower distill.lr")
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     student, history = student_from_checkpoint(config, data, result.checkpoint)

@@ -26,9 +26,10 @@ from rich.table import Table
 
 from xkd_ray.config import ExperimentConfig
 from xkd_ray.distill import DistillData, evaluate_student, prepare, save_student
+from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.pareto import front_rows, read_trials, record_trial, update_registry
 from xkd_ray.space import Parameter, SearchSpec
-from xkd_ray.train import diverged_at_epoch, make_trainer, student_from_checkpoint
+from xkd_ray.train import make_trainer, student_from_checkpoint
 
 OBJECTIVE_METRICS = ["accuracy", "fidelity"]
 STUDY_NAME = "xkd"
@@ -80,10 +81,15 @@ def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
     )
 
 
+def trial_config(base: dict[str, Any], fixed: dict[str, Any], sampled: dict[str, Any]) -> ExperimentConfig:
+    """A trial's full experiment config: the base, the space's fixed values, then the sampled ones."""
+    return ExperimentConfig.from_dict(base).with_overrides({**fixed, **sampled})
+
+
 def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     """One trial: train a student with Ray Train, save it, report the final objectives."""
     experiment = Path(shared["experiment"])
-    config = ExperimentConfig.from_dict(shared["base"]).with_overrides({**shared["fixed"], **sampled})
+    config = trial_config(shared["base"], shared["fixed"], sampled)
     if config.ray.fail_trial_driver:
         raise RuntimeError("injected fault: ray.fail_trial_driver is set, so this trial's driver fails on purpose")
     data: DistillData = ray.get(shared["data_ref"])
@@ -96,10 +102,11 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         callbacks=[TuneReportCallback()],
     )
     result = trainer.fit()
-    if diverged_at_epoch(result.checkpoint) is not None:
+    try:
+        student, history = student_from_checkpoint(config, data, result.checkpoint)
+    except XKDTrainingDiverged:
         tune.report({"accuracy": 0.0, "fidelity": -1.0, "status": "diverged", "experiment_config": config.to_dict()})
         return
-    student, history = student_from_checkpoint(config, data, result.checkpoint)
     # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
     resumed = len({int(record["start_epoch"]) for record in history}) - 1
     val = evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
@@ -202,7 +209,7 @@ class RegistryCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Called once the trial's retries (``search.max_failures``) are used up."""
-        config = ExperimentConfig.from_dict(self.base_config).with_overrides({**self.fixed, **trial.config})
+        config = trial_config(self.base_config, self.fixed, trial.config)
         self._finish(
             trial,
             {
