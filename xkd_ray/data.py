@@ -14,25 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xkd_ray.config import DataConfig
 from xkd_ray.errors import XKDDataError
 
+if TYPE_CHECKING:  # the config names DATASETS' keys, so it imports this module, not the reverse
+    from xkd_ray.config import DataConfig
+
 SPLIT_NAMES = ("train", "val", "test")
-TORCHVISION_DATASETS = {
-    "mnist": "MNIST",
-    "fashion_mnist": "FashionMNIST",
-    "cifar10": "CIFAR10",
-    "cifar100": "CIFAR100",
-}
 # Converting a whole torchvision split at once would briefly hold several float copies of it
 # (CIFAR-10 train alone is 600 MB as float32); chunks bound that peak.
 _CHUNK = 8192
@@ -269,7 +266,7 @@ def _root(config: DataConfig, *, may_create: bool) -> Path:
     if root.exists() and not root.is_dir():
         raise XKDDataError(f"{root}: data root is not a folder")
     if not root.exists() and not may_create:
-        hint = " (or pass --download to fetch it there)" if config.dataset in TORCHVISION_DATASETS else ""
+        hint = " (or pass --download to fetch it there)" if DATASETS[config.dataset].downloadable else ""
         raise XKDDataError(f"{root}: data root folder does not exist{hint}")
     return root
 
@@ -279,11 +276,11 @@ def _reason(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
-def _open_torchvision(config: DataConfig, root: Path, train: bool) -> Any:
+def _open_torchvision(class_name: str, config: DataConfig, root: Path, train: bool) -> Any:
     """Open one official split, turning torchvision's generic errors into one actionable line."""
     import torchvision.datasets
 
-    dataset_class = getattr(torchvision.datasets, TORCHVISION_DATASETS[config.dataset])
+    dataset_class = getattr(torchvision.datasets, class_name)
     name = config.dataset
     try:
         return dataset_class(str(root), train=train, download=config.download)
@@ -304,12 +301,12 @@ def _open_torchvision(config: DataConfig, root: Path, train: bool) -> Any:
         raise XKDDataError(f"{root}: {name} files are corrupted ({_reason(exc)}); replace them") from exc
 
 
-def _load_torchvision(config: DataConfig) -> Splits:
+def _load_torchvision(class_name: str, config: DataConfig) -> Splits:
     """The official test split stays the test split so results compare with published numbers;
     val is carved out of the official train split."""
     root = _root(config, may_create=config.download)
-    train_set = _open_torchvision(config, root, train=True)
-    test_set = _open_torchvision(config, root, train=False)
+    train_set = _open_torchvision(class_name, config, root, train=True)
+    test_set = _open_torchvision(class_name, config, root, train=False)
     train_raw = torch.as_tensor(np.asarray(train_set.data))
     test_raw = torch.as_tensor(np.asarray(test_set.data))
     train_labels = np.asarray(train_set.targets, dtype=np.int64)
@@ -408,16 +405,32 @@ def _load_imagefolder(config: DataConfig) -> Splits:
     )
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset the config can name: how to load it, and whether it lives in ``data.root``."""
+
+    load: Callable[[DataConfig], Splits]
+    description: str
+    needs_root: bool = True
+    downloadable: bool = False  # torchvision can fetch it into the root with --download
+
+
+DATASETS: dict[str, Dataset] = {
+    "digits": Dataset(_load_digits, "scikit-learn's 1,797 8x8 digits, shipped offline (default)", needs_root=False),
+    "mnist": Dataset(partial(_load_torchvision, "MNIST"), "torchvision MNIST", downloadable=True),
+    "fashion_mnist": Dataset(partial(_load_torchvision, "FashionMNIST"), "torchvision FashionMNIST", downloadable=True),
+    "cifar10": Dataset(partial(_load_torchvision, "CIFAR10"), "torchvision CIFAR-10", downloadable=True),
+    "cifar100": Dataset(partial(_load_torchvision, "CIFAR100"), "torchvision CIFAR-100", downloadable=True),
+    "imagefolder": Dataset(_load_imagefolder, "your images: root/train/<class>/*, root/test/<class>/*"),
+}
+
+
 def load_splits(config: DataConfig) -> Splits:
     """Load, split and normalise ``config.dataset``; the same config always gives the same tensors.
 
     ``test_fraction`` applies only to digits: torchvision datasets and image folders come with
     their own test split, which is kept as is.
     """
-    if config.dataset == "digits":
-        return _load_digits(config)
-    if config.dataset in TORCHVISION_DATASETS:
-        return _load_torchvision(config)
-    if config.dataset == "imagefolder":
-        return _load_imagefolder(config)
-    raise XKDDataError(f"unknown dataset {config.dataset!r}")
+    if config.dataset not in DATASETS:
+        raise XKDDataError(f"data.dataset: got {config.dataset!r}; allowed values are {', '.join(DATASETS)}")
+    return DATASETS[config.dataset].load(config)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from rich.progress import Progress
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from xkd_ray.config import EXPLAINERS, stable_hash
+from xkd_ray.checkpoints import atomic_write, stable_hash
 from xkd_ray.errors import XKDConfigError, XKDDataError
 from xkd_ray.models import find_layer
 
@@ -52,39 +51,57 @@ def _blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(maps.unsqueeze(1), [kernel, kernel], [sigma, sigma]).squeeze(1)
 
 
-def _explain_batch(
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    explainer: str,
-    layer: nn.Module | None,
-    ig_steps: int,
-    blur_sigma: float,
-) -> tuple[torch.Tensor, int]:
+def _gradcam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: nn.Module | None, **_: Any):
     size = images.shape[-2:]
-    if explainer == "gradcam":
-        raw = LayerGradCam(model, layer).attribute(images, target=targets, relu_attributions=False)
-        raw = LayerAttribution.interpolate(raw, size, interpolate_mode="bilinear")[:, 0]
-        maps = raw.clamp_min(0.0)
-        # Grad-CAM on tiny images is sometimes all-negative; keep *some* localisation
-        # (|raw CAM|) instead of a flat map, and count it so reports can say how often.
-        degenerate = maps.flatten(1).amax(dim=1) <= 0
-        maps = torch.where(degenerate[:, None, None], raw.abs(), maps)
-        return _min_max(maps.detach()), int(degenerate.sum())
-    if explainer == "integrated_gradients":
-        attribution = IntegratedGradients(model).attribute(
-            images,
-            baselines=torch.zeros_like(images),
-            target=targets,
-            n_steps=ig_steps,
-            internal_batch_size=len(images),
-        )
-    elif explainer == "saliency":
-        attribution = Saliency(model).attribute(images, target=targets, abs=True)
-    else:
-        raise XKDConfigError(f"explain.explainer: got {explainer!r}; allowed values are {', '.join(EXPLAINERS)}")
-    maps = _blur(attribution.detach().abs().sum(dim=1), blur_sigma)
-    return _min_max(maps), 0
+    raw = LayerGradCam(model, layer).attribute(images, target=targets, relu_attributions=False)
+    raw = LayerAttribution.interpolate(raw, size, interpolate_mode="bilinear")[:, 0]
+    maps = raw.clamp_min(0.0)
+    # Grad-CAM on tiny images is sometimes all-negative; keep *some* localisation
+    # (|raw CAM|) instead of a flat map, and count it so reports can say how often.
+    degenerate = maps.flatten(1).amax(dim=1) <= 0
+    maps = torch.where(degenerate[:, None, None], raw.abs(), maps)
+    return _min_max(maps.detach()), int(degenerate.sum())
+
+
+def _input_attribution_map(attribution: torch.Tensor, blur_sigma: float) -> tuple[torch.Tensor, int]:
+    """Pixel attributions -> one map: |attribution| summed over channels, lightly blurred."""
+    return _min_max(_blur(attribution.detach().abs().sum(dim=1), blur_sigma)), 0
+
+
+def _integrated_gradients(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, ig_steps: int, blur_sigma: float, **_: Any
+):
+    attribution = IntegratedGradients(model).attribute(
+        images, baselines=torch.zeros_like(images), target=targets, n_steps=ig_steps, internal_batch_size=len(images)
+    )
+    return _input_attribution_map(attribution, blur_sigma)
+
+
+def _saliency(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, blur_sigma: float, **_: Any):
+    return _input_attribution_map(Saliency(model).attribute(images, target=targets, abs=True), blur_sigma)
+
+
+@dataclass(frozen=True)
+class Explainer:
+    """One captum explainer: ``attribute(model, images, targets, layer, **settings) -> (maps, degenerate)``.
+
+    ``settings`` are the ``explain.*`` fields it reads; with ``explainer`` and ``layer`` they form
+    the cache key, so a setting it ignores never splits the cache.
+    """
+
+    attribute: Callable[..., tuple[torch.Tensor, int]]
+    description: str
+    settings: tuple[str, ...] = ()
+    uses_layer: bool = False
+
+
+EXPLAINERS: dict[str, Explainer] = {
+    "gradcam": Explainer(_gradcam, "LayerGradCam on the explained layer, ReLU, upsampled (default)", uses_layer=True),
+    "integrated_gradients": Explainer(
+        _integrated_gradients, "Integrated Gradients from a black baseline", ("ig_steps", "blur_sigma")
+    ),
+    "saliency": Explainer(_saliency, "absolute input gradients", ("blur_sigma",)),
+}
 
 
 def explain_maps(
@@ -104,7 +121,10 @@ def explain_maps(
     predictions). The model is put in eval mode and left there."""
     model.eval()
     device = next(model.parameters()).device
-    layer_module = find_layer(model, layer) if explainer == "gradcam" else None
+    if explainer not in EXPLAINERS:
+        raise XKDConfigError(f"explain.explainer: got {explainer!r}; allowed values are {', '.join(EXPLAINERS)}")
+    method = EXPLAINERS[explainer]
+    layer_module = find_layer(model, layer) if method.uses_layer else None
     all_maps: list[torch.Tensor] = []
     degenerate = 0
     with Progress(disable=not progress, transient=True) as bar:
@@ -116,7 +136,9 @@ def explain_maps(
                     batch_targets = model(batch).argmax(dim=1)
             else:
                 batch_targets = targets[start : start + batch_size].to(device)
-            maps, count = _explain_batch(model, batch, batch_targets, explainer, layer_module, ig_steps, blur_sigma)
+            maps, count = method.attribute(
+                model, batch, batch_targets, layer=layer_module, ig_steps=ig_steps, blur_sigma=blur_sigma
+            )
             all_maps.append(maps.float().cpu())
             degenerate += count
             bar.advance(task, len(batch))
@@ -166,15 +188,7 @@ def write_teacher_outputs(path: Path, outputs: TeacherOutputs, metadata: dict[st
     )
     info = {**metadata, "height": height, "width": width, "degenerate_maps": outputs.degenerate_maps}
     table = table.replace_schema_metadata({"xkd_ray": json.dumps(info, sort_keys=True, default=str)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        pq.write_table(table, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    atomic_write(path, lambda temporary: pq.write_table(table, temporary))
 
 
 def read_teacher_outputs(path: Path) -> TeacherOutputs:
@@ -209,11 +223,8 @@ def cached_teacher_outputs(
 
     Returns the outputs, the cache file and whether it was a cache hit.
     """
-    settings = {"explainer": explainer, "layer": layer, "ig_steps": ig_steps, "blur_sigma": blur_sigma}
-    if explainer != "integrated_gradients":
-        settings.pop("ig_steps")
-    if explainer == "gradcam":
-        settings.pop("blur_sigma")
+    every = {"ig_steps": ig_steps, "blur_sigma": blur_sigma}
+    settings = {"explainer": explainer, "layer": layer, **{k: every[k] for k in EXPLAINERS[explainer].settings}}
     key = cache_key(teacher_id, settings, data_fingerprint, split)
     path = cache_path(cache_dir, split, key)
     if path.exists():

@@ -89,6 +89,9 @@ class ResNet18Teacher(nn.Module):
 
 
 TEACHERS: dict[str, type[nn.Module]] = {"vgg": VGGTeacher, "resnet18": ResNet18Teacher}
+# How the head's map enters the classifier (see ``StudentNet``).
+FUSIONS = ("concat", "gate")
+MAX_AE_DEPTH = 4
 
 
 def build_teacher(arch: str, in_channels: int, num_classes: int, width: int) -> nn.Module:
@@ -173,8 +176,8 @@ class StudentNet(nn.Module):
             "ae_width": ae_width,
             "fusion": fusion,
         }
-        if fusion not in ("concat", "gate"):
-            raise XKDConfigError(f"student.fusion: got {fusion!r}; allowed values are concat, gate")
+        if fusion not in FUSIONS:
+            raise XKDConfigError(f"student.fusion: got {fusion!r}; allowed values are {', '.join(FUSIONS)}")
         self.fusion = fusion
         self.head = ConvAutoencoder(in_channels, ae_depth, ae_width) if ae_depth else None
         classifier_channels = in_channels + 1 if self.head is not None and fusion == "concat" else in_channels

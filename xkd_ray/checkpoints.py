@@ -1,0 +1,134 @@
+"""Files on disk: atomic writes, model folders (weights + config + metrics), safe loading.
+
+Every file the system writes goes through ``atomic_write``: written under a temporary name in
+the same folder, then renamed, so a reader or a crash never sees half a file. Weights are
+loaded with ``weights_only=True``, so a hostile checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xkd_ray.errors import XKDCheckpointError
+from xkd_ray.models import StudentNet
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """Content hash of a JSON-able payload: the key of teacher checkpoints and caches."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def file_hash(path: Path, length: int = 16) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:length]
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temporary_path)``, then rename the result onto ``path`` (same folder, so the
+    rename is atomic); on any error the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
+    return atomic_write(path, lambda temporary: temporary.write_bytes(payload))
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> Path:
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    return atomic_write(path, lambda temporary: temporary.write_text(text))
+
+
+def write_model_folder(
+    directory: str | Path, model: nn.Module, config: dict[str, Any], metrics: dict[str, Any]
+) -> Path:
+    """Write model.pt + config.json + metrics.json into a staging folder, then rename it into
+    place: readers only ever see a complete folder (a folder cannot be written atomically file
+    by file, so the folder itself is the unit that is renamed)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, retired)
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load weights only: ``weights_only=True`` refuses pickled code, so a malicious file cannot run."""
+    path = Path(path)
+    if not path.is_file():
+        raise XKDCheckpointError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or hostile files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise XKDCheckpointError(f"{path}: not a loadable weights file ({reason[:200]})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise XKDCheckpointError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def load_weights_into(model: nn.Module, path: str | Path) -> nn.Module:
+    state = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise XKDCheckpointError(f"{path}: weights do not match the configured architecture ({first})") from exc
+    return model
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise XKDCheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise XKDCheckpointError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def load_student(directory: str | Path) -> tuple[StudentNet, dict[str, Any], dict[str, Any]]:
+    """Rebuild a saved student from its folder (no Ray, no experiment code needed)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise XKDCheckpointError(f"{directory}: student folder not found")
+    record = read_json(directory / "config.json")
+    if not isinstance(record, dict) or not isinstance(record.get("architecture"), dict):
+        raise XKDCheckpointError(f"{directory / 'config.json'}: no 'architecture' entry")
+    try:
+        model = StudentNet.from_architecture(record["architecture"])
+    except XKDCheckpointError as exc:
+        raise XKDCheckpointError(f"{directory / 'config.json'}: {exc}") from None
+    student = load_weights_into(model, directory / "model.pt")
+    metrics = read_json(directory / "metrics.json") if (directory / "metrics.json").exists() else {}
+    return student.eval(), record, metrics

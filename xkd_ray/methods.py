@@ -1,0 +1,45 @@
+"""The distillation methods, one registry entry each: which loss terms a method switches on.
+
+    L = (1 - alpha) CE + alpha T^2 KL        (kd)
+        + beta L_exp(head map, E_T)          (head)
+        + at_weight AT(A_S, A_T)             (attention)
+
+A method is only a set of switches over the same joint loss (``losses.distillation_loss``),
+so every baseline runs in the same harness with the same seeds and data. Adding a method is
+adding one entry here: config choices, CLI choices and docs are read from ``METHODS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """Which terms of the joint loss are on; their weights come from the ``distill`` config."""
+
+    description: str
+    kd: bool = False  # Hinton KD on the teacher's cached logits (weight distill.alpha)
+    head: bool = False  # explanation head trained on the teacher's cached maps (weight distill.beta)
+    attention: bool = False  # attention transfer on the live teacher's features (weight distill.at_weight)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Only feature-level terms need the teacher network during training; logits and maps are cached."""
+        return self.attention
+
+    def loss_weights(self, alpha: float, beta: float, at_weight: float) -> dict[str, float]:
+        """The weights ``distillation_loss`` takes: a term that is off gets weight 0."""
+        return {
+            "alpha": alpha if self.kd else 0.0,
+            "beta": beta if self.head else 0.0,
+            "at_weight": at_weight if self.attention else 0.0,
+        }
+
+
+METHODS: dict[str, Method] = {
+    "student": Method("the student alone, cross-entropy on the labels"),
+    "kd": Method("Hinton knowledge distillation (CE + temperature-softened KL)", kd=True),
+    "at": Method("KD plus attention transfer (Zagoruyko & Komodakis 2017)", kd=True, attention=True),
+    "xd": Method("XDistillation: KD plus an explanation head fused into the classifier", kd=True, head=True),
+}
