@@ -7,6 +7,7 @@ the command exits with status 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -14,22 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from xkd_ray.config import METHODS, ExperimentConfig, load_config, parse_override
-from xkd_ray.errors import XKDError
+from xkd_ray.config import ExperimentConfig, load_config, parse_override
+from xkd_ray.data import DATASETS
+from xkd_ray.errors import XKDConfigError, XKDError
+from xkd_ray.methods import METHODS
+from xkd_ray.tables import items_table, metrics_table
 
 console = Console()
-
-METRIC_COLUMNS = (
-    "accuracy",
-    "agreement",
-    "fidelity",
-    "fidelity_posthoc",
-    "fidelity_template",
-    "topk_iou",
-    "degenerate_maps",
-)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,12 +35,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one field, e.g. --set distill.temperature=4 (repeatable)",
     )
+    parser.add_argument("--dataset", choices=list(DATASETS), help="which dataset (default: the config's, digits)")
     parser.add_argument("--data-root", help="folder holding torchvision datasets or an ImageFolder tree")
     parser.add_argument("--download", action="store_true", help="download a torchvision dataset into --data-root")
 
 
 def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> ExperimentConfig:
     overrides = dict(parse_override(text) for text in args.overrides)
+    if args.dataset:
+        overrides["data.dataset"] = args.dataset
     if args.data_root:
         overrides["data.root"] = args.data_root
     if args.download:
@@ -56,46 +52,37 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
     return load_config(args.config, overrides)
 
 
-def metrics_table(title: str, runs: dict[str, dict[str, Any]], split: str = "test") -> Table:
-    """One row per run, one column per metric: the side-by-side view users compare methods in."""
-    table = Table(title=title)
-    table.add_column("run")
-    for column in METRIC_COLUMNS:
-        table.add_column(column, justify="right")
-    for name, metrics in runs.items():
-        values = metrics.get(split, {})
-        cells = []
-        for column in METRIC_COLUMNS:
-            value = values.get(column)
-            cells.append("-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value)))
-        table.add_row(name, *cells)
-    return table
+def check_output_folder(flag: str, out: Path) -> None:
+    """Refuse an output folder that cannot be created before any work is done (a trained
+    student must never be lost to a path that was unusable from the start)."""
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise XKDConfigError(f"{flag} {out}: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise XKDConfigError(f"{flag} {out}: {existing} is not writable")
 
 
 def command_teacher(args: argparse.Namespace) -> int:
-    from xkd_ray.distill import prepare
+    from xkd_ray.prepared import prepare
 
     config = config_from_args(args)
     started = time.perf_counter()
     data = prepare(config, progress=True)
-    table = Table(title=f"teacher {data.teacher_id} ({time.perf_counter() - started:.1f} s)")
-    table.add_column("item")
-    table.add_column("value")
-    for key, value in data.teacher_metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    items: dict[str, Any] = dict(data.teacher_metrics)
     for split, path in data.cache_files.items():
-        table.add_row(f"explanations[{split}]", f"{path} ({'cached' if data.cache_hits[split] else 'computed'})")
-    console.print(table)
+        items[f"explanations[{split}]"] = f"{path} ({'cached' if data.cache_hits[split] else 'computed'})"
+    console.print(items_table(f"teacher {data.teacher_id} ({time.perf_counter() - started:.1f} s)", items))
     return 0
 
 
 def run_distill(config: ExperimentConfig, out: Path | None, address: str | None = None) -> dict[str, Any]:
     """Prepare, train one student (plain loop or Ray Train), and save it to ``out``."""
-    from xkd_ray.distill import prepare, save_student
+    from xkd_ray.distill import save_student
+    from xkd_ray.prepared import prepare
 
     data = prepare(config, progress=True)
     if config.ray.num_workers > 0:
-        from xkd_ray.train import distill_with_ray
+        from xkd_ray.ray_train import distill_with_ray
 
         student, metrics = distill_with_ray(config, data, address=address)
     else:
@@ -114,8 +101,7 @@ def command_distill(args: argparse.Namespace) -> int:
     if args.gpu:
         extra["ray.use_gpu"] = True
     config = config_from_args(args, extra)
-    if args.out.exists() and not args.out.is_dir():
-        raise XKDError(f"--out {args.out}: exists and is not a folder")
+    check_output_folder("--out", args.out)
     started = time.perf_counter()
     metrics = run_distill(config, args.out, address=args.address)
     elapsed = time.perf_counter() - started
@@ -161,15 +147,16 @@ def command_demo(args: argparse.Namespace) -> int:
 def command_evaluate(args: argparse.Namespace) -> int:
     """Re-measure a saved student (a ``--out`` folder or a Pareto student) on a split, with the
     teacher and explanations its config names (reused from the cache, trained if absent)."""
-    from xkd_ray.distill import evaluate_student, load_student, prepare
+    from xkd_ray.checkpoints import load_student
+    from xkd_ray.distill import evaluate
+    from xkd_ray.prepared import prepare
 
     student, record, _ = load_student(args.student)
     if not isinstance(record.get("experiment"), dict):
         raise XKDError(f"{args.student / 'config.json'}: no 'experiment' entry")
     config = ExperimentConfig.from_dict(record["experiment"])
     data = prepare(config, progress=True)
-    split = data.splits.split(args.split)
-    metrics = evaluate_student(student, split, data.teacher_outputs[args.split], data.template_map, config)
+    metrics = evaluate(student, data, args.split, config)
     console.print(
         metrics_table(f"{args.student} on the {args.split} split", {"student": {args.split: metrics}}, args.split)
     )
@@ -184,8 +171,8 @@ def command_search(args: argparse.Namespace) -> int:
 
 def command_pareto(args: argparse.Namespace) -> int:
     """Print the front of a finished or running experiment (reads only its files)."""
-    from xkd_ray.pareto import list_pareto_students, write_front_plot
-    from xkd_ray.search import front_table
+    from xkd_ray.pareto import OBJECTIVES, list_pareto_students, write_front_plot
+    from xkd_ray.tables import front_table
 
     rows = list_pareto_students(args.experiment).to_pylist()
     summary_path = args.experiment / "summary.json"
@@ -195,7 +182,7 @@ def command_pareto(args: argparse.Namespace) -> int:
 
         summary = json.loads(summary_path.read_text())
         title += f", hypervolume {summary['hypervolume']:.4f} after {summary['trials']} trials"
-    console.print(front_table(rows, title))
+    console.print(front_table(rows, title, OBJECTIVES))
     if args.plot:
         console.print(f"plot: {write_front_plot(args.experiment, args.plot)}")
     return 0

@@ -26,7 +26,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from xkd_ray.checkpoints import atomic_write, stable_hash
 from xkd_ray.errors import XKDConfigError, XKDDataError
-from xkd_ray.models import find_layer
+from xkd_ray.models import find_layer, predict_logits
 
 CACHE_FORMAT_VERSION = 1
 
@@ -232,12 +232,7 @@ def cached_teacher_outputs(
         if len(outputs.logits) != len(images) or outputs.maps.shape[-2:] != images.shape[-2:]:
             raise XKDDataError(f"{path}: cached explanations do not match the {split} split; delete the file")
         return outputs, path, True
-    teacher.eval()
-    device = next(teacher.parameters()).device
-    with torch.no_grad():
-        logits = torch.cat(
-            [teacher(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
-        )
+    logits = predict_logits(teacher, images, batch_size)
     explained = explain_maps(
         teacher,
         images,

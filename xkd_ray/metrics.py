@@ -1,13 +1,16 @@
-"""Objectives and diagnostics as pure tensor/number functions (no I/O, no models).
+"""Objectives and diagnostics as pure tensor/number functions (no I/O, no models), and the
+``METRICS`` registry every table, parquet column and search objective is read from.
 
 Fidelity is reported next to ``fidelity_template`` (a constant map) because a naive head can
-score below it: see DESIGN.md, "Measured pitfalls".
+score below it (README, "Our formulation": measured pitfalls).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -87,3 +90,68 @@ def hypervolume_2d(points: Sequence[Sequence[float]], reference: Sequence[float]
             area += (x - ref_x) * (y - best_y)
             best_y = y
     return area
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one split's metrics are computed from: the student's outputs next to the teacher's.
+
+    ``explanation`` is the student's explanation at inference: its head's map when it has a
+    head, else captum on the student (``posthoc_maps``) for the teacher's predicted class.
+    """
+
+    logits: torch.Tensor  # [N, classes]
+    labels: torch.Tensor  # [N]
+    head_maps: torch.Tensor | None  # [N, H, W], None for students without a head
+    posthoc_maps: torch.Tensor  # [N, H, W]
+    teacher_logits: torch.Tensor  # [N, classes]
+    teacher_maps: torch.Tensor  # [N, H, W]
+    template_map: torch.Tensor  # [H, W], mean training teacher map
+    degenerate_maps: int  # teacher maps that fell back to |raw CAM|
+    seed: int = 0  # tie-breaking in top-k IoU
+
+    @property
+    def explanation(self) -> torch.Tensor:
+        return self.head_maps if self.head_maps is not None else self.posthoc_maps
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One column of every metrics table: how it is computed and which way is better."""
+
+    compute: Callable[[Evidence], float | int]
+    description: str
+    direction: Literal["max", "min"] = "max"
+
+
+METRICS: dict[str, Metric] = {
+    "accuracy": Metric(lambda e: accuracy(e.logits, e.labels), "top-1 accuracy against the labels"),
+    "agreement": Metric(lambda e: agreement(e.logits, e.teacher_logits), "top-1 agreement with the teacher"),
+    "fidelity": Metric(
+        lambda e: fidelity(e.explanation, e.teacher_maps),
+        "mean Pearson r between the student's explanation (head map, else post-hoc) and the teacher's map",
+    ),
+    "fidelity_posthoc": Metric(
+        lambda e: fidelity(e.posthoc_maps, e.teacher_maps),
+        "mean Pearson r between captum on the student and the teacher's map",
+    ),
+    "fidelity_template": Metric(
+        lambda e: template_fidelity(e.template_map, e.teacher_maps),
+        "fidelity of one constant map (the mean training teacher map): the bar to beat",
+    ),
+    "topk_iou": Metric(
+        lambda e: topk_iou(e.explanation, e.teacher_maps, seed=e.seed),
+        "IoU of the top 10% cells of the student's explanation and the teacher's map",
+    ),
+    "degenerate_maps": Metric(
+        lambda e: e.degenerate_maps, "teacher Grad-CAM maps that were all zero (fell back to |raw CAM|)", "min"
+    ),
+}
+
+
+def compute_metrics(evidence: Evidence) -> dict[str, float | int]:
+    """Every registered metric on one split."""
+    return {name: metric.compute(evidence) for name, metric in METRICS.items()}

@@ -18,9 +18,7 @@ always equals the non-dominated set of all finished trials.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,35 +29,35 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from xkd_ray.distill import load_student, read_json, write_model_folder
+from xkd_ray.checkpoints import atomic_write, atomic_write_json, load_student, read_json, write_model_folder
 from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.explain import explain_maps
-from xkd_ray.metrics import hypervolume_2d, non_dominated
+from xkd_ray.metrics import METRICS, hypervolume_2d, non_dominated
 
+# The search's objectives, all maximised: the front, the hypervolume and ``prefer`` use them.
 OBJECTIVES = ("accuracy", "fidelity")
-VAL_COLUMNS = ("accuracy", "fidelity", "agreement", "fidelity_posthoc", "fidelity_template", "topk_iou")
-TRIAL_COLUMNS = (
-    "trial_id", "method", "status", "config", "student_dir", "error", "resumed_from_checkpoint",
-    *(f"val_{c}" for c in VAL_COLUMNS),
-)  # fmt: skip
+TRIAL_COLUMNS = {
+    "trial_id": pa.string(),
+    "method": pa.string(),
+    "status": pa.string(),  # ok | errored | diverged
+    "config": pa.string(),  # the trial's full experiment config, JSON
+    "student_dir": pa.string(),
+    "error": pa.string(),
+    "resumed_from_checkpoint": pa.int64(),
+    **{f"val_{name}": pa.float64() for name in METRICS},
+}
+_SPLIT_METRICS = [(split, name) for split in ("val", "test") for name in METRICS]
+FRONT_COLUMNS = {
+    "trial_id": pa.string(),
+    "method": pa.string(),
+    "path": pa.string(),
+    **{f"{split}_{name}": pa.float64() for split, name in _SPLIT_METRICS},
+}
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+def _atomic_write_table(path: Path, rows: list[dict[str, Any]], columns: dict[str, pa.DataType]) -> None:
+    table = pa.Table.from_pylist(rows, schema=pa.schema(list(columns.items())))
+    atomic_write(path, lambda temporary: pq.write_table(table, temporary))
 
 
 def read_trials(experiment: str | Path) -> list[dict[str, Any]]:
@@ -74,11 +72,7 @@ def record_trial(experiment: str | Path, row: dict[str, Any]) -> list[dict[str, 
     if not isinstance(clean["config"], str):
         clean["config"] = json.dumps(clean["config"], sort_keys=True, default=str)
     rows.append(clean)
-    types = {"resumed_from_checkpoint": pa.int64()}
-    schema = pa.schema(
-        [(c, pa.float64() if c.startswith("val_") else types.get(c, pa.string())) for c in TRIAL_COLUMNS]
-    )
-    _atomic_write_table(Path(experiment) / "trials.parquet", pa.Table.from_pylist(rows, schema=schema))
+    _atomic_write_table(Path(experiment) / "trials.parquet", rows, TRIAL_COLUMNS)
     return rows
 
 
@@ -117,16 +111,11 @@ def update_registry(
                 "trial_id": row["trial_id"],
                 "method": row["method"],
                 "path": str(folder.relative_to(experiment)),
-                **{f"val_{c}": metrics.get("val", {}).get(c) for c in VAL_COLUMNS},
-                **{f"test_{c}": metrics.get("test", {}).get(c) for c in VAL_COLUMNS},
+                **{f"{split}_{name}": metrics.get(split, {}).get(name) for split, name in _SPLIT_METRICS},
             }
         )
-    table_rows.sort(key=lambda r: -r["val_accuracy"])
-    columns = ["trial_id", "method", "path", *(f"{s}_{c}" for s in ("val", "test") for c in VAL_COLUMNS)]
-    schema = pa.schema(
-        [(c, pa.string()) if c in ("trial_id", "method", "path") else (c, pa.float64()) for c in columns]
-    )
-    _atomic_write_table(pareto_dir / "front.parquet", pa.Table.from_pylist(table_rows, schema=schema))
+    table_rows.sort(key=lambda r: -r[f"val_{OBJECTIVES[0]}"])
+    _atomic_write_table(pareto_dir / "front.parquet", table_rows, FRONT_COLUMNS)
     keep = {r["trial_id"] for r in front}
     for child in pareto_dir.iterdir():
         if child.is_dir() and child.name not in keep:
@@ -134,15 +123,13 @@ def update_registry(
     summary = {
         "trials": len(rows),
         "trials_ok": sum(r["status"] == "ok" for r in rows),
-        "trials_errored": sum(r["status"] == "errored" for r in rows),
-        "trials_diverged": sum(r["status"] == "diverged" for r in rows),
+        **{f"trials_{status}": sum(r["status"] == status for r in rows) for status in ("errored", "diverged")},
         "front_size": len(front),
         "hypervolume": hypervolume_2d([tuple(r[f"val_{o}"] for o in OBJECTIVES) for r in front], reference),
         "hypervolume_reference": list(reference),
-        "best_accuracy": max((r["val_accuracy"] for r in front), default=None),
-        "best_fidelity": max((r["val_fidelity"] for r in front), default=None),
+        **{f"best_{name}": max((r[f"val_{name}"] for r in front), default=None) for name in OBJECTIVES},
     }
-    _atomic_write_bytes(experiment / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write_json(experiment / "summary.json", summary)
     return summary
 
 
@@ -180,25 +167,26 @@ class ParetoStudent:
 
 
 def _choose(rows: list[dict[str, Any]], prefer: str | dict[str, float]) -> dict[str, Any]:
-    points = [(r["val_accuracy"], r["val_fidelity"]) for r in rows]
+    points = [tuple(r[f"val_{name}"] for name in OBJECTIVES) for r in rows]
     if isinstance(prefer, dict):
         unknown = set(prefer) - set(OBJECTIVES)
         if unknown:
-            raise ValueError(f"prefer: unknown objective {sorted(unknown)[0]!r}; use accuracy and/or fidelity")
-        weights = (float(prefer.get("accuracy", 0.0)), float(prefer.get("fidelity", 0.0)))
-        scores = [weights[0] * a + weights[1] * f for a, f in points]
+            raise ValueError(f"prefer: unknown objective {sorted(unknown)[0]!r}; use {' and/or '.join(OBJECTIVES)}")
+        weights = [float(prefer.get(name, 0.0)) for name in OBJECTIVES]
+        scores = [sum(w * v for w, v in zip(weights, p, strict=True)) for p in points]
         return rows[max(range(len(rows)), key=scores.__getitem__)]
-    if prefer == "accuracy":
-        return rows[max(range(len(rows)), key=lambda i: points[i])]
-    if prefer == "fidelity":
-        return rows[max(range(len(rows)), key=lambda i: (points[i][1], points[i][0]))]
+    if prefer in OBJECTIVES:
+        # The best in that objective; ties go to the better of the others, in OBJECTIVES order.
+        first = OBJECTIVES.index(prefer)
+        return rows[max(range(len(rows)), key=lambda i: (points[i][first], *points[i]))]
     if prefer == "knee":
         # Closest to the utopia point after scaling each objective to [0, 1] over the front.
-        lows = [min(p[k] for p in points) for k in range(2)]
-        spans = [max(p[k] for p in points) - lows[k] or 1.0 for k in range(2)]
-        distance = [sum((1 - (p[k] - lows[k]) / spans[k]) ** 2 for k in range(2)) for p in points]
+        dims = range(len(OBJECTIVES))
+        lows = [min(p[k] for p in points) for k in dims]
+        spans = [max(p[k] for p in points) - lows[k] or 1.0 for k in dims]
+        distance = [sum((1 - (p[k] - lows[k]) / spans[k]) ** 2 for k in dims) for p in points]
         return rows[min(range(len(rows)), key=distance.__getitem__)]
-    raise ValueError(f"prefer: got {prefer!r}; use 'knee', 'accuracy', 'fidelity' or a weights dict")
+    raise ValueError(f"prefer: got {prefer!r}; use 'knee', {', '.join(map(repr, OBJECTIVES))} or a weights dict")
 
 
 def load_pareto_student(experiment: str | Path, prefer: str | dict[str, float] = "knee") -> ParetoStudent:
@@ -235,10 +223,6 @@ def write_front_plot(experiment: str | Path, path: str | Path) -> Path:
     axes.set_ylabel("validation fidelity (Pearson to teacher map)")
     axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return Path(path)

@@ -22,17 +22,20 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import DistillData, evaluate_student, prepare, save_student
+from xkd_ray.distill import evaluate, final_metrics, save_student
 from xkd_ray.errors import XKDTrainingDiverged
-from xkd_ray.pareto import front_rows, read_trials, record_trial, update_registry
+from xkd_ray.faults import fault_rule
+from xkd_ray.metrics import METRICS
+from xkd_ray.pareto import OBJECTIVES, front_rows, read_trials, record_trial, update_registry
+from xkd_ray.prepared import DistillData, prepare
+from xkd_ray.ray_train import make_trainer, student_from_checkpoint
 from xkd_ray.space import Parameter, SearchSpec
-from xkd_ray.train import make_trainer, student_from_checkpoint
+from xkd_ray.tables import live_trials_table
 
-OBJECTIVE_METRICS = ["accuracy", "fidelity"]
 STUDY_NAME = "xkd"
+DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
 
 
 def tune_domain(parameter: Parameter) -> Any:
@@ -64,34 +67,40 @@ def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))
     )
+    directions = [METRICS[name].direction for name in OBJECTIVES]
     # Initial points go straight into the study's queue: Optuna fills the keys a point leaves
     # out, whereas Tune's points_to_evaluate insists on every key.
     study = optuna.create_study(
-        storage=storage, study_name=STUDY_NAME, directions=["maximize", "maximize"], load_if_exists=True
+        storage=storage,
+        study_name=STUDY_NAME,
+        directions=[f"{d}imize" for d in directions],
+        load_if_exists=True,
     )
     if not study.trials:
         for point in spec.search.initial_points:
             study.enqueue_trial(dict(point))
     return OptunaSearch(
-        metric=OBJECTIVE_METRICS,
-        mode=["max", "max"],
+        metric=list(OBJECTIVES),
+        mode=directions,
         sampler=make_sampler(spec.search.sampler, spec.search.seed, spec.search.trials),
         study_name=STUDY_NAME,
         storage=storage,
     )
 
 
-def trial_config(base: dict[str, Any], fixed: dict[str, Any], sampled: dict[str, Any]) -> ExperimentConfig:
-    """A trial's full experiment config: the base, the space's fixed values, then the sampled ones."""
-    return ExperimentConfig.from_dict(base).with_overrides({**fixed, **sampled})
+def _report_diverged(config: ExperimentConfig) -> None:
+    """NaN objectives: the one divergence sentinel (Optuna records the trial as failed, never as a point)."""
+    nan = float("nan")
+    tune.report({**dict.fromkeys(OBJECTIVES, nan), "status": "diverged", "experiment_config": config.to_dict()})
 
 
 def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
-    """One trial: train a student with Ray Train, save it, report the final objectives."""
+    """One trial: train a student with Ray Train, save it, report its final validation metrics."""
     experiment = Path(shared["experiment"])
-    config = trial_config(shared["base"], shared["fixed"], sampled)
-    if config.ray.fail_trial_driver:
-        raise RuntimeError("injected fault: ray.fail_trial_driver is set, so this trial's driver fails on purpose")
+    spec: SearchSpec = shared["spec"]
+    config = spec.trial_config(sampled)
+    if fault_rule("fail_driver", config.to_dict()) is not None:
+        raise RuntimeError("injected fault: fail_driver (XKD_FAULTS), so this trial's driver fails on purpose")
     data: DistillData = ray.get(shared["data_ref"])
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(
@@ -100,16 +109,17 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         name=f"trial-{trial_id}",
         storage_path=experiment / "train",
         callbacks=[TuneReportCallback()],
+        objectives=OBJECTIVES,
     )
     result = trainer.fit()
     try:
         student, history = student_from_checkpoint(config, data, result.checkpoint)
     except XKDTrainingDiverged:
-        tune.report({"accuracy": 0.0, "fidelity": -1.0, "status": "diverged", "experiment_config": config.to_dict()})
+        _report_diverged(config)
         return
     # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
     resumed = len({int(record["start_epoch"]) for record in history}) - 1
-    val = evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
+    val = final_metrics(history)
     student_dir = experiment / "students" / trial_id
     save_student(student_dir, config, student, data, {"val": val, "teacher": data.teacher_metrics})
     tune.report(
@@ -137,21 +147,13 @@ def _last_error_line(trial: Any) -> str:
 class RegistryCallback(tune.Callback):
     """After every finished trial: record it, update the Pareto registry and the dashboard gauges.
 
-    Holds only paths and the base config (callbacks are pickled with the Tuner); the data is
+    Holds only paths and the search spec (callbacks are pickled with the Tuner); the data is
     read back from the explanation cache on first use, in the search's driver process.
     """
 
-    def __init__(
-        self,
-        experiment: str,
-        base_config: dict[str, Any],
-        reference: tuple[float, float],
-        fixed: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, experiment: str, spec: SearchSpec) -> None:
         self.experiment = experiment
-        self.base_config = base_config
-        self.fixed = dict(fixed or {})
-        self.reference = reference
+        self.spec = spec
         self._data: DistillData | None = None
         self._gauges: dict[str, Any] = {}
 
@@ -162,8 +164,7 @@ class RegistryCallback(tune.Callback):
             "trials_finished": "finished trials",
             "front_size": "students on the Pareto front",
             "hypervolume": "hypervolume of the front (val accuracy x fidelity)",
-            "best_accuracy": "best val accuracy on the front",
-            "best_fidelity": "best val fidelity on the front",
+            **{f"best_{name}": f"best val {name} on the front" for name in OBJECTIVES},
         }
         try:
             self._gauges = {
@@ -173,15 +174,13 @@ class RegistryCallback(tune.Callback):
             self._gauges = {}
 
     def _evaluate_test(self, student: Any, record: dict[str, Any]) -> dict[str, float]:
-        config = ExperimentConfig.from_dict(record["experiment"])
         if self._data is None:
-            self._data = prepare(ExperimentConfig.from_dict(self.base_config), progress=False)
-        data = self._data
-        return evaluate_student(student, data.splits.test, data.teacher_outputs["test"], data.template_map, config)
+            self._data = prepare(self.spec.trial_config({}), progress=False)
+        return evaluate(student, self._data, "test", ExperimentConfig.from_dict(record["experiment"]))
 
-    def _finish(self, trial: Any, row: dict[str, Any]) -> None:
+    def _finish(self, row: dict[str, Any]) -> None:
         record_trial(self.experiment, row)
-        summary = update_registry(self.experiment, self._evaluate_test, self.reference)
+        summary = update_registry(self.experiment, self._evaluate_test, self.spec.search.hypervolume_reference)
         tags = {"experiment": Path(self.experiment).name}
         for key, gauge in self._gauges.items():
             value = summary.get("trials" if key == "trials_finished" else key)
@@ -191,34 +190,31 @@ class RegistryCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         status = result.get("status", "errored")
-        if status == "ok" and not all(math.isfinite(float(result.get(m, math.nan))) for m in OBJECTIVE_METRICS):
+        if status == "ok" and not all(math.isfinite(float(result.get(m, math.nan))) for m in OBJECTIVES):
             status = "diverged"
+        config = result.get("experiment_config") or self.spec.trial_config(trial.config).to_dict()
         row = {
             "trial_id": trial.trial_id,
-            "method": (result.get("experiment_config") or {}).get("distill", {}).get("method"),
+            "method": config["distill"]["method"],
             "status": status,
-            "config": result.get("experiment_config") or trial.config,
+            "config": config,
             "student_dir": result.get("student_dir"),
             "resumed_from_checkpoint": result.get("resumed_from_checkpoint"),
-            **{f"val_{k}": result.get(k) for k in ("accuracy", "fidelity", "agreement", "fidelity_posthoc")},
-            **{f"val_{k}": result.get(k) for k in ("fidelity_template", "topk_iou")},
+            **{f"val_{name}": result.get(name) if status == "ok" else None for name in METRICS},
         }
-        if status != "ok":
-            row.update({f"val_{k}": None for k in ("accuracy", "fidelity")})
-        self._finish(trial, row)
+        self._finish(row)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Called once the trial's retries (``search.max_failures``) are used up."""
-        config = trial_config(self.base_config, self.fixed, trial.config)
+        config = self.spec.trial_config(trial.config)
         self._finish(
-            trial,
             {
                 "trial_id": trial.trial_id,
                 "method": config.distill.method,
                 "status": "errored",
                 "config": config.to_dict(),
                 "error": f"failed {trial.num_failures} time(s): {_last_error_line(trial)}",
-            },
+            }
         )
 
 
@@ -230,35 +226,23 @@ class LiveTableCallback(tune.Callback):
         self._live: Live | None = None
         self._latest: dict[str, dict[str, Any]] = {}
 
-    def setup(self, **info: Any) -> None:
-        self._live = Live(self._table(), console=Console(), refresh_per_second=2, transient=False)
-        self._live.start()
-
-    def _table(self) -> Table:
+    def _render(self) -> Any:
         front = {row["trial_id"] for row in front_rows(read_trials(self.experiment))}
-        table = Table(title=f"search {self.experiment}")
-        for column in ("trial", "status", "epoch", "accuracy", "fidelity", "front"):
-            table.add_column(column)
-        for trial_id, result in sorted(self._latest.items()):
-            table.add_row(
-                trial_id,
-                str(result.get("status", "running")),
-                str(result.get("epoch", "")),
-                f"{result.get('accuracy', float('nan')):.3f}",
-                f"{result.get('fidelity', float('nan')):.3f}",
-                "*" if trial_id in front else "",
-            )
-        return table
+        return live_trials_table(f"search {self.experiment}", self._latest, front, OBJECTIVES)
+
+    def setup(self, **info: Any) -> None:
+        self._live = Live(self._render(), console=Console(), refresh_per_second=2, transient=False)
+        self._live.start()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._latest[trial.trial_id] = result
         if self._live is not None:
-            self._live.update(self._table())
+            self._live.update(self._render())
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._latest.setdefault(trial.trial_id, {})["status"] = (trial.last_result or {}).get("status", "done")
         if self._live is not None:
-            self._live.update(self._table())
+            self._live.update(self._render())
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._live is not None:
@@ -276,20 +260,11 @@ def concurrent_trials(spec: SearchSpec) -> int:
         return spec.search.max_concurrent_trials
     resources = ray.cluster_resources()
     per_trial_cpu = spec.search.workers_per_trial * spec.search.cpus_per_worker + DRIVER_CPU
-    by_cpu = int(resources.get("CPU", 1) // per_trial_cpu + 1e-9)
+    # The epsilon absorbs float error in the division (1.4 / 0.7 = 1.9999...), before the floor.
+    fitting = math.floor(resources.get("CPU", 1) / per_trial_cpu + 1e-9)
     if spec.base.ray.use_gpu:
-        by_cpu = min(by_cpu, int(resources.get("GPU", 0) // spec.search.workers_per_trial))
-    return max(1, by_cpu)
-
-
-DRIVER_CPU = 0.1
-
-
-def trial_base_config(spec: SearchSpec) -> ExperimentConfig:
-    """The base config with the search's worker settings applied to Ray Train."""
-    return spec.base.with_overrides(
-        {"ray.num_workers": spec.search.workers_per_trial, "ray.cpus_per_worker": spec.search.cpus_per_worker}
-    )
+        fitting = min(fitting, int(resources.get("GPU", 0) // spec.search.workers_per_trial))
+    return max(1, fitting)
 
 
 def build_trainable(shared: dict[str, Any]) -> Any:
@@ -300,23 +275,15 @@ def run_search(spec: SearchSpec, experiment: str | Path, *, resume: bool = False
     """Run (or resume) a search; returns the registry summary. Ray must already be initialised."""
     experiment = Path(experiment).resolve()
     experiment.mkdir(parents=True, exist_ok=True)
-    base = trial_base_config(spec)
     started = time.perf_counter()
-    data = prepare(base, progress=True)
-    shared = {
-        "experiment": str(experiment),
-        "base": base.to_dict(),
-        "fixed": spec.fixed_overrides(),
-        "data_ref": ray.put(data),
-    }
+    data = prepare(spec.trial_config({}), progress=True)
+    shared = {"experiment": str(experiment), "spec": spec, "data_ref": ray.put(data)}
     trainable = build_trainable(shared)
     tune_path = experiment / "tune"
     if resume and tune.Tuner.can_restore(str(tune_path)):
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
-        callbacks: list[tune.Callback] = [
-            RegistryCallback(str(experiment), base.to_dict(), spec.search.hypervolume_reference, spec.fixed_overrides())
-        ]
+        callbacks: list[tune.Callback] = [RegistryCallback(str(experiment), spec)]
         if live:
             callbacks.append(LiveTableCallback(str(experiment)))
         tuner = tune.Tuner(

@@ -1,7 +1,7 @@
 """Ray Train: one student's training sharded over DDP workers (gloo on CPU, nccl on GPU).
 
-The per-worker loop is the core loop (``distill.train_one_epoch`` / ``evaluate_student``'s
-metrics) plus what distribution needs: a ``DistributedSampler`` whose global order does not
+The per-worker loop is the core loop (``distill.train_one_epoch`` / ``distill.split_metrics``)
+plus what distribution needs: a ``DistributedSampler`` whose global order does not
 depend on the worker count, per-epoch checkpoints with the full training state, and
 validation metrics computed on the whole split (each worker explains a shard, then all
 shards are gathered) so the reported numbers do not depend on the worker count either.
@@ -31,17 +31,20 @@ from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.config import ExperimentConfig
 from xkd_ray.distill import (
-    DistillData,
+    StudentPredictions,
     build_student,
     distill_dataset,
-    evaluate_student,
+    evaluate,
+    final_metrics,
     make_optimizer,
-    metrics_from_predictions,
+    split_metrics,
     student_predictions,
     train_one_epoch,
 )
 from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
+from xkd_ray.faults import fault_rule
 from xkd_ray.models import StudentNet
+from xkd_ray.prepared import DistillData
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -75,36 +78,38 @@ def _gather_evaluation(
     config: ExperimentConfig,
     device: torch.device,
 ) -> dict[str, float]:
-    """Each rank evaluates a contiguous shard; shards are gathered in rank order and the metrics
+    """Each rank explains a contiguous shard; shards are gathered in rank order and the metrics
     computed once on the whole split, identically on every rank."""
     split = data.splits.split(split_name)
-    outputs = data.teacher_outputs[split_name]
+    teacher_predictions = data.teacher_outputs[split_name].predictions
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     bounds = np.linspace(0, len(split), world + 1).astype(int)
     shard = slice(int(bounds[rank]), int(bounds[rank + 1]))
-    mine = student_predictions(student, split.images[shard], outputs.predictions[shard], config, device=device)
+    mine = student_predictions(student, split.images[shard], teacher_predictions[shard], config, device=device)
     gathered: list[Any] = [mine]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
-    logits = torch.cat([g[0] for g in gathered])
-    head = torch.cat([g[1] for g in gathered]) if gathered[0][1] is not None else None
-    posthoc = torch.cat([g[2] for g in gathered])
-    return metrics_from_predictions(logits, head, posthoc, split.labels, outputs, data.template_map, config)
+    head = torch.cat([g.head_maps for g in gathered]) if gathered[0].head_maps is not None else None
+    predictions = StudentPredictions(
+        torch.cat([g.logits for g in gathered]), head, torch.cat([g.posthoc_maps for g in gathered])
+    )
+    return split_metrics(data, split_name, config, predictions)
 
 
 FAULT_MARKER = ".fault-injected"
 
 
-def _maybe_inject_fault(config: ExperimentConfig, epoch: int, run_folder: str) -> None:
-    """Test hook: the last worker kills its own process (SIGKILL, a real crash) at
-    ``ray.fail_at_epoch``, once per run (a marker file in the run's folder says it happened).
+def _maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str) -> None:
+    """Test hook (``xkd_ray.faults``): the last worker kills its own process (SIGKILL, a real
+    crash) at the rule's epoch, once per run (a marker file in the run's folder says it happened).
 
     It first waits a few of the controller's health-check intervals, so the previous epoch's
     report and checkpoint have been collected: the fault under test is "a worker dies after a
     checkpoint", and a report still in flight when its worker dies is lost by design."""
-    if config.ray.fail_at_epoch is None or epoch != config.ray.fail_at_epoch:
+    rule = fault_rule("kill_worker", config.to_dict())
+    if rule is None or epoch != rule.get("epoch"):
         return
     marker = Path(run_folder) / FAULT_MARKER
     context = ray.train.get_context()
@@ -124,12 +129,14 @@ def _any_rank_diverged(loss: float, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def _report_divergence(record: dict[str, Any], epoch: int, history: list[dict[str, Any]], rank: int) -> None:
+def _report_divergence(
+    record: dict[str, Any], epoch: int, history: list[dict[str, Any]], rank: int, objectives: list[str]
+) -> None:
     """End a diverged run with a weights-free checkpoint that says so: Ray Train's result then
     carries the divergence, and a restarted run stops instead of training broken weights. Tune
     checks every report for the search objectives, so they are present (as NaN)."""
     nan = float("nan")
-    report = {**record, "epoch": epoch, "diverged": True, "accuracy": nan, "fidelity": nan}
+    report = {**record, "epoch": epoch, "diverged": True, **dict.fromkeys(objectives, nan)}
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
@@ -146,11 +153,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     world, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
     settings = config.distill
-    if settings.batch_size % world != 0:
-        raise XKDConfigError(
-            f"distill.batch_size: {settings.batch_size} is not divisible by ray.num_workers={world}; "
-            "the global batch is split evenly over workers"
-        )
     if config.ray.threads_per_worker:
         torch.set_num_threads(config.ray.threads_per_worker)
     torch.manual_seed(settings.seed)
@@ -172,7 +174,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(
         student, parallel_strategy_kwargs={"find_unused_parameters": settings.head_warmup_epochs > 0}
     )
-    teacher = data.teacher().to(device) if settings.method == "at" else None
+    teacher = data.live_teacher(config)
+    teacher = teacher.to(device) if teacher is not None else None
     dataset = distill_dataset(data.splits.train, data.teacher_outputs["train"])
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
     loader = ray.train.torch.prepare_data_loader(
@@ -180,14 +183,14 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     )
     amp_dtype = _amp_dtype(config, device)
     for epoch in range(start_epoch, settings.epochs):
-        _maybe_inject_fault(config, epoch, loop_config["run_folder"])
+        _maybe_kill_worker(config, epoch, loop_config["run_folder"])
         sampler.set_epoch(epoch)
         record = train_one_epoch(
             model, loader, optimizer, config, epoch, teacher=teacher, device=device, amp_dtype=amp_dtype
         )
         scheduler.step()
         if _any_rank_diverged(record["train_total"], device):
-            _report_divergence(record, epoch, history, rank)
+            _report_divergence(record, epoch, history, rank, loop_config["objectives"])
             return
         bare = model.module if hasattr(model, "module") else model
         record.update(_gather_evaluation(bare, "val", data, config, device))
@@ -217,7 +220,10 @@ def make_trainer(
     name: str,
     storage_path: str | Path,
     callbacks: list[Any] | None = None,
+    objectives: tuple[str, ...] = (),
 ) -> TorchTrainer:
+    """A Ray Train run of ``worker_loop``. ``objectives``: metrics a diverged run still reports
+    (as NaN), because Tune checks every report for the search's objectives."""
     ray_settings = config.ray
     resources = {"CPU": ray_settings.cpus_per_worker}
     if ray_settings.use_gpu:
@@ -228,6 +234,7 @@ def make_trainer(
             "config": config.to_dict(),
             "data_ref": data_ref,
             "run_folder": str(Path(storage_path).resolve() / name),
+            "objectives": list(objectives),
         },
         torch_config=TorchConfig(backend="nccl" if ray_settings.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -266,7 +273,6 @@ def ensure_ray(address: str | None = None) -> None:
     """Join ``address`` (or a running cluster) or start a local Ray; never start a second one."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(address=address, ignore_reinit_error=True, logging_level="WARNING", log_to_driver=False)
 
 
@@ -294,8 +300,8 @@ def distill_with_ray(
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     student, history = student_from_checkpoint(config, data, result.checkpoint)
     metrics = {
-        "val": evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config),
-        "test": evaluate_student(student, data.splits.test, data.teacher_outputs["test"], data.template_map, config),
+        "val": final_metrics(history),
+        "test": evaluate(student, data, "test", config),
         "teacher": data.teacher_metrics,
         "history": history,
         "ray": {"name": name, "storage_path": str(storage_path), "last_report": dict(result.metrics or {})},

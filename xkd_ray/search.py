@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 
 from xkd_ray.errors import XKDConfigError, XKDError
-from xkd_ray.space import SearchSpec, load_search_space
+from xkd_ray.space import SAMPLERS, SearchSpec, load_search_space
 
 console = Console()
 
@@ -34,7 +34,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="experiment folder (shared storage on a cluster)")
     parser.add_argument("--trials", type=int, help="override search.trials")
     parser.add_argument("--workers-per-trial", type=int, help="override search.workers_per_trial")
-    parser.add_argument("--sampler", choices=["tpe", "nsga2", "random"], help="override search.sampler")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="override search.sampler")
     parser.add_argument("--seed", type=int, help="override search.seed")
     parser.add_argument("--gpu", action="store_true", help="train each trial's workers on GPUs")
     parser.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start locally")
@@ -60,25 +60,24 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
-    spec = load_search_space(args.space, overrides)
-    if args.gpu:
-        spec.base = spec.base.with_overrides({"ray.use_gpu": True})
-    return spec
+    return load_search_space(args.space, overrides, base_overrides={"ray.use_gpu": True} if args.gpu else None)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     check_experiment_folder(args.out)
 
-    from xkd_ray.pareto import list_pareto_students, load_pareto_student, read_trials, write_front_plot
-    from xkd_ray.train import ensure_ray
-    from xkd_ray.tune import run_search
+    from xkd_ray.pareto import OBJECTIVES, list_pareto_students, load_pareto_student, read_trials, write_front_plot
+    from xkd_ray.ray_search import run_search
+    from xkd_ray.ray_train import ensure_ray
+    from xkd_ray.tables import front_table
 
     ensure_ray(args.address)
     summary = run_search(spec, args.out, resume=args.resume, live=not args.no_live)
     front = list_pareto_students(args.out)
     write_front_plot(args.out, args.out / "pareto" / "front.png")
-    console.print(front_table(front.to_pylist(), f"Pareto front ({summary.get('front_size', 0)} students)"))
+    title = f"Pareto front ({summary.get('front_size', 0)} students)"
+    console.print(front_table(front.to_pylist(), title, OBJECTIVES))
     statuses = Counter(row["status"] for row in read_trials(args.out))
     console.print(
         f"hypervolume {summary.get('hypervolume', 0):.4f} over {summary.get('trials', 0)} trials "
@@ -88,21 +87,6 @@ def run(args: argparse.Namespace) -> int:
         raise XKDError(f"{args.out}: no trial finished ok, so the Pareto front is empty; see trials.parquet")
     console.print(f"knee student: {load_pareto_student(args.out, prefer='knee').path}")
     return 0
-
-
-def front_table(rows: list[dict[str, Any]], title: str) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("trial_id", "method", "val_accuracy", "val_fidelity", "test_accuracy", "test_fidelity"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in table_columns(table)))
-    return table
-
-
-def table_columns(table: Any) -> list[str]:
-    return [str(column.header) for column in table.columns]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,88 @@
+"""Prepared data: the splits, the teacher and its cached explanations, as one picklable bundle.
+
+``prepare`` runs once per run or search (before any trial); every student then trains on
+``DistillData`` alone, without touching the teacher again unless its method needs the live
+teacher (``Method.needs_teacher``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from xkd_ray.config import ExperimentConfig
+from xkd_ray.data import SPLIT_NAMES, Splits, load_splits
+from xkd_ray.explain import TeacherOutputs, cached_teacher_outputs
+from xkd_ray.methods import METHODS
+from xkd_ray.models import build_teacher
+from xkd_ray.teacher import load_or_train_teacher, teacher_architecture
+
+
+@dataclass
+class DistillData:
+    """Everything a student run needs, as CPU tensors: picklable, so Ray can share it once."""
+
+    splits: Splits
+    teacher_outputs: dict[str, TeacherOutputs]
+    template_map: torch.Tensor  # [H, W], mean training teacher map
+    teacher_architecture: dict[str, Any]
+    teacher_state: dict[str, torch.Tensor]
+    teacher_id: str
+    teacher_metrics: dict[str, float]
+    cache_files: dict[str, str] = field(default_factory=dict)
+    cache_hits: dict[str, bool] = field(default_factory=dict)
+
+    def teacher(self) -> nn.Module:
+        """A fresh frozen copy of the teacher."""
+        model = build_teacher(**self.teacher_architecture)
+        model.load_state_dict(self.teacher_state)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model.eval()
+
+    def live_teacher(self, config: ExperimentConfig) -> nn.Module | None:
+        """The teacher network when the method trains on its features (else None: logits and
+        maps come from the cache)."""
+        return self.teacher() if METHODS[config.distill.method].needs_teacher else None
+
+
+def prepare(config: ExperimentConfig, progress: bool = True) -> DistillData:
+    """Load the data, get the teacher, and read (or compute once) its cached explanations."""
+    splits = load_splits(config.data)
+    teacher = load_or_train_teacher(config, splits, progress=progress)
+    outputs: dict[str, TeacherOutputs] = {}
+    files: dict[str, str] = {}
+    hits: dict[str, bool] = {}
+    for name in SPLIT_NAMES:
+        outputs[name], path, hits[name] = cached_teacher_outputs(
+            teacher.model,
+            teacher.teacher_id,
+            splits.split(name).images,
+            name,
+            splits.fingerprint(),
+            explainer=config.explain.explainer,
+            layer=config.explain.layer,
+            ig_steps=config.explain.ig_steps,
+            blur_sigma=config.explain.blur_sigma,
+            batch_size=config.explain.batch_size,
+            cache_dir=config.explain.cache_dir,
+            progress=progress,
+        )
+        files[name] = str(path)
+    teacher_metrics = dict(teacher.metrics)
+    for name in ("val", "test"):
+        teacher_metrics[f"{name}_degenerate_maps"] = outputs[name].degenerate_maps
+    return DistillData(
+        splits=splits,
+        teacher_outputs=outputs,
+        template_map=outputs["train"].maps.mean(dim=0),
+        teacher_architecture=teacher_architecture(config, splits),
+        teacher_state={k: v.detach().cpu() for k, v in teacher.model.state_dict().items()},
+        teacher_id=teacher.teacher_id,
+        teacher_metrics=teacher_metrics,
+        cache_files=files,
+        cache_hits=hits,
+    )

@@ -1,0 +1,67 @@
+"""Every table the user sees (terminal output of ``xkd``): columns come from the registries."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+
+from xkd_ray.metrics import METRICS
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def items_table(title: str, items: dict[str, Any]) -> Table:
+    """Two columns, item and value (the teacher's summary)."""
+    table = Table(title=title)
+    table.add_column("item")
+    table.add_column("value")
+    for key, value in items.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def metrics_table(title: str, runs: dict[str, dict[str, Any]], split: str = "test") -> Table:
+    """One row per run, one column per registered metric: the side-by-side view users compare methods in."""
+    table = Table(title=title)
+    table.add_column("run")
+    for name in METRICS:
+        table.add_column(name, justify="right")
+    for run, metrics in runs.items():
+        values = metrics.get(split, {})
+        table.add_row(run, *(_cell(values.get(name)) for name in METRICS))
+    return table
+
+
+def front_table(rows: list[dict[str, Any]], title: str, objectives: tuple[str, ...]) -> Table:
+    """The Pareto front: each student's objectives on val (searched on) and test (reported)."""
+    columns = ["trial_id", "method", *(f"{split}_{name}" for split in ("val", "test") for name in objectives)]
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    return table
+
+
+def live_trials_table(
+    title: str, latest: dict[str, dict[str, Any]], front: set[str], objectives: tuple[str, ...]
+) -> Table:
+    """A search in progress: each trial's last report, a star on the current front."""
+    table = Table(title=title)
+    for column in ("trial", "status", "epoch", *objectives, "front"):
+        table.add_column(column)
+    for trial_id, result in sorted(latest.items()):
+        table.add_row(
+            trial_id,
+            str(result.get("status", "running")),
+            str(result.get("epoch", "")),
+            *(_cell(float(result.get(name, math.nan))) for name in objectives),
+            "*" if trial_id in front else "",
+        )
+    return table
