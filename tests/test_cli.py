@@ -113,10 +113,15 @@ def saved_student(tiny_config, tiny_data, tmp_path_factory):
 
 
 def test_evaluate_remeasures_a_saved_student(saved_student, capsys):
+    """The printed row holds, column by column, the test metrics stored when the student was saved."""
+    from xkd_ray.metrics import METRICS
+
     assert main(["evaluate", str(saved_student)]) == 0
     stored = json.loads((saved_student / "metrics.json").read_text())["test"]
-    printed = capsys.readouterr().out
-    assert f"{stored['accuracy']:.3f}" in printed and f"{stored['fidelity']:.3f}" in printed
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│ student"))
+    cells = [cell.strip() for cell in row.strip("│").split("│")][1:]
+    expected = [f"{stored[name]:.3f}" if isinstance(stored[name], float) else str(stored[name]) for name in METRICS]
+    assert cells == expected
 
 
 def _rewrite_architecture(folder, **changes) -> None:
@@ -150,7 +155,7 @@ def test_broken_student_folder_is_one_clear_error(problem, saved_student, tmp_pa
     """CLI: exit 2 and one line naming the file; Python API: XKDCheckpointError, same message."""
     import shutil
 
-    from xkd_ray.distill import load_student
+    from xkd_ray.checkpoints import load_student
     from xkd_ray.errors import XKDCheckpointError
 
     folder = tmp_path / "student"

@@ -10,50 +10,48 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.conftest import SMOKE, injected_faults
 from xkd_ray.metrics import non_dominated
 from xkd_ray.pareto import load_pareto_student, read_trials
 from xkd_ray.space import load_search_space
 
-from .test_search import SMOKE
-
-HEALTHY = {"distill.method": "xd", "distill.lr": 0.005, "ray.fail_at_epoch": None, "ray.fail_trial_driver": False}
+# Each point is told apart by its temperature; the fault rules (xkd_ray.faults) key on it.
+HEALTHY = {"distill.method": "xd", "distill.lr": 0.005, "distill.temperature": 2.0}
 POINTS = {
     "healthy": HEALTHY,
-    "worker_killed": {**HEALTHY, "ray.fail_at_epoch": 1},  # one worker SIGKILLs itself at epoch 1
+    "worker_killed": {**HEALTHY, "distill.temperature": 3.0},  # one worker SIGKILLs itself at epoch 1
     "diverges": {**HEALTHY, "distill.lr": 1e6},  # NaN/inf loss in the first epoch
-    "driver_fails": {**HEALTHY, "distill.method": "kd", "ray.fail_trial_driver": True},  # raises on every attempt
+    "driver_fails": {**HEALTHY, "distill.method": "kd", "distill.temperature": 5.0},  # raises on every attempt
 }
+RULES = [
+    {"fault": "kill_worker", "epoch": 1, "when": {"distill.temperature": 3.0}},
+    {"fault": "fail_driver", "when": {"distill.temperature": 5.0}},
+]
 
 
 @pytest.fixture(scope="module")
 def faulty_search(ray_local, cache_dir, tmp_path_factory):
-    from xkd_ray.tune import run_search
+    from xkd_ray.ray_search import run_search
 
     tmp = tmp_path_factory.mktemp("faults")
     raw = yaml.safe_load(SMOKE.read_text())
     raw["base"]["explain"]["cache_dir"] = cache_dir
-    raw["space"].update(
-        {
-            "distill.lr": {"choice": [0.005, 1e6]},
-            "ray.fail_at_epoch": {"choice": [None, 1]},
-            "ray.fail_trial_driver": {"choice": [False, True]},
-        }
-    )
+    raw["space"].update({"distill.lr": {"choice": [0.005, 1e6]}})
     raw["search"].update({"trials": len(POINTS), "initial_points": list(POINTS.values()), "max_failures": 1})
     path = tmp / "space.yaml"
     path.write_text(yaml.safe_dump(raw))
     experiment = tmp / "experiment"
-    summary = run_search(load_search_space(path), experiment, live=False)
+    with injected_faults(RULES):
+        summary = run_search(load_search_space(path), experiment, live=False)
     return experiment, summary
 
 
 def _kind(row: dict) -> str:
     config = json.loads(row["config"])
-    if config["ray"]["fail_trial_driver"]:
-        return "driver_fails"
     if config["distill"]["lr"] > 1:
         return "diverges"
-    return "worker_killed" if config["ray"]["fail_at_epoch"] == 1 else "healthy"
+    by_temperature = {3.0: "worker_killed", 5.0: "driver_fails"}
+    return by_temperature.get(config["distill"]["temperature"], "healthy")
 
 
 @pytest.mark.slow
@@ -68,7 +66,7 @@ def test_each_fault_is_recorded_and_the_search_goes_on(faulty_search):
     # Retried once (search.max_failures=1), then recorded as errored with its full config.
     errored = rows["driver_fails"]
     assert errored["status"] == "errored" and errored["val_accuracy"] is None
-    assert errored["error"].startswith("failed 2 time(s)") and "ray.fail_trial_driver" in errored["error"]
+    assert errored["error"].startswith("failed 2 time(s)") and "injected fault: fail_driver" in errored["error"]
     assert json.loads(errored["config"])["distill"]["method"] == "kd"
 
 

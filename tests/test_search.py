@@ -14,26 +14,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-import xkd_ray.explain as explain_module
+from tests.conftest import REPO, SMOKE, smoke_space
+from tests.registry_plugin import PLUGIN_METHOD
 from xkd_ray.errors import XKDConfigError
 from xkd_ray.metrics import non_dominated
 from xkd_ray.pareto import front_rows, read_trials
 from xkd_ray.search import main as search_main
 from xkd_ray.space import load_search_space, parse_search_space
-
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "search_spaces" / "smoke.yaml"
-
-
-def _smoke_space(tmp_path: Path, cache_dir: str, **search: object) -> Path:
-    raw = yaml.safe_load(SMOKE.read_text())
-    raw["base"]["explain"]["cache_dir"] = cache_dir
-    raw["search"].update(search)
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -123,30 +111,6 @@ LOAD_IN_FRESH_PROCESS = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def smoke_experiment(ray_local, cache_dir, tmp_path_factory, request):
-    """One smoke search (4 trials), run in this process on the session's local Ray."""
-    from xkd_ray.tune import run_search
-
-    tmp = tmp_path_factory.mktemp("search")
-    fresh_cache = str(tmp / "cache")
-    spec = load_search_space(_smoke_space(tmp, fresh_cache))
-    writes: list[str] = []
-    original = explain_module.write_teacher_outputs
-
-    def counting_write(path, outputs, metadata):
-        writes.append(str(path))
-        return original(path, outputs, metadata)
-
-    patcher = pytest.MonkeyPatch()
-    patcher.setattr(explain_module, "write_teacher_outputs", counting_write)
-    try:
-        summary = run_search(spec, tmp / "experiment", live=False)
-    finally:
-        patcher.undo()
-    return tmp / "experiment", summary, writes, Path(fresh_cache)
-
-
 def test_smoke_search_fills_a_consistent_registry(smoke_experiment):
     experiment, summary, _, _ = smoke_experiment
     rows = read_trials(experiment)
@@ -160,7 +124,7 @@ def test_smoke_search_fills_a_consistent_registry(smoke_experiment):
     assert folders == expected
     assert summary["front_size"] == len(expected) and summary["hypervolume"] > 0
     assert json.loads((experiment / "summary.json").read_text())["trials"] == len(rows)
-    assert {r["method"] for r in rows} <= {"kd", "xd"}
+    assert {r["method"] for r in rows} <= {"kd", "xd", PLUGIN_METHOD}
 
 
 def test_teacher_explainer_ran_once_for_the_whole_search(smoke_experiment):
@@ -197,7 +161,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_path, cache_dir):
-    space = _smoke_space(tmp_path, cache_dir, trials=5, max_concurrent_trials=1)
+    space = smoke_space(tmp_path, cache_dir, trials=5, max_concurrent_trials=1)
     experiment = tmp_path / "experiment"
     command = [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(space), "--out", str(experiment)]
     command += ["--no-live", "--address", "local"]
@@ -240,7 +204,7 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     import tempfile
 
     ray_bin = str(Path(sys.executable).parent / "ray")
-    space = _smoke_space(tmp_path, cache_dir, trials=2)
+    space = smoke_space(tmp_path, cache_dir, trials=2)
     experiment = tmp_path / "experiment"
     gcs_port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}

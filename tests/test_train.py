@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import injected_faults
 from xkd_ray.distill import distill
-from xkd_ray.train import distill_with_ray
+from xkd_ray.ray_train import distill_with_ray
 
 # Global batch and sampler order are the same for any worker count (each rank takes every
 # world-th index of one seeded permutation, with batch_size / world per rank) and the student
@@ -44,8 +45,9 @@ def test_killed_worker_resumes_from_last_checkpoint_and_reproduces_the_run(
 ):
     """The last worker SIGKILLs itself at the start of epoch 2: Ray Train restarts the group,
     which resumes from its last checkpoint and ends exactly where an uninterrupted run ends."""
-    config = train_config.with_overrides({"ray.num_workers": 2, "ray.fail_at_epoch": 2})
-    _, metrics = distill_with_ray(config, tiny_data, storage_path=tmp_path)
+    config = train_config.with_overrides({"ray.num_workers": 2})
+    with injected_faults([{"fault": "kill_worker", "epoch": 2, "when": {"ray.num_workers": 2}}]):
+        _, metrics = distill_with_ray(config, tiny_data, storage_path=tmp_path)
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     # The restarted group resumed from a checkpoint (epoch 1's, or epoch 0's if the kill beat

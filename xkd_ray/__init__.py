@@ -16,3 +16,20 @@ __all__ = [
     "load_pareto_student",
 ]
 __version__ = "0.1.0"
+
+
+def _load_plugins() -> None:
+    """Import the modules named in ``XKD_PLUGINS`` (comma-separated), so the registry entries
+    they add (methods, metrics, explainers, datasets) exist in every process that imports
+    xkd_ray, Ray workers included: a new entry never needs an edit inside the package."""
+    import importlib
+    import os
+
+    for name in filter(None, (part.strip() for part in os.environ.get("XKD_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"XKD_PLUGINS: cannot import {name!r} ({exc})") from exc
+
+
+_load_plugins()
