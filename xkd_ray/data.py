@@ -1,10 +1,5 @@
-"""Every dataset becomes the same three in-memory tensors, fixed by a seed.
-
-Teacher, explanations and every student in a search must see exactly the same images, so the
-splits are computed once, deterministically, and fingerprinted: the fingerprint keys the teacher
-checkpoint and the explanation cache, so a change in the data can never reuse a stale artefact.
-The datasets are small enough to live in memory as one float tensor per split, which keeps the
-training loops free of per-item decoding and makes the data trivially shareable (``ray.put``).
+"""The datasets the config can name (``DATASETS``), each loaded into the same three in-memory
+splits (``xkd_ray.splits``), fixed by a seed.
 
 Bad inputs (a missing folder, absent dataset files, a corrupt image) raise one ``XKDDataError``
 naming the path and the fix, so the CLI can print one line instead of a traceback.
@@ -12,222 +7,22 @@ naming the path and the fix, so the CLI can print one line instead of a tracebac
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from xkd_ray.errors import XKDDataError
+from xkd_ray.splits import SPLIT_NAMES, Split, Splits, assemble, carve_val, count_for, resize, take, uint8_to_float
 
 if TYPE_CHECKING:  # the config names DATASETS' keys, so it imports this module, not the reverse
     from xkd_ray.config import DataConfig
 
-SPLIT_NAMES = ("train", "val", "test")
-# Converting a whole torchvision split at once would briefly hold several float copies of it
-# (CIFAR-10 train alone is 600 MB as float32); chunks bound that peak.
-_CHUNK = 8192
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One split as tensors, so training and evaluation never decode images again.
-
-    ``eq=False``: comparing tensors element-wise inside a generated ``__eq__`` is ambiguous;
-    compare ``Splits.fingerprint()`` instead.
-    """
-
-    images: torch.Tensor  # float32 [N, C, H, W], normalised with the train split's statistics
-    labels: torch.Tensor  # int64 [N]
-
-    def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype != torch.float32:
-            raise XKDDataError(
-                f"split images must be float32 [N, C, H, W]; got {self.images.dtype} {list(self.images.shape)}"
-            )
-        if self.labels.ndim != 1 or self.labels.dtype != torch.int64:
-            raise XKDDataError(f"split labels must be int64 [N]; got {self.labels.dtype} {list(self.labels.shape)}")
-        if len(self.images) != len(self.labels):
-            raise XKDDataError(f"split has {len(self.images)} images but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True, eq=False)
-class Splits:
-    """The three splits plus what models need to be built for them (classes, channels, size)."""
-
-    train: Split
-    val: Split
-    test: Split
-    num_classes: int
-    in_channels: int
-    image_size: int
-    name: str
-    class_names: tuple[str, ...]
-    # Hashing CIFAR-sized tensors takes about a second and the pipeline asks several times;
-    # the tensors are treated as read-only, so the first answer stays valid.
-    _fingerprint: list[str] = field(default_factory=list, init=False, repr=False)
-
-    def split(self, name: str) -> Split:
-        """Look a split up by the name used in cache files and metrics."""
-        if name not in SPLIT_NAMES:
-            raise XKDDataError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
-        return getattr(self, name)
-
-    def fingerprint(self) -> str:
-        """Content hash of the exact tensors: the key under which teachers and explanations are cached.
-
-        Hashing the bytes (not the config) means a different seed, size, subset or a changed file
-        on disk all give a new key, while the same data reached by another config reuses the cache.
-        """
-        if not self._fingerprint:
-            digest = hashlib.sha256()
-            shapes = {
-                name: [list(self.split(name).images.shape), list(self.split(name).labels.shape)] for name in SPLIT_NAMES
-            }
-            digest.update(json.dumps({"name": self.name, "shapes": shapes}, sort_keys=True).encode())
-            for name in SPLIT_NAMES:
-                part = self.split(name)
-                for tensor in (part.images, part.labels):
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint.append(digest.hexdigest()[:16])
-        return self._fingerprint[0]
-
-    def describe(self) -> dict[str, Any]:
-        """What is saved next to every model, so a result can be traced back to its data."""
-        return {
-            "name": self.name,
-            "sizes": {name: len(self.split(name)) for name in SPLIT_NAMES},
-            "num_classes": self.num_classes,
-            "in_channels": self.in_channels,
-            "image_size": self.image_size,
-        }
-
-
-# ----------------------------------------------------------------------------- splitting
-
-
-def _count(fraction: float, total: int) -> int:
-    """Images a fraction asks for; at least one when the fraction is positive, so that tiny
-    folders still get a val/test split instead of silently an empty one."""
-    if fraction <= 0:
-        return 0
-    return min(total, max(1, round(fraction * total)))
-
-
-def _take(indices: np.ndarray, labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``indices`` into ``count`` taken and the rest, stratified by label where possible.
-
-    Stratifying keeps small val/test splits representative of every class; it is impossible when
-    a class has a single image or a side is smaller than the number of classes, and then a plain
-    seeded shuffle is used instead of failing.
-    """
-    if count <= 0:
-        return indices[:0], indices
-    if count >= len(indices):
-        return indices, indices[:0]
-    from sklearn.model_selection import train_test_split
-
-    _, per_class = np.unique(labels, return_counts=True)
-    classes = len(per_class)
-    stratify = labels if per_class.min() >= 2 and min(count, len(indices) - count) >= classes else None
-    rest, taken = train_test_split(indices, test_size=count, random_state=seed, shuffle=True, stratify=stratify)
-    return np.asarray(taken), np.asarray(rest)
-
-
-def _carve_val(
-    labels: np.ndarray, val_fraction: float, max_train: int | None, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Val comes out of the training pool before subsetting, so ``max_train_samples`` only ever
-    shrinks train and the val images do not depend on it."""
-    pool = np.arange(len(labels))
-    val, train = _take(pool, labels, _count(val_fraction, len(pool)), seed)
-    if max_train is not None and max_train < len(train):
-        train, _ = _take(train, labels[train], max_train, seed + 1)
-    return train, val
-
-
-def _check_not_empty(where: str, sizes: dict[str, int], config: DataConfig) -> None:
-    """An empty split would only fail later, inside training or metrics, with an obscure error."""
-    hints = {
-        "train": "add images or lower data.val_fraction / data.test_fraction",
-        "val": f"data.val_fraction={config.val_fraction} leaves no images; set it > 0 (students are ranked on val)",
-        "test": f"data.test_fraction={config.test_fraction} leaves no images; set it > 0",
-    }
-    for name in SPLIT_NAMES:
-        if sizes[name] == 0:
-            raise XKDDataError(f"{where}: the {name} split is empty; {hints[name]}")
-
-
-# ----------------------------------------------------------------------------- tensors
-
-
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear with antialiasing, so downsampling (28 -> 16) does not alias thin strokes."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def _uint8_to_float(raw: torch.Tensor, indices: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [N, H, W] or [N, H, W, C] -> float32 [n, C, size, size] in [0, 1], chunk by chunk."""
-    channels = 1 if raw.ndim == 3 else raw.shape[3]
-    out = torch.empty((len(indices), channels, size, size), dtype=torch.float32)
-    index = torch.as_tensor(indices, dtype=torch.long)
-    for start in range(0, len(index), _CHUNK):
-        chunk = raw[index[start : start + _CHUNK]]
-        chunk = chunk.unsqueeze(1) if chunk.ndim == 3 else chunk.permute(0, 3, 1, 2)
-        out[start : start + len(chunk)] = _resize(chunk.float().div_(255.0), size)
-    return out
-
-
-def _normalise(parts: dict[str, torch.Tensor]) -> None:
-    """Standardise with train statistics only, so nothing about val/test leaks into training."""
-    train = parts["train"].double()
-    mean = train.mean(dim=(0, 2, 3), keepdim=True)
-    std = train.std(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
-    mean, std = mean.float(), std.float()
-    for images in parts.values():
-        images.sub_(mean).div_(std)
-
-
-def _assemble(
-    name: str,
-    where: str,
-    config: DataConfig,
-    images: dict[str, torch.Tensor],
-    labels: dict[str, np.ndarray],
-    class_names: Sequence[str],
-) -> Splits:
-    _check_not_empty(where, {split: len(labels[split]) for split in SPLIT_NAMES}, config)
-    for split in SPLIT_NAMES:
-        if len(labels[split]) and (labels[split].min() < 0 or labels[split].max() >= len(class_names)):
-            raise XKDDataError(
-                f"{where}: {split} labels fall outside 0..{len(class_names) - 1}; the dataset files look corrupted"
-            )
-    _normalise(images)
-    parts = {
-        split: Split(images[split].contiguous(), torch.as_tensor(labels[split], dtype=torch.int64).clone())
-        for split in SPLIT_NAMES
-    }
-    return Splits(
-        train=parts["train"],
-        val=parts["val"],
-        test=parts["test"],
-        num_classes=len(class_names),
-        in_channels=int(parts["train"].images.shape[1]),
-        image_size=config.image_size,
-        name=name,
-        class_names=tuple(str(c) for c in class_names),
-    )
+__all__ = ["DATASETS", "SPLIT_NAMES", "Dataset", "Split", "Splits", "load_splits"]
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -241,17 +36,17 @@ def _load_digits(config: DataConfig) -> Splits:
     images = torch.as_tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
     labels = np.asarray(bunch.target, dtype=np.int64)
     total = len(labels)
-    test, pool = _take(np.arange(total), labels, _count(config.test_fraction, total), config.seed)
-    val, train = _take(pool, labels[pool], _count(config.val_fraction, total), config.seed + 1)
+    test, pool = take(np.arange(total), labels, count_for(config.test_fraction, total), config.seed)
+    val, train = take(pool, labels[pool], count_for(config.val_fraction, total), config.seed + 1)
     if config.max_train_samples is not None and config.max_train_samples < len(train):
-        train, _ = _take(train, labels[train], config.max_train_samples, config.seed + 2)
+        train, _ = take(train, labels[train], config.max_train_samples, config.seed + 2)
     index = {"train": train, "val": val, "test": test}
-    return _assemble(
+    return assemble(
         "digits",
         "digits",
         config,
         {
-            split: _resize(images[torch.as_tensor(idx, dtype=torch.long)], config.image_size)
+            split: resize(images[torch.as_tensor(idx, dtype=torch.long)], config.image_size)
             for split, idx in index.items()
         },
         {split: labels[idx] for split, idx in index.items()},
@@ -311,17 +106,17 @@ def _load_torchvision(class_name: str, config: DataConfig) -> Splits:
     test_raw = torch.as_tensor(np.asarray(test_set.data))
     train_labels = np.asarray(train_set.targets, dtype=np.int64)
     test_labels = np.asarray(test_set.targets, dtype=np.int64)
-    train_idx, val_idx = _carve_val(train_labels, config.val_fraction, config.max_train_samples, config.seed)
+    train_idx, val_idx = carve_val(train_labels, config.val_fraction, config.max_train_samples, config.seed)
     test_idx = np.arange(len(test_labels))
     size = config.image_size
-    return _assemble(
+    return assemble(
         config.dataset,
         str(root),
         config,
         {
-            "train": _uint8_to_float(train_raw, train_idx, size),
-            "val": _uint8_to_float(train_raw, val_idx, size),
-            "test": _uint8_to_float(test_raw, test_idx, size),
+            "train": uint8_to_float(train_raw, train_idx, size),
+            "val": uint8_to_float(train_raw, val_idx, size),
+            "test": uint8_to_float(test_raw, test_idx, size),
         },
         {"train": train_labels[train_idx], "val": train_labels[val_idx], "test": test_labels[test_idx]},
         list(train_set.classes),
@@ -387,11 +182,11 @@ def _load_imagefolder(config: DataConfig) -> Splits:
         )
     train_labels = np.asarray(train_set.targets, dtype=np.int64)
     test_labels = np.asarray(test_set.targets, dtype=np.int64)
-    train_idx, val_idx = _carve_val(train_labels, config.val_fraction, config.max_train_samples, config.seed)
+    train_idx, val_idx = carve_val(train_labels, config.val_fraction, config.max_train_samples, config.seed)
     train_paths = [path for path, _ in train_set.samples]
     test_paths = [path for path, _ in test_set.samples]
     size = config.image_size
-    return _assemble(
+    return assemble(
         "imagefolder",
         str(root),
         config,

@@ -22,7 +22,6 @@ from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.checkpoints import write_model_folder
 from xkd_ray.config import ExperimentConfig
-from xkd_ray.data import Split, Splits
 from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.explain import TeacherOutputs, explain_maps
 from xkd_ray.losses import distillation_loss, explanation_loss
@@ -30,6 +29,7 @@ from xkd_ray.methods import METHODS
 from xkd_ray.metrics import METRICS, Evidence, compute_metrics
 from xkd_ray.models import StudentNet
 from xkd_ray.prepared import DistillData
+from xkd_ray.splits import Split, Splits
 
 
 def build_student(config: ExperimentConfig, splits: Splits) -> StudentNet:

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from xkd_ray.config import ExperimentConfig
-from xkd_ray.data import SPLIT_NAMES, Splits, load_splits
+from xkd_ray.data import load_splits
 from xkd_ray.explain import TeacherOutputs, cached_teacher_outputs
 from xkd_ray.methods import METHODS
 from xkd_ray.models import build_teacher
+from xkd_ray.splits import SPLIT_NAMES, Splits
 from xkd_ray.teacher import load_or_train_teacher, teacher_architecture
 
 

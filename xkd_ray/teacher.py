@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from xkd_ray.checkpoints import file_hash, load_weights_into, read_json, stable_hash, write_model_folder
 from xkd_ray.config import ExperimentConfig
-from xkd_ray.data import Splits
 from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.metrics import accuracy
 from xkd_ray.models import build_teacher, predict_logits
+from xkd_ray.splits import Splits
 
 
 @dataclass
