@@ -24,7 +24,8 @@ from xkd_ray.checkpoints import write_model_folder
 from xkd_ray.config import ExperimentConfig
 from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.explain import TeacherOutputs, explain_maps
-from xkd_ray.losses import distillation_loss, explanation_loss
+from xkd_ray.faithfulness import curve_auc, perturbation_curves, randomised_copy
+from xkd_ray.losses import distillation_loss, explanation_loss, pearson_per_image
 from xkd_ray.methods import METHODS
 from xkd_ray.metrics import METRICS, Evidence, compute_metrics
 from xkd_ray.models import StudentNet
@@ -136,6 +137,51 @@ class StudentPredictions(NamedTuple):
     logits: torch.Tensor
     head_maps: torch.Tensor | None
     posthoc_maps: torch.Tensor
+    diagnostics: dict[str, torch.Tensor] | None = None  # per image, when asked (``_diagnostics``)
+
+
+def _posthoc_maps(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig):
+    return explain_maps(
+        student,
+        images,
+        targets,
+        explainer=config.explain.explainer,
+        layer=None,
+        ig_steps=config.explain.ig_steps,
+        blur_sigma=config.explain.blur_sigma,
+        batch_size=config.explain.batch_size,
+    ).maps
+
+
+def _diagnostics(
+    student: StudentNet,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    predictions: StudentPredictions,
+    config: ExperimentConfig,
+) -> dict[str, torch.Tensor]:
+    """Is the student's explanation its real reason? Deletion / insertion AUCs of its head map,
+    its post-hoc map and a random map (control), and the randomisation check: the same maps
+    after re-initialising everything but the head (Adebayo et al. 2018)."""
+    seed = config.distill.seed
+    random_maps = torch.rand(predictions.posthoc_maps.shape, generator=torch.Generator().manual_seed(seed))
+    maps = {"posthoc": predictions.posthoc_maps, "random": random_maps}
+    if predictions.head_maps is not None:
+        maps["head"] = predictions.head_maps
+    device = next(student.parameters()).device
+    found: dict[str, torch.Tensor] = {}
+    for whose, whose_maps in maps.items():
+        deletion, insertion = perturbation_curves(student, images.to(device), whose_maps, seed=seed)
+        found[f"deletion_{whose}"], found[f"insertion_{whose}"] = curve_auc(deletion).cpu(), curve_auc(insertion).cpu()
+    randomised = randomised_copy(student, keep=lambda name: name.startswith("head"), seed=seed)
+    found["randomisation_posthoc"] = pearson_per_image(
+        predictions.posthoc_maps, _posthoc_maps(randomised, images, targets, config)
+    )
+    if predictions.head_maps is not None:
+        with torch.no_grad():
+            randomised_head = randomised(images.to(device), return_all=True).maps.float().cpu()
+        found["randomisation_head"] = pearson_per_image(predictions.head_maps, randomised_head)
+    return found
 
 
 def student_predictions(
@@ -146,8 +192,11 @@ def student_predictions(
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
+    diagnostics: bool = False,
 ) -> StudentPredictions:
-    """Logits, head maps (or None) and post-hoc captum maps for the teacher's predicted class."""
+    """Logits, head maps (or None) and post-hoc captum maps for the teacher's predicted class;
+    with ``diagnostics``, also the per-image faithfulness measurements (costlier: asked for once
+    per split and run, at its end)."""
     student.eval()
     logits, maps = [], []
     with torch.no_grad():
@@ -156,17 +205,12 @@ def student_predictions(
             logits.append(output.logits.float().cpu())
             if output.maps is not None:
                 maps.append(output.maps.float().cpu())
-    posthoc = explain_maps(
-        student,
-        images,
-        teacher_predictions,
-        explainer=config.explain.explainer,
-        layer=None,
-        ig_steps=config.explain.ig_steps,
-        blur_sigma=config.explain.blur_sigma,
-        batch_size=config.explain.batch_size,
-    ).maps
-    return StudentPredictions(torch.cat(logits), torch.cat(maps) if maps else None, posthoc)
+    posthoc = _posthoc_maps(student, images, teacher_predictions, config)
+    predictions = StudentPredictions(torch.cat(logits), torch.cat(maps) if maps else None, posthoc)
+    if diagnostics:
+        found = _diagnostics(student, images, teacher_predictions, predictions, config)
+        predictions = predictions._replace(diagnostics=found)
+    return predictions
 
 
 def split_metrics(
@@ -174,6 +218,10 @@ def split_metrics(
 ) -> dict[str, float]:
     """Every registered metric of one whole split, from the student's predictions on it."""
     outputs = data.teacher_outputs[split_name]
+    diagnostics = None
+    if predictions.diagnostics is not None:
+        teacher = {"deletion_teacher": outputs.deletion_auc, "insertion_teacher": outputs.insertion_auc}
+        diagnostics = {**predictions.diagnostics, **{k: v for k, v in teacher.items() if v is not None}}
     return compute_metrics(
         Evidence(
             logits=predictions.logits,
@@ -185,17 +233,27 @@ def split_metrics(
             template_map=data.template_map,
             degenerate_maps=outputs.degenerate_maps,
             seed=config.distill.seed,
+            diagnostics=diagnostics,
         )
     )
 
 
 def evaluate(
-    student: StudentNet, data: DistillData, split_name: str, config: ExperimentConfig, *, device: Any = "cpu"
+    student: StudentNet,
+    data: DistillData,
+    split_name: str,
+    config: ExperimentConfig,
+    *,
+    device: Any = "cpu",
+    diagnostics: bool = True,
 ) -> dict[str, float]:
-    """The one evaluation entry point: a student on one split of the prepared data."""
+    """The one evaluation entry point: a student on one split of the prepared data, every metric
+    (``diagnostics=False``: a cheap mid-run look, without the faithfulness measurements)."""
     split = data.splits.split(split_name)
     teacher_predictions = data.teacher_outputs[split_name].predictions
-    predictions = student_predictions(student, split.images, teacher_predictions, config, device=device)
+    predictions = student_predictions(
+        student, split.images, teacher_predictions, config, device=device, diagnostics=diagnostics
+    )
     return split_metrics(data, split_name, config, predictions)
 
 
@@ -229,8 +287,10 @@ def distill(
             scheduler.step()
             if not math.isfinite(record["train_total"]):
                 raise XKDTrainingDiverged(f"distill: the loss became NaN/inf at epoch {epoch}; lower distill.lr")
-            if evaluate_every_epoch or epoch == config.distill.epochs - 1:
+            if epoch == config.distill.epochs - 1:
                 record.update(evaluate(student, data, "val", config))
+            elif evaluate_every_epoch:
+                record.update(evaluate(student, data, "val", config, diagnostics=False))
             record["wall_time"] = time.time()
             history.append(record)
             if on_epoch_end is not None:

@@ -1,8 +1,9 @@
 """The training objective, as pure tensor functions a reader can check against the formulas.
 
     L = (1 - alpha) * CE(z_S, y) + alpha * T^2 * KL(softmax(z_T/T) || softmax(z_S/T))
-        + beta * L_exp(m, E_T(x))                      (xd)
+        + beta * L_exp(m, E_T(x))                      (xd, xd_e2kd: the head's map m)
         + at_weight * AT(A_S, A_T)                     (at)
+        + e2kd_weight * (1 - cos(GradCAM_S(x), E_T(x)))  (e2kd, xd_e2kd: the student's own map)
 
 No I/O, no config objects: every function takes tensors and numbers.
 """
@@ -110,6 +111,28 @@ def attention_transfer_loss(student_features: list[torch.Tensor], teacher_featur
     return total
 
 
+def differentiable_gradcam(
+    features: torch.Tensor, class_scores: torch.Tensor, size: tuple[int, int] | torch.Size
+) -> torch.Tensor:
+    """Grad-CAM that a loss can train through: ReLU(sum_c mean_hw(d score / d A_c) * A_c),
+    bilinearly upsampled to ``size`` ([N, C, h, w] features, [N] scores -> [N, H, W]).
+
+    ``create_graph=True`` keeps the gradient itself differentiable, so a loss on the map reaches
+    the network's weights (e2KD). Each image's score depends only on its own features (the
+    student has no batch statistics), so the gradient of the summed scores is per-image.
+    """
+    (gradients,) = torch.autograd.grad(class_scores.sum(), features, create_graph=True)
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * features).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def e2kd_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
+    """e2KD (Parchami et al., ECCV 2024): 1 - cos(student's own Grad-CAM, teacher's map), mean
+    over the batch. Cosine is scale-invariant, so the student's raw CAM needs no normalisation."""
+    return _cosine_distance(student_maps, teacher_maps)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -124,6 +147,8 @@ def distillation_loss(
     at_weight: float = 0.0,
     student_features: list[torch.Tensor] | None = None,
     teacher_features: list[torch.Tensor] | None = None,
+    e2kd_weight: float = 0.0,
+    student_cams: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The joint loss and its parts (returned so training logs show what each term does).
 
@@ -147,5 +172,10 @@ def distillation_loss(
             raise ValueError("at_weight > 0 needs teacher_features")
         parts["at"] = attention_transfer_loss(student_features, teacher_features)
         total = total + at_weight * parts["at"]
+    if e2kd_weight > 0:
+        if student_cams is None or teacher_maps is None:
+            raise ValueError("e2kd_weight > 0 needs student_cams and teacher_maps")
+        parts["e2kd"] = e2kd_loss(student_cams, teacher_maps)
+        total = total + e2kd_weight * parts["e2kd"]
     parts["total"] = total
     return parts

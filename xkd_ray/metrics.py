@@ -112,6 +112,10 @@ class Evidence:
     template_map: torch.Tensor  # [H, W], mean training teacher map
     degenerate_maps: int  # teacher maps that fell back to |raw CAM|
     seed: int = 0  # tie-breaking in top-k IoU
+    # Per-image diagnostics measured on the models themselves (xkd_ray.faithfulness), when the
+    # evaluation asked for them: e.g. "deletion_head", "insertion_posthoc", "randomisation_head",
+    # and the teacher's own "deletion_teacher" / "insertion_teacher".
+    diagnostics: dict[str, torch.Tensor] | None = None
 
     @property
     def explanation(self) -> torch.Tensor:
@@ -122,9 +126,29 @@ class Evidence:
 class Metric:
     """One column of every metrics table: how it is computed and which way is better."""
 
-    compute: Callable[[Evidence], float | int]
+    compute: Callable[[Evidence], float | int | None]  # None: not measured for this student
     description: str
     direction: Literal["max", "min"] = "max"
+
+
+def skill(score: float, template_score: float) -> float:
+    """Skill over the constant map: (f - f_template) / (1 - f_template). 0 = as good as the mean
+    teacher map used for every image, 1 = perfect, < 0 = worse than that constant."""
+    return (score - template_score) / max(1.0 - template_score, 1e-12)
+
+
+def _head_honesty(e: Evidence) -> float | None:
+    """Does the head show what the student itself uses? Pearson r of the head's map and the
+    student's own post-hoc map (same explainer family as the teacher's maps), mean per image."""
+    return None if e.head_maps is None else fidelity(e.head_maps, e.posthoc_maps)
+
+
+def _diagnostic(key: str) -> Callable[[Evidence], float | None]:
+    def mean(e: Evidence) -> float | None:
+        values = (e.diagnostics or {}).get(key)
+        return None if values is None else values.float().mean().item()
+
+    return mean
 
 
 METRICS: dict[str, Metric] = {
@@ -148,6 +172,39 @@ METRICS: dict[str, Metric] = {
     ),
     "degenerate_maps": Metric(
         lambda e: e.degenerate_maps, "teacher Grad-CAM maps that were all zero (fell back to |raw CAM|)", "min"
+    ),
+    "fidelity_skill": Metric(
+        lambda e: skill(fidelity(e.explanation, e.teacher_maps), template_fidelity(e.template_map, e.teacher_maps)),
+        "skill of fidelity over the constant map: (f - f_template) / (1 - f_template); <= 0: no better than it",
+    ),
+    "fidelity_posthoc_skill": Metric(
+        lambda e: skill(fidelity(e.posthoc_maps, e.teacher_maps), template_fidelity(e.template_map, e.teacher_maps)),
+        "skill of fidelity_posthoc over the constant map",
+    ),
+    "head_honesty": Metric(_head_honesty, "mean Pearson r between the head's map and the student's own post-hoc map"),
+    **{
+        f"{curve}_auc_{whose}": Metric(
+            _diagnostic(f"{curve}_{whose}"),
+            f"{curve} AUC of {what} ({'lower' if curve == 'deletion' else 'higher'} = more faithful)",
+            "min" if curve == "deletion" else "max",
+        )
+        for whose, what in (
+            ("teacher", "the teacher with its own maps"),
+            ("head", "the student with its head's maps"),
+            ("posthoc", "the student with its post-hoc maps"),
+            ("random", "the student with random maps (control)"),
+        )
+        for curve in ("deletion", "insertion")
+    },
+    "randomisation_head": Metric(
+        _diagnostic("randomisation_head"),
+        "Pearson r of the head's map before / after re-initialising the classifier (1: ignores the classifier)",
+        "min",
+    ),
+    "randomisation_posthoc": Metric(
+        _diagnostic("randomisation_posthoc"),
+        "Pearson r of the post-hoc map before / after re-initialising the classifier",
+        "min",
     ),
 }
 

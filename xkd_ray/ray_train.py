@@ -77,6 +77,7 @@ def _gather_evaluation(
     data: DistillData,
     config: ExperimentConfig,
     device: torch.device,
+    diagnostics: bool,
 ) -> dict[str, float]:
     """Each rank explains a contiguous shard; shards are gathered in rank order and the metrics
     computed once on the whole split, identically on every rank."""
@@ -86,16 +87,27 @@ def _gather_evaluation(
     rank = dist.get_rank() if dist.is_initialized() else 0
     bounds = np.linspace(0, len(split), world + 1).astype(int)
     shard = slice(int(bounds[rank]), int(bounds[rank + 1]))
-    mine = student_predictions(student, split.images[shard], teacher_predictions[shard], config, device=device)
+    mine = student_predictions(
+        student, split.images[shard], teacher_predictions[shard], config, device=device, diagnostics=diagnostics
+    )
     gathered: list[Any] = [mine]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
-    head = torch.cat([g.head_maps for g in gathered]) if gathered[0].head_maps is not None else None
-    predictions = StudentPredictions(
-        torch.cat([g.logits for g in gathered]), head, torch.cat([g.posthoc_maps for g in gathered])
+    first = gathered[0]
+    return split_metrics(
+        data,
+        split_name,
+        config,
+        StudentPredictions(
+            logits=torch.cat([g.logits for g in gathered]),
+            head_maps=None if first.head_maps is None else torch.cat([g.head_maps for g in gathered]),
+            posthoc_maps=torch.cat([g.posthoc_maps for g in gathered]),
+            diagnostics=None
+            if first.diagnostics is None
+            else {key: torch.cat([g.diagnostics[key] for g in gathered]) for key in first.diagnostics},
+        ),
     )
-    return split_metrics(data, split_name, config, predictions)
 
 
 FAULT_MARKER = ".fault-injected"
@@ -193,7 +205,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             _report_divergence(record, epoch, history, rank, loop_config["objectives"])
             return
         bare = model.module if hasattr(model, "module") else model
-        record.update(_gather_evaluation(bare, "val", data, config, device))
+        last = epoch == settings.epochs - 1
+        record.update(_gather_evaluation(bare, "val", data, config, device, diagnostics=last))
         record.update({"epoch": epoch, "start_epoch": start_epoch, "workers": world, "diverged": False})
         record["wall_time"] = time.time()
         history.append(record)
