@@ -1,5 +1,6 @@
 """Metrics: fidelity extremes, top-k IoU ties, Pareto sorting and hypervolume against brute force."""
 
+import math
 import random
 
 import pytest
@@ -32,10 +33,49 @@ def test_fidelity_is_one_for_identical_maps_and_near_zero_for_noise():
     assert fidelity(maps, -maps) == pytest.approx(-1.0, abs=1e-5)
 
 
-def test_template_fidelity_uses_one_map_for_every_image():
-    teacher_maps = torch.rand(10, 4, 4)
-    template = teacher_maps[0]
-    assert template_fidelity(template, teacher_maps) == pytest.approx(fidelity(template.expand(10, 4, 4), teacher_maps))
+def _pearson_by_hand(xs: list[float], ys: list[float]) -> float:
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    dx, dy = [x - mean_x for x in xs], [y - mean_y for y in ys]
+    return sum(a * b for a, b in zip(dx, dy, strict=True)) / math.sqrt(sum(a * a for a in dx) * sum(b * b for b in dy))
+
+
+def test_template_fidelity_against_hand_computed_pearson():
+    """One template map scored against every teacher map, Pearson per image, then the mean."""
+    template = [[1.0, 2.0], [3.0, 4.0]]
+    maps = [
+        [[4.0, 3.0], [2.0, 1.0]],  # the template reversed: r = -1
+        [[1.0, 3.0], [2.0, 4.0]],  # centred dot 4, both norms sqrt(5): r = 0.8
+        [[0.0, 1.0], [0.0, 0.0]],  # centred dot -0.5, norms sqrt(5), sqrt(0.75)
+    ]
+    flat_template = [v for row in template for v in row]
+    by_hand = [_pearson_by_hand(flat_template, [v for row in m for v in row]) for m in maps]
+    assert by_hand[0] == pytest.approx(-1.0)
+    assert by_hand[1] == pytest.approx(0.8)
+    assert by_hand[2] == pytest.approx(-0.5 / math.sqrt(5 * 0.75))
+    expected = sum(by_hand) / 3
+    assert template_fidelity(torch.tensor(template), torch.tensor(maps)) == pytest.approx(expected, abs=1e-6)
+    # Each image on its own: the template is compared with every map, not only the first.
+    for map_, r in zip(maps, by_hand, strict=True):
+        assert template_fidelity(torch.tensor(template), torch.tensor([map_])) == pytest.approx(r, abs=1e-6)
+
+
+def test_template_fidelity_extremes():
+    generator = torch.Generator().manual_seed(0)
+    template = torch.rand(6, 6, generator=generator)
+    # Every teacher map is the template up to a positive scale and a shift: fidelity 1.
+    scales = torch.rand(8, 1, 1, generator=generator) + 0.5
+    shifts = torch.randn(8, 1, 1, generator=generator)
+    same = template * scales + shifts
+    assert template_fidelity(template, same) == pytest.approx(1.0, abs=1e-5)
+    # Anti-correlated pixel patterns: negative (exactly -1 for negated copies).
+    assert template_fidelity(template, -same) == pytest.approx(-1.0, abs=1e-5)
+    # Half the images agree, half are reversed: the per-image correlations cancel out.
+    mixed = torch.cat([same[:4], -same[4:]])
+    assert template_fidelity(template, mixed) == pytest.approx(0.0, abs=1e-5)
+    # A spatially flat template has no defined correlation: 0, never NaN (float32 rounding of
+    # 0.3 - mean leaves a ~1e-7 residue, hence approx).
+    assert template_fidelity(torch.full((6, 6), 0.3), same) == pytest.approx(0.0, abs=1e-6)
+    assert template_fidelity(torch.full((6, 6), 0.5), same) == 0.0
 
 
 def test_topk_iou_identical_and_disjoint():
