@@ -1,18 +1,49 @@
-"""Config validation: every bad value names its field; YAML and --set overrides round-trip."""
+"""Config validation: every bad value is refused at load with one line naming its field, and no
+value the schema accepts can fail later inside training."""
+
+import math
+import types
 
 import pytest
+import torch
 import yaml
-from hypothesis import given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from torch.utils.data import DataLoader, TensorDataset
 
 from xkd_ray.config import ExperimentConfig, load_config, parse_override
 from xkd_ray.errors import XKDConfigError
+from xkd_ray.losses import EXPLANATION_LOSSES
+from xkd_ray.methods import METHODS
+from xkd_ray.models import FUSIONS
+
+SCHEMA = {name: set(info.annotation.model_fields) for name, info in ExperimentConfig.model_fields.items()}
+
+
+def assert_one_line_naming_a_field(message: str, prefix: str = "") -> None:
+    """The CLI prints the message as its one error line: it must start with what is at fault."""
+    assert "\n" not in message and message.startswith(prefix), message
+    head, sep, problem = message[len(prefix) :].partition(": ")
+    assert sep and problem, message
+    if head == "config":  # the document itself is not a mapping of sections
+        return
+    section, _, key = head.partition(".")
+    if section not in SCHEMA:
+        assert not key and problem.startswith("unknown section"), message
+    elif key:
+        assert key in SCHEMA[section] or problem.startswith("unknown key"), message
 
 
 def test_defaults_are_valid_and_round_trip():
     config = ExperimentConfig()
     assert ExperimentConfig.from_dict(config.to_dict()) == config
     assert config.distill.method == "xd" and config.explain.explainer == "gradcam"
+    assert ExperimentConfig.from_dict({"distill": None}) == config  # an empty YAML section
+
+
+def test_choices_come_from_the_registries():
+    with pytest.raises(XKDConfigError, match=f"allowed values are {', '.join(METHODS)}$"):
+        ExperimentConfig().with_overrides({"distill.method": "magic"})
 
 
 @pytest.mark.parametrize(
@@ -30,11 +61,65 @@ def test_defaults_are_valid_and_round_trip():
         ({"distill.epochs": 0}, "distill.epochs"),
         ({"distill.unknown_knob": 1}, "distill.unknown_knob"),
         ({"data.dataset": "mnist"}, "data.root"),
+        ({"data.image_size": 4}, "data.image_size"),
+        ({"distill.head_warmup_epochs": 20}, "distill.head_warmup_epochs"),
+        ({"data.val_fraction": 0.5, "data.test_fraction": 0.5}, "data.val_fraction"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
-    with pytest.raises(XKDConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(XKDConfigError, match="^" + field.replace(".", r"\.")) as exc:
         ExperimentConfig().with_overrides(override)
+    assert_one_line_naming_a_field(str(exc.value))
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"explain.blur_sigma": math.inf}, "explain.blur_sigma"),
+        ({"distill.at_weight": math.inf}, "distill.at_weight"),
+        ({"teacher.weight_decay": math.inf}, "teacher.weight_decay"),
+        ({"teacher.weight_decay": True}, "teacher.weight_decay"),
+        ({"distill.temperature": math.nan}, "distill.temperature"),
+        ({"distill.lr": "0.1"}, "distill.lr"),
+        ({"explain.layer": 5}, "explain.layer"),
+        ({"explain.layer": ["stage3"]}, "explain.layer"),
+        ({"explain.cache_dir": 5}, "explain.cache_dir"),
+        ({"explain.cache_dir": [".xkd_cache"]}, "explain.cache_dir"),
+        ({"explain.cache_dir": ""}, "explain.cache_dir"),
+        ({"teacher.checkpoint": 5}, "teacher.checkpoint"),
+        ({"teacher.checkpoint": ["a.pt"]}, "teacher.checkpoint"),
+        ({"data.root": 5}, "data.root"),
+        ({"data.max_train_samples": True}, "data.max_train_samples"),
+        ({"distill.seed": 2**64}, "distill.seed"),  # torch.manual_seed overflows
+        ({"ray.num_workers": 3}, "distill.batch_size"),  # the default batch of 64
+    ],
+)
+def test_known_holes_are_refused(override, field):
+    with pytest.raises(XKDConfigError, match="^" + field.replace(".", r"\.")) as exc:
+        ExperimentConfig().with_overrides(override)
+    assert_one_line_naming_a_field(str(exc.value))
+    if "ray.num_workers" in override:
+        assert "ray.num_workers" in str(exc.value)
+
+
+def test_an_int_is_fine_where_a_float_is_expected():
+    config = ExperimentConfig().with_overrides({"distill.temperature": 4, "distill.beta": 0})
+    assert config.distill.temperature == 4.0 and config.distill.beta == 0.0
+    assert ExperimentConfig().with_overrides({"ray.num_workers": 4}).ray.num_workers == 4
+
+
+def test_cli_refuses_a_bad_set_before_writing_anything(tmp_path, monkeypatch, capsys):
+    from xkd_ray.cli import main
+
+    assert parse_override("explain.blur_sigma=.inf")[1] == math.inf  # YAML: .inf is a float
+    assert parse_override("explain.blur_sigma=inf")[1] == "inf"  # ... and inf a string
+    monkeypatch.chdir(tmp_path)  # the cache folder is relative: it would appear here
+    argv = ["distill", "--method", "kd", "--out", str(tmp_path / "o"), "--set", "explain.blur_sigma=.inf"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.endswith("\n") and error.count("\n") == 1, error
+    assert error.startswith("xkd: error: explain.blur_sigma: got inf; must be finite"), error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ae_depth_too_deep_for_the_image_size():
@@ -58,13 +143,21 @@ def test_yaml_errors_name_the_file(tmp_path):
     with pytest.raises(XKDConfigError, match=r"bad\.yaml: distill\.alpha"):
         load_config(path)
     path.write_text("teacher: [1, 2\n")
-    with pytest.raises(XKDConfigError, match="not valid YAML"):
+    with pytest.raises(XKDConfigError, match="not valid YAML") as exc:
         load_config(path)
+    assert "\n" not in str(exc.value)
     with pytest.raises(XKDConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
-    path.write_text("optimizer:\n  lr: 1\n")
-    with pytest.raises(XKDConfigError, match="optimizer: unknown section"):
-        load_config(path)
+    for text, expected in [
+        ("optimizer:\n  lr: 1\n", "optimizer: unknown section"),
+        ("- 1\n- 2\n", "config: expected a mapping of sections, got list"),
+        ("distill: [1, 2]\n", "distill: expected a mapping, got list"),
+        ("distill:\n  1: 2\n", "distill.1: unknown key"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(XKDConfigError, match=f"^{path}: {expected}") as exc:
+            load_config(path)
+        assert_one_line_naming_a_field(str(exc.value), prefix=f"{path}: ")
 
 
 def test_parse_override_needs_key_value():
@@ -73,23 +166,114 @@ def test_parse_override_needs_key_value():
         parse_override("distill.alpha")
 
 
-@settings(max_examples=150, deadline=None)
+ALL_KEYS = [*sorted(set().union(*SCHEMA.values())), "nonsense"]
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 50),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.sampled_from([*METHODS, *FUSIONS, "digits", "vgg", "gradcam", "pearson"]),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["data", "teacher", "explain", "student", "distill", "ray", "extra"]),
-        st.dictionaries(
-            st.sampled_from(["method", "temperature", "alpha", "beta", "ae_depth", "epochs", "dataset", "nonsense"]),
-            st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.floats(allow_nan=True), st.text(max_size=8)),
-            max_size=4,
-        ),
+        st.sampled_from([*SCHEMA, "extra"]),
+        st.one_of(st.dictionaries(st.sampled_from(ALL_KEYS), ANY_VALUE, max_size=4), ANY_VALUE),
         max_size=4,
     )
 )
-def test_parser_either_builds_a_valid_config_or_raises_a_config_error(raw):
-    """Whatever mapping a user writes, the parser never crashes with anything but XKDConfigError."""
+def test_every_error_is_one_line_naming_a_field_of_the_schema(raw):
+    """Whatever mapping a user writes, the parser builds a config that round-trips, or refuses
+    it with one line that starts with a section or a ``section.field`` of the schema."""
     try:
         config = ExperimentConfig.from_dict(raw)
     except XKDConfigError as exc:
-        assert str(exc).split(":")[0]  # the message starts with the field at fault
+        assert_one_line_naming_a_field(str(exc))
     else:
         assert ExperimentConfig.from_dict(config.to_dict()) == config
+
+
+NUMBER_EDGES = [0, 0.0, -1, -1e-9, 1e308, 10**12, math.inf, -math.inf, math.nan, True, False, "1", None]
+COUNT_EDGES = [0, -1, True, 2.0, "4", None]
+# (valid-looking values, edge values) per field; widths stay tiny so a training step is cheap.
+FIELDS = {
+    "student.width": (st.integers(1, 4), COUNT_EDGES),
+    "student.ae_width": (st.integers(1, 4), COUNT_EDGES),
+    "student.ae_depth": (st.integers(1, 4), [0, -1, 5, True, 2.0]),
+    "student.fusion": (st.sampled_from(FUSIONS), ["add", 1, None]),
+    "distill.method": (st.sampled_from(list(METHODS)), ["magic", None, 1]),
+    "distill.temperature": (st.floats(0.1, 20), NUMBER_EDGES),
+    "distill.alpha": (st.floats(0, 1), NUMBER_EDGES),
+    "distill.beta": (st.floats(0, 100), NUMBER_EDGES),
+    "distill.explanation_loss": (st.sampled_from(list(EXPLANATION_LOSSES)), ["l1", 0]),
+    "distill.at_weight": (st.floats(0, 100), NUMBER_EDGES),
+    "distill.e2kd_weight": (st.floats(0, 100), NUMBER_EDGES),
+    "distill.head_warmup_epochs": (st.integers(0, 1), [-1, True, 10**9]),
+    "distill.lr": (st.floats(1e-5, 1), NUMBER_EDGES),
+    "distill.weight_decay": (st.floats(0, 1), NUMBER_EDGES),
+    "distill.epochs": (st.integers(1, 2), [0, -1, True, 1.0, 10**9]),
+    "distill.batch_size": (st.integers(1, 70) | st.sampled_from([12, 24, 48, 60]), [0, -1, True, 64.0, "64"]),
+    "distill.seed": (st.integers(0, 2**31 - 1), [-1, 2**31, 2**64, True]),
+    "data.image_size": (st.integers(8, 40) | st.sampled_from([8, 16, 24, 32]), [0, 7, -8, True, 16.0, "32"]),
+    "ray.num_workers": (st.integers(0, 4), [-1, True, 1.0, "2"]),
+}
+
+
+@st.composite
+def experiment_dicts(draw):
+    """Plausible values everywhere (often consistent across fields, so configs with an
+    explanation head or several workers get accepted too), then up to two edge values."""
+    values = {name: draw(valid) for name, (valid, _) in FIELDS.items()}
+    if draw(st.booleans()):  # an image the head's depth divides
+        scale = 2 ** values["student.ae_depth"]
+        values["data.image_size"] = scale * draw(st.integers(max(2, -(-8 // scale)), 48 // scale))
+    if draw(st.booleans()):  # warm-up shorter than the run
+        values["distill.epochs"] = values["distill.head_warmup_epochs"] + 1
+    if draw(st.booleans()):  # a batch the workers divide
+        values["distill.batch_size"] = max(values["ray.num_workers"], 1) * draw(st.integers(1, 16))
+    for name in draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=2, unique=True)):
+        values[name] = draw(st.sampled_from(FIELDS[name][1]))
+    raw: dict = {"teacher": {"width": 4}}
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(experiment_dicts())
+def test_no_accepted_value_later_fails_inside_training(raw):
+    """What ``from_dict`` accepts runs one real training step on one worker's share of a batch."""
+    from xkd_ray.distill import build_student, make_optimizer, train_one_epoch
+    from xkd_ray.models import build_teacher
+
+    try:
+        config = ExperimentConfig.from_dict(raw)
+    except XKDConfigError as exc:
+        assert_one_line_naming_a_field(str(exc))
+        event(f"refused {str(exc).split(':')[0]}")
+        return
+    event(f"trained {config.distill.method}")
+    per_worker = config.distill.batch_size // max(config.ray.num_workers, 1)
+    size = config.data.image_size
+    torch.manual_seed(config.distill.seed)
+    student = build_student(config, types.SimpleNamespace(in_channels=1, num_classes=10))
+    optimizer, scheduler = make_optimizer(config, student)
+    teacher = None
+    if METHODS[config.distill.method].needs_teacher:
+        teacher = build_teacher(config.teacher.arch, 1, 10, config.teacher.width).eval()
+    batch = TensorDataset(
+        torch.randn(per_worker, 1, size, size),
+        torch.randint(0, 10, (per_worker,)),
+        torch.randn(per_worker, 10),
+        torch.rand(per_worker, size, size),
+    )
+    losses = train_one_epoch(
+        student, DataLoader(batch, batch_size=per_worker), optimizer, config, epoch=0, teacher=teacher
+    )
+    scheduler.step()
+    assert "train_total" in losses

@@ -33,7 +33,6 @@ from xkd_ray.space import load_search_space, parse_search_space
         ({"space": {"student.ae_depth": {"choice": [1, 5]}}}, "space.student.ae_depth: value 5 is not valid"),
         ({"space": {"distill.beta": {"loguniform": [0, 1]}}}, "space.distill.beta: loguniform needs low > 0"),
         ({"space": {"distill.alpha": 0.5}, "searh": {}}, "searh: unknown section"),
-        ({"space": {"distill.alpha": 0.5}, "search": {"sampler": "grid"}}, "search.sampler"),
         (
             {"space": {"distill.alpha": {"uniform": [0, 1]}}, "search": {"initial_points": [{"distill.beta": 1}]}},
             "search.initial_points[0].distill.beta: not a searched key",

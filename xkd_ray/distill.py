@@ -25,7 +25,7 @@ from xkd_ray.config import ExperimentConfig
 from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.explain import TeacherOutputs, explain_maps
 from xkd_ray.faithfulness import curve_auc, perturbation_curves, randomised_copy
-from xkd_ray.losses import distillation_loss, explanation_loss, pearson_per_image
+from xkd_ray.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
 from xkd_ray.methods import METHODS
 from xkd_ray.metrics import METRICS, Evidence, compute_metrics
 from xkd_ray.models import StudentNet
@@ -83,7 +83,7 @@ def train_one_epoch(
     settings = config.distill
     method = METHODS[settings.method]
     warming_up = method.head and epoch < settings.head_warmup_epochs
-    weights = method.loss_weights(settings.alpha, settings.beta, settings.at_weight)
+    weights = method.loss_weights(settings.alpha, settings.beta, settings.at_weight, settings.e2kd_weight)
     if weights["at_weight"] > 0 and teacher is None:
         raise ValueError(f"method {settings.method!r} needs the teacher model")
     student.train()
@@ -105,10 +105,14 @@ def train_one_epoch(
                 # Keep every parameter in the graph (DDP expects gradients for all of them).
                 parts["total"] = parts["explanation"] + 0.0 * output.logits.sum()
             else:
-                teacher_features = None
+                teacher_features = student_cams = None
                 if weights["at_weight"] > 0:
                     with torch.no_grad():
                         teacher_features = teacher.stages(images)
+                if weights["e2kd_weight"] > 0:
+                    # The student's own Grad-CAM (last conv block) for the teacher's top-1 class.
+                    scores = output.logits.gather(1, teacher_logits.argmax(dim=1, keepdim=True))[:, 0]
+                    student_cams = differentiable_gradcam(output.features[-1], scores, images.shape[-2:])
                 parts = distillation_loss(
                     output.logits.float(),
                     labels,
@@ -120,6 +124,7 @@ def train_one_epoch(
                     explanation_kind=settings.explanation_loss,
                     student_features=output.features,
                     teacher_features=teacher_features,
+                    student_cams=None if student_cams is None else student_cams.float(),
                 )
         parts["total"].backward()
         if warming_up:

@@ -1,8 +1,9 @@
 """The distillation methods, one registry entry each: which loss terms a method switches on.
 
-    L = (1 - alpha) CE + alpha T^2 KL        (kd)
-        + beta L_exp(head map, E_T)          (head)
-        + at_weight AT(A_S, A_T)             (attention)
+    L = (1 - alpha) CE + alpha T^2 KL                  (kd)
+        + beta L_exp(head map, E_T)                    (head)
+        + at_weight AT(A_S, A_T)                       (attention)
+        + e2kd_weight (1 - cos(GradCAM_S, E_T))        (e2kd: the student's own map)
 
 A method is only a set of switches over the same joint loss (``losses.distillation_loss``),
 so every baseline runs in the same harness with the same seeds and data. Adding a method is
@@ -22,18 +23,20 @@ class Method:
     kd: bool = False  # Hinton KD on the teacher's cached logits (weight distill.alpha)
     head: bool = False  # explanation head trained on the teacher's cached maps (weight distill.beta)
     attention: bool = False  # attention transfer on the live teacher's features (weight distill.at_weight)
+    e2kd: bool = False  # the student's own Grad-CAM pulled to the teacher's cached map (weight distill.e2kd_weight)
 
     @property
     def needs_teacher(self) -> bool:
         """Only feature-level terms need the teacher network during training; logits and maps are cached."""
         return self.attention
 
-    def loss_weights(self, alpha: float, beta: float, at_weight: float) -> dict[str, float]:
+    def loss_weights(self, alpha: float, beta: float, at_weight: float, e2kd_weight: float) -> dict[str, float]:
         """The weights ``distillation_loss`` takes: a term that is off gets weight 0."""
         return {
             "alpha": alpha if self.kd else 0.0,
             "beta": beta if self.head else 0.0,
             "at_weight": at_weight if self.attention else 0.0,
+            "e2kd_weight": e2kd_weight if self.e2kd else 0.0,
         }
 
 
@@ -42,4 +45,13 @@ METHODS: dict[str, Method] = {
     "kd": Method("Hinton knowledge distillation (CE + temperature-softened KL)", kd=True),
     "at": Method("KD plus attention transfer (Zagoruyko & Komodakis 2017)", kd=True, attention=True),
     "xd": Method("XDistillation: KD plus an explanation head fused into the classifier", kd=True, head=True),
+    "e2kd": Method(
+        "KD plus the student's own Grad-CAM matched to the teacher's map (Parchami et al. 2024)", kd=True, e2kd=True
+    ),
+    "xd_e2kd": Method(
+        "XD and e2KD together: the head and the student's own map both pulled to the teacher's",
+        kd=True,
+        head=True,
+        e2kd=True,
+    ),
 }

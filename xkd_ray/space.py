@@ -7,24 +7,28 @@ A space file has three sections::
                {int: [lo, hi]} | {choice: [a, b, ...]} | a plain value (fixed)
     search:    trials, sampler, seed, workers_per_trial, initial_points, ...
 
-Every sampled value is checked against the config's own validation (both ends of each
-range, every choice) so a trial can never fail on a value the space allowed.
+``SearchSpec.trial_config`` is the one definition of a trial's config, and the space is checked
+against it at load, so a trial cannot fail inside a Ray worker on a value the space allowed.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from xkd_ray.config import ExperimentConfig
+from xkd_ray.config import ExperimentConfig, PositiveFloat, Schema, Seed, config_error, read_yaml, rule
 from xkd_ray.errors import XKDConfigError
 
 SAMPLERS = ("tpe", "nsga2", "random")
 KINDS = ("uniform", "loguniform", "int", "choice")
+ENUMERATED_INT_VALUES = 16  # int ranges up to this many values are checked value by value
+MAX_COMBINATIONS = 4096  # probe combinations checked together (~20 us each)
 
 
 @dataclass(frozen=True)
@@ -36,49 +40,53 @@ class Parameter:
     choices: tuple[Any, ...] = ()
     value: Any = None
 
+    def probes(self) -> list[Any]:
+        """The values a check tries. Every config rule is an interval on a float (ends suffice) or
+        a bound/divisibility rule on an int: two neighbouring ints catch any divisibility, so a
+        long int range is probed at both ends and their neighbours. A float range is probed with
+        floats, as the sampler draws them (so ``uniform`` over an int key is refused)."""
+        if self.kind == "fixed":
+            return [self.value]
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.kind != "int":
+            return [float(self.low), float(self.high)]
+        low, high = int(self.low), int(self.high)
+        if high - low < ENUMERATED_INT_VALUES:
+            return list(range(low, high + 1))
+        return [low, low + 1, high - 1, high]
 
-@dataclass
-class SearchSettings:
-    trials: int = 16
-    sampler: str = "tpe"
-    seed: int = 0
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    max_concurrent_trials: int | None = None
-    max_failures: int = 1
+
+class SearchSettings(Schema):
+    """The budget and sampler of a search; the worker settings become each trial's ``ray``."""
+
+    where: ClassVar[str] = "search"
+    trials: Annotated[int, Field(ge=1)] = 16
+    sampler: Literal[*SAMPLERS] = "tpe"
+    seed: Seed = 0
+    workers_per_trial: Annotated[int, Field(ge=1)] = 1
+    cpus_per_worker: PositiveFloat = 1.0
+    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
+    max_failures: Annotated[int, Field(ge=0)] = 1
     hypervolume_reference: tuple[float, float] = (0.0, 0.0)
     # Configurations to try first (e.g. a known-good setting), each a partial {dotted key: value}
     # over the searched keys; the sampler fills in the rest. They count towards ``trials``.
-    initial_points: list[dict[str, Any]] = field(default_factory=list)
+    initial_points: list[dict[str, Any]] = Field(default=[])  # pydantic copies it per instance
 
-    def __post_init__(self) -> None:
-        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
-            raise XKDConfigError(f"search.trials: got {self.trials!r}; must be an integer >= 1")
-        if self.sampler not in SAMPLERS:
-            raise XKDConfigError(f"search.sampler: got {self.sampler!r}; allowed values are {', '.join(SAMPLERS)}")
-        if isinstance(self.workers_per_trial, bool) or not isinstance(self.workers_per_trial, int):
-            raise XKDConfigError(f"search.workers_per_trial: got {self.workers_per_trial!r}; must be an integer >= 1")
-        if self.workers_per_trial < 1:
-            raise XKDConfigError(f"search.workers_per_trial: got {self.workers_per_trial}; must be >= 1")
-        if not isinstance(self.cpus_per_worker, (int, float)) or self.cpus_per_worker <= 0:
-            raise XKDConfigError(f"search.cpus_per_worker: got {self.cpus_per_worker!r}; must be > 0")
-        if self.max_concurrent_trials is not None and (
-            not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1
-        ):
-            raise XKDConfigError(f"search.max_concurrent_trials: got {self.max_concurrent_trials!r}; must be >= 1")
-        if not isinstance(self.max_failures, int) or self.max_failures < 0:
-            raise XKDConfigError(f"search.max_failures: got {self.max_failures!r}; must be an integer >= 0")
-        reference = self.hypervolume_reference
-        if not (isinstance(reference, (list, tuple)) and len(reference) == 2):
-            raise XKDConfigError("search.hypervolume_reference: must be [accuracy, fidelity]")
-        self.hypervolume_reference = (float(reference[0]), float(reference[1]))
-        if not isinstance(self.initial_points, list) or not all(isinstance(p, dict) for p in self.initial_points):
-            raise XKDConfigError("search.initial_points: must be a list of mappings {dotted key: value}")
+    @field_validator("hypervolume_reference", mode="before")
+    @classmethod
+    def _yaml_list(cls, value: Any) -> Any:
+        """YAML has no tuples: ``[accuracy, fidelity]`` arrives as a list."""
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _points_fit_the_budget(self) -> SearchSettings:
         if len(self.initial_points) > self.trials:
-            raise XKDConfigError(
-                f"search.initial_points: {len(self.initial_points)} points but search.trials={self.trials}; "
-                "raise trials or drop points"
+            raise rule(
+                "search.initial_points",
+                f"{len(self.initial_points)} points but search.trials={self.trials}; raise trials or drop points",
             )
+        return self
 
 
 @dataclass
@@ -86,14 +94,15 @@ class SearchSpec:
     base: ExperimentConfig
     parameters: dict[str, Parameter]
     search: SearchSettings = field(default_factory=SearchSettings)
-    source: str = "<dict>"
 
     def fixed_overrides(self) -> dict[str, Any]:
         return {name: p.value for name, p in self.parameters.items() if p.kind == "fixed"}
 
     def trial_config(self, sampled: dict[str, Any]) -> ExperimentConfig:
-        """The full config of one trial: base, fixed values, then the sampled values."""
-        return self.base.with_overrides({**self.fixed_overrides(), **sampled})
+        """The full config of one trial: base, the search's worker settings, the space's fixed
+        values, then the sampled values, validated once as a whole."""
+        workers = {"ray.num_workers": self.search.workers_per_trial, "ray.cpus_per_worker": self.search.cpus_per_worker}
+        return self.base.with_overrides({**workers, **self.fixed_overrides(), **sampled})
 
 
 def _parse_parameter(name: str, raw: Any) -> Parameter:
@@ -125,34 +134,57 @@ def _parse_parameter(name: str, raw: Any) -> Parameter:
 
 
 def _check_values(spec: SearchSpec) -> None:
-    """Validate every choice and both ends of every range against the config itself."""
+    """Validate the space against ``trial_config``, so rules between keys hold for every trial.
+
+    The base with the worker settings and fixed values must be valid by itself (callers use
+    ``trial_config({})`` for what all trials share). Then each key's probe values one at a time
+    (the other searched keys at their first probe), which names the key at fault; then every
+    combination of probe values across keys, which catches rules between searched keys
+    (``student.ae_depth`` 4 with ``data.image_size`` 16).
+    Remaining gap: a space with more than ``MAX_COMBINATIONS`` probe combinations is checked
+    only at the all-first and all-last corners, and an int range longer than
+    ``ENUMERATED_INT_VALUES`` only at its ends and their neighbours (an interior value can
+    still break a rule, e.g. ``ray.num_workers`` 3 within [1, 20] with a batch of 64).
+    """
     defaults = spec.base.to_dict()
-    for name, parameter in spec.parameters.items():
+    for name in spec.parameters:
         section, _, key = name.partition(".")
         if section not in defaults or key not in defaults[section]:
             raise XKDConfigError(f"space.{name}: unknown key; keys look like distill.temperature or student.ae_depth")
-        if parameter.kind == "fixed":
-            values = [parameter.value]
-        elif parameter.kind == "choice":
-            values = list(parameter.choices)
-        else:
-            values = [parameter.low, parameter.high]
-        for value in values:
+    try:  # the config shared by all trials (``trial_config({})``, e.g. the data every trial reads)
+        spec.trial_config({})
+    except XKDConfigError as exc:
+        raise XKDConfigError(f"base: not valid with the search's worker settings and fixed values ({exc})") from None
+    searched = {name: p.probes() for name, p in spec.parameters.items() if p.kind != "fixed"}
+    reference = {name: values[0] for name, values in searched.items()}
+    for name, parameter in spec.parameters.items():
+        for value in parameter.probes():
             try:
-                spec.trial_config({name: value})
+                spec.trial_config({**reference, name: value})
             except XKDConfigError as exc:
                 raise XKDConfigError(f"space.{name}: value {value!r} is not valid ({exc})") from None
+    if math.prod(len(values) for values in searched.values()) <= MAX_COMBINATIONS:
+        combinations = itertools.product(*searched.values())
+    else:
+        combinations = iter([[v[0] for v in searched.values()], [v[-1] for v in searched.values()]])
+    for combination in combinations:
+        point = dict(zip(searched, combination, strict=True))
+        try:
+            spec.trial_config(point)
+        except XKDConfigError as exc:
+            raise XKDConfigError(f"space: the trial {point} is not valid ({exc})") from None
 
 
 def _check_initial_points(spec: SearchSpec) -> None:
-    """Each point may only name searched keys, with a value its range or choice list allows."""
+    """Each point may only name searched keys, with a value its range or choice list allows; the
+    keys it leaves out are filled by the sampler, tried here at their first and last probes."""
+    searched = {name: p.probes() for name, p in spec.parameters.items() if p.kind != "fixed"}
     for index, point in enumerate(spec.search.initial_points):
         where = f"search.initial_points[{index}]"
         for name, value in point.items():
             parameter = spec.parameters.get(name)
             if parameter is None or parameter.kind == "fixed":
-                searched = ", ".join(n for n, p in spec.parameters.items() if p.kind != "fixed")
-                raise XKDConfigError(f"{where}.{name}: not a searched key; searched keys are {searched}")
+                raise XKDConfigError(f"{where}.{name}: not a searched key; searched keys are {', '.join(searched)}")
             if parameter.kind == "choice":
                 if value not in parameter.choices:
                     raise XKDConfigError(f"{where}.{name}: {value!r} is not one of {list(parameter.choices)}")
@@ -164,52 +196,73 @@ def _check_initial_points(spec: SearchSpec) -> None:
                 raise XKDConfigError(f"{where}.{name}: {value!r} is outside [{parameter.low}, {parameter.high}]")
             if parameter.kind == "int" and not isinstance(value, int):
                 raise XKDConfigError(f"{where}.{name}: {value!r} must be an integer")
-        try:
-            spec.trial_config(point)
-        except XKDConfigError as exc:
-            raise XKDConfigError(f"{where}: not a valid configuration ({exc})") from None
+        for end in (0, -1):
+            try:
+                spec.trial_config({**{name: values[end] for name, values in searched.items()}, **point})
+            except XKDConfigError as exc:
+                raise XKDConfigError(f"{where}: not a valid configuration ({exc})") from None
 
 
 def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
     if not isinstance(raw, dict):
         raise XKDConfigError(f"{source}: a search space is a mapping with sections base, space, search")
-    unknown = sorted(set(raw) - {"base", "space", "search"})
+    unknown = sorted(str(name) for name in set(raw) - {"base", "space", "search"})
     if unknown:
         raise XKDConfigError(f"{source}: {unknown[0]}: unknown section; allowed sections are base, space, search")
-    base = ExperimentConfig.from_dict(raw.get("base") or {})
+    if not isinstance(raw.get("base") or {}, dict):
+        raise XKDConfigError(f"{source}: base: must be a mapping of config sections")
+    try:
+        base = ExperimentConfig.from_dict(raw.get("base") or {})
+    except XKDConfigError as exc:
+        raise XKDConfigError(f"base.{exc}") from None
     space = raw.get("space") or {}
     if not isinstance(space, dict) or not space:
         raise XKDConfigError(f"{source}: space: must be a non-empty mapping of config keys to ranges")
     search_raw = raw.get("search") or {}
     if not isinstance(search_raw, dict):
         raise XKDConfigError(f"{source}: search: must be a mapping")
-    allowed = set(SearchSettings.__dataclass_fields__)
-    bad = sorted(set(search_raw) - allowed)
-    if bad:
-        raise XKDConfigError(f"{source}: search.{bad[0]}: unknown key; allowed keys are {', '.join(sorted(allowed))}")
+    try:
+        search = SearchSettings.model_validate(search_raw)
+    except ValidationError as exc:
+        raise config_error(exc, SearchSettings) from None
     spec = SearchSpec(
         base=base,
         parameters={str(name): _parse_parameter(str(name), value) for name, value in space.items()},
-        search=SearchSettings(**search_raw),
-        source=source,
+        search=search,
     )
     _check_values(spec)
     _check_initial_points(spec)
     return spec
 
 
-def load_search_space(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
-    """Read and validate a space file; ``overrides`` replace ``search`` settings (e.g. trials)."""
+def _with_base_overrides(raw: Any, base_overrides: dict[str, Any]) -> Any:
+    """Set dotted config keys in the raw ``base`` section; the parser then validates them with it."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("base") or {}, dict):
+        return raw  # the parser reports the malformed file
+    base = copy.deepcopy(raw.get("base") or {})
+    for dotted, value in base_overrides.items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise XKDConfigError(f"base.{dotted}: override keys look like section.key, e.g. ray.use_gpu")
+        values = base.get(section)
+        if values is None or isinstance(values, dict):
+            base[section] = {**(values or {}), key: value}
+    return {**raw, "base": base}
+
+
+def load_search_space(
+    path: str | Path, overrides: dict[str, Any] | None = None, base_overrides: dict[str, Any] | None = None
+) -> SearchSpec:
+    """Read and validate a space file. ``overrides`` replace ``search`` settings (e.g. trials);
+    ``base_overrides`` set dotted config keys of ``base`` (the CLI's ``--gpu``: ray.use_gpu)."""
     path = Path(path)
-    if not path.is_file():
-        raise XKDConfigError(f"{path}: search space file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise XKDConfigError(f"{path}: not valid YAML ({exc})") from exc
+    raw = read_yaml(path, "search space file")
     if overrides and isinstance(raw, dict):
-        raw = {**raw, "search": {**(raw.get("search") or {}), **overrides}}
+        search = raw.get("search") or {}
+        raw = {**raw, "search": {**search, **overrides}} if isinstance(search, dict) else raw
     try:
+        if base_overrides:
+            raw = _with_base_overrides(raw, base_overrides)
         return parse_search_space(raw, source=str(path))
     except XKDConfigError as exc:
         message = str(exc)

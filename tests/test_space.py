@@ -1,0 +1,180 @@
+"""Search spaces are checked against the trial configs they will produce: a space the parser
+accepts never yields a trial whose config is refused later, inside a Ray worker."""
+
+import math
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from xkd_ray.errors import XKDConfigError
+from xkd_ray.methods import METHODS
+from xkd_ray.space import SearchSpec, load_search_space, parse_search_space
+
+
+def _refused(space: dict) -> str:
+    with pytest.raises(XKDConfigError) as exc:
+        parse_search_space(space)
+    message = str(exc.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_a_batch_the_trial_workers_cannot_split_is_refused_at_load():
+    space = {"space": {"distill.batch_size": {"choice": [64, 63]}}, "search": {"workers_per_trial": 2}}
+    message = _refused(space)
+    assert message.startswith("space.distill.batch_size: value 63 is not valid"), message
+    assert "ray.num_workers (2)" in message
+    # The same base batch is fine as long as the trial's workers divide it.
+    parse_search_space({"space": {"distill.batch_size": {"choice": [64, 62]}}, "search": {"workers_per_trial": 2}})
+    message = _refused({"space": {"distill.alpha": 0.5}, "search": {"workers_per_trial": 3}})
+    assert message.startswith("base: not valid with the search's worker settings") and "distill.batch_size" in message
+    assert "distill.batch_size" in _refused(
+        {"space": {"distill.batch_size": {"int": [32, 64]}}, "search": {"workers_per_trial": 2}}
+    )
+
+
+def test_a_float_range_over_an_integer_key_is_refused():
+    message = _refused({"space": {"distill.batch_size": {"uniform": [16, 64]}}})
+    assert message.startswith("space.distill.batch_size: value 16.0 is not valid") and "integer" in message
+
+
+def test_rules_between_two_searched_keys_are_checked():
+    space = {"space": {"student.ae_depth": {"choice": [1, 4]}, "data.image_size": {"choice": [32, 16]}}}
+    message = _refused(space)
+    assert message.startswith("space: the trial") and "too deep" in message, message
+    parse_search_space({**space, "base": {"distill": {"method": "kd"}}})  # no head, no rule
+    # Each value passes alone and the all-first / all-last corners pass; (4, 8) does not.
+    space = {"space": {"student.ae_depth": {"choice": [2, 4, 1]}, "data.image_size": {"choice": [32, 8, 16]}}}
+    assert "too deep" in _refused(space)
+
+
+@pytest.mark.parametrize(
+    ("search", "field"),
+    [
+        ("hypervolume_reference: [a, b]", "search.hypervolume_reference"),
+        ("hypervolume_reference: [.nan, 0]", "search.hypervolume_reference"),
+        ("hypervolume_reference: [0, .inf]", "search.hypervolume_reference"),
+        ("hypervolume_reference: 0.5", "search.hypervolume_reference"),
+        ("max_failures: true", "search.max_failures"),
+        ("seed: abc", "search.seed"),
+        ("seed: -1", "search.seed"),
+        ("trials: 0", "search.trials"),
+        ("trials: 2.0", "search.trials"),
+        ("workers_per_trial: true", "search.workers_per_trial"),
+        ("cpus_per_worker: .inf", "search.cpus_per_worker"),
+        ("max_concurrent_trials: 0", "search.max_concurrent_trials"),
+        ("initial_points: [5]", "search.initial_points"),
+        ("sampler: grid", "search.sampler"),
+        ("trails: 4", "search.trails: unknown key"),
+    ],
+)
+def test_bad_search_settings_name_the_field(tmp_path, search, field):
+    path = tmp_path / "space.yaml"
+    path.write_text(f"space:\n  distill.alpha: 0.5\nsearch:\n  {search}\n")
+    with pytest.raises(XKDConfigError) as exc:
+        load_search_space(path)
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(f"{path}: {field}"), message
+
+
+def test_trial_config_is_base_then_workers_then_fixed_then_sampled():
+    spec = parse_search_space(
+        {
+            "base": {"distill": {"method": "kd", "batch_size": 60}, "ray": {"cpus_per_worker": 3}},
+            "space": {"distill.temperature": {"uniform": [1, 2]}, "distill.alpha": 0.25, "distill.beta": 1.0},
+            "search": {"workers_per_trial": 3, "cpus_per_worker": 0.5},
+        }
+    )
+    assert isinstance(spec, SearchSpec) and not hasattr(spec, "source")
+    config = spec.trial_config({"distill.temperature": 1.5, "distill.beta": 2.0})
+    assert (config.ray.num_workers, config.ray.cpus_per_worker) == (3, 0.5)
+    assert (config.distill.method, config.distill.alpha, config.distill.temperature) == ("kd", 0.25, 1.5)
+    assert config.distill.beta == 2.0  # sampled beats fixed
+    assert spec.base.ray.num_workers == 0  # the base itself is untouched
+
+
+def test_base_overrides_are_validated_with_the_base(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"base": {"ray": {"amp": False}}, "space": {"distill.alpha": 0.5}}))
+    spec = load_search_space(path, {"trials": 3}, base_overrides={"ray.use_gpu": True})
+    assert spec.base.ray.use_gpu is True and spec.base.ray.amp is False and spec.search.trials == 3
+    assert spec.trial_config({}).ray.use_gpu is True
+    for overrides, expected in [
+        ({"ray.use_gpu": "yes"}, "base.ray.use_gpu: got 'yes'"),
+        ({"ray.gpus": 1}, "base.ray.gpus: unknown key"),
+        ({"gpu": True}, "base.gpu: override keys look like section.key"),
+    ]:
+        with pytest.raises(XKDConfigError, match=f"^{path}: {expected}".replace(".", r"\.")):
+            load_search_space(path, base_overrides=overrides)
+
+
+def _range(low: float, high: float, kind: str) -> dict:
+    return {kind: [low, high]} if low < high else {"choice": [low]}
+
+
+# A few keys whose rules involve other keys (batch vs workers, depth vs image size vs method,
+# the two fractions), plus plain bounds; at most four per space keeps every check exhaustive.
+BATCHES = st.sampled_from([12, 24, 48, 64]) | st.integers(1, 70)
+IMAGES = st.sampled_from([8, 16, 24, 32]) | st.integers(8, 40)
+KEYS = {
+    "distill.batch_size": st.one_of(
+        st.lists(BATCHES, min_size=1, max_size=3).map(lambda v: {"choice": v}),
+        st.tuples(st.integers(1, 70), st.integers(1, 70)).map(lambda b: _range(min(b), max(b), "int")),
+    ),
+    "student.ae_depth": st.one_of(
+        st.lists(st.integers(1, 5), min_size=1, max_size=3).map(lambda v: {"choice": v}),
+        st.integers(1, 5).map(lambda high: _range(1, high, "int")),
+    ),
+    "data.image_size": st.one_of(
+        st.lists(IMAGES, min_size=1, max_size=3).map(lambda v: {"choice": v}),
+        st.tuples(st.integers(8, 40), st.integers(8, 40)).map(lambda b: _range(min(b), max(b), "int")),
+    ),
+    "distill.temperature": st.tuples(st.sampled_from([-1, 0, 0.5, 1]), st.sampled_from([0.5, 4, 20])).map(
+        lambda b: {"uniform": list(b)} if b[0] < b[1] else b[0]
+    ),
+    "distill.method": st.lists(st.sampled_from(sorted(METHODS)), min_size=1, max_size=3, unique=True).map(
+        lambda v: {"choice": v}
+    ),
+    "data.val_fraction": st.sampled_from([{"uniform": [0.1, 0.5]}, {"uniform": [0.1, 0.9]}, 0.3]),
+    "data.test_fraction": st.sampled_from([{"uniform": [0.1, 0.4]}, 0.2, 0.6]),
+    "ray.num_workers": st.lists(st.integers(1, 4), min_size=1, max_size=3).map(lambda v: {"choice": v}),
+}
+
+
+@st.composite
+def spaces(draw):
+    names = draw(st.lists(st.sampled_from(sorted(KEYS)), min_size=1, max_size=4, unique=True))
+    return {
+        "space": {name: draw(KEYS[name]) for name in names},
+        "search": {"workers_per_trial": draw(st.integers(1, 4)), "trials": 4},
+    }
+
+
+def _sample(parameter, data) -> object:
+    """What a sampler may propose: any choice, an end or any value inside a range."""
+    if parameter.kind == "choice":
+        return data.draw(st.sampled_from(parameter.choices))
+    if parameter.kind == "int":
+        return data.draw(st.integers(parameter.low, parameter.high))
+    ends = st.sampled_from([parameter.low, parameter.high])
+    return data.draw(ends | st.floats(parameter.low, parameter.high))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spaces(), st.data())
+def test_every_trial_of_an_accepted_space_is_a_valid_config(raw, data):
+    try:
+        spec = parse_search_space(raw)
+    except XKDConfigError as exc:
+        assert "\n" not in str(exc)
+        event("refused")
+        return
+    event("accepted")
+    searched = {name: p for name, p in spec.parameters.items() if p.kind != "fixed"}
+    corners = [{name: p.probes()[end] for name, p in searched.items()} for end in (0, -1)]
+    for point in [*corners, *({n: _sample(p, data) for n, p in searched.items()} for _ in range(5))]:
+        config = spec.trial_config(point)  # raises XKDConfigError if the check let a bad trial through
+        assert config.ray.num_workers == point.get("ray.num_workers", spec.search.workers_per_trial)
+        assert math.isfinite(config.distill.temperature)
