@@ -51,7 +51,7 @@ def test_every_method_trains_and_reports_all_metrics(tiny_config, tiny_data, met
     entry = METHODS[method]
     assert (student.head is not None) == entry.head
     terms = {name.removeprefix("train_") for name in metrics["history"][-1] if name.startswith("train_")}
-    switches = {"kd": entry.kd, "explanation": entry.head, "at": entry.attention}
+    switches = {"kd": entry.kd, "explanation": entry.head, "at": entry.attention, "e2kd": entry.e2kd}
     expected = {"ce", "total"} | {term for term, on in switches.items() if on}
     assert terms == expected
     assert metrics["test"]["accuracy"] > 0.3  # two epochs on 10 classes: well above chance
