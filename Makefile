@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-fast lint bench bench-smoke clean
+.PHONY: install demo test test-fast lint docs bench bench-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# docs/REGISTRIES.md from the registries and the config schema (tests/test_docs.py keeps it current);
+# plugin entries (XKD_PLUGINS) are left out.
+docs: $(STAMP)
+	env -u XKD_PLUGINS $(BIN)/python docs/registries.py > docs/REGISTRIES.md.tmp
+	mv docs/REGISTRIES.md.tmp docs/REGISTRIES.md
 
 # Every figure in the README, in one go (about 1.5 hours on 2 CPU cores).
 bench: $(STAMP)

@@ -1,14 +1,15 @@
 """Does XDistillation give students more faithful explanations than KD at the same accuracy?
 
-Trains the teacher once, then every method with the same fixed settings over several seeds,
-plus the controls that keep the claim honest:
+Trains the teacher once, then every registered method (``METHODS``, or --methods) with the
+same fixed settings over several seeds, plus the controls that keep the claim honest:
   * template  - one constant map (mean training teacher map) for every image;
   * input     - the input image itself used as the explanation;
   * kd+head   - a KD student plus the same autoencoder head trained *separately* on the
                 teacher maps (no fusion, no joint loss).
-Prints a Markdown table (test split, mean ± std over seeds), writes it and a grid of maps for 8
-test images (input, teacher, KD student's post-hoc map, XD student's head and post-hoc maps; the
-seed-0 students) to bench/results/, and ends with one RESULT line.
+Prints a Markdown table (test split, mean ± std over seeds, one column per registered metric
+that describes a student), writes it and a grid of maps for 8 test images (input, teacher, KD
+student's post-hoc map, XD student's head and post-hoc maps; the seed-0 students) to
+bench/results/, and ends with one RESULT line.
 Run: python bench/paper_claim.py [--explainer integrated_gradients]
 """
 
@@ -22,17 +23,29 @@ from pathlib import Path
 import torch
 
 from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import DistillData, distill, prepare, student_predictions
+from xkd_ray.data import DATASETS
+from xkd_ray.distill import StudentPredictions, distill, split_metrics, student_predictions
+from xkd_ray.explain import EXPLAINERS
 from xkd_ray.losses import explanation_loss
-from xkd_ray.metrics import fidelity, topk_iou
-from xkd_ray.models import ConvAutoencoder
+from xkd_ray.methods import METHODS
+from xkd_ray.metrics import METRICS, fidelity, topk_iou
+from xkd_ray.models import ConvAutoencoder, StudentNet
+from xkd_ray.prepared import DistillData, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = ("accuracy", "agreement", "fidelity", "fidelity_posthoc", "topk_iou")
+# Every registered metric is a column, except those that describe the teacher and its maps, the
+# same for every student: they are printed once, under the table.
+TEACHER_SIDE = ("fidelity_template", "degenerate_maps", "deletion_auc_teacher", "insertion_auc_teacher")
+COLUMNS = tuple(name for name in METRICS if name not in TEACHER_SIDE)
 
 
-def train_head_alone(config: ExperimentConfig, data: DistillData) -> dict[str, float]:
-    """The kd+head control: the XD head architecture trained only to copy the teacher's maps."""
+def train_head_alone(
+    config: ExperimentConfig, data: DistillData, kd_student: StudentNet, kd_metrics: dict[str, float | None]
+) -> dict[str, float | None]:
+    """The kd+head control: the XD head architecture trained only to copy the teacher's maps,
+    evaluated next to the KD student (its logits and post-hoc maps, the head's maps as its
+    explanation) with every registered metric on the test split. The faithfulness measurements
+    of the KD student's own maps are the KD student's (``kd_metrics``)."""
     torch.manual_seed(config.distill.seed)
     head = ConvAutoencoder(data.splits.in_channels, config.student.ae_depth, config.student.ae_width)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.distill.lr, weight_decay=config.distill.weight_decay)
@@ -46,10 +59,12 @@ def train_head_alone(config: ExperimentConfig, data: DistillData) -> dict[str, f
             loss.backward()
             optimizer.step()
     head.eval()
+    test_images = data.splits.test.images
     with torch.no_grad():
-        predicted = head(data.splits.test.images)[:, 0]
-    teacher_maps = data.teacher_outputs["test"].maps
-    return {"head_fidelity": fidelity(predicted, teacher_maps), "head_topk_iou": topk_iou(predicted, teacher_maps)}
+        head_maps = head(test_images)[:, 0]
+    kd = student_predictions(kd_student, test_images, data.teacher_outputs["test"].predictions, config)
+    control = split_metrics(data, "test", config, StudentPredictions(kd.logits, head_maps, kd.posthoc_maps))
+    return {**kd_metrics, **{name: value for name, value in control.items() if value is not None}}
 
 
 def write_map_grid(path: Path, data: DistillData, students: dict, config: ExperimentConfig, count: int = 8) -> None:
@@ -63,10 +78,10 @@ def write_map_grid(path: Path, data: DistillData, students: dict, config: Experi
     teacher = data.teacher_outputs["test"]
     columns: dict[str, torch.Tensor] = {"input": images.mean(dim=1), "teacher map": teacher.maps[:count]}
     for method, student in students.items():
-        _, head_maps, posthoc = student_predictions(student, images, teacher.predictions[:count], config)
-        if head_maps is not None:
-            columns[f"{method} head map"] = head_maps
-        columns[f"{method} post-hoc map"] = posthoc
+        predictions = student_predictions(student, images, teacher.predictions[:count], config)
+        if predictions.head_maps is not None:
+            columns[f"{method} head map"] = predictions.head_maps
+        columns[f"{method} post-hoc map"] = predictions.posthoc_maps
     figure, axes = plt.subplots(count, len(columns), figsize=(1.6 * len(columns), 1.6 * count), squeeze=False)
     for column, (title, maps) in enumerate(columns.items()):
         for row in range(count):
@@ -84,38 +99,51 @@ def write_map_grid(path: Path, data: DistillData, students: dict, config: Experi
     temporary.replace(path)
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def mean_std(values: list[float | None]) -> str:
+    """Mean ± std over seeds; "-" where the metric does not apply (None, e.g. head metrics without a head)."""
+    measured = [value for value in values if value is not None]
+    if not measured:
+        return "-"
+    if len(measured) == 1:
+        return f"{measured[0]:.3f}"
+    return f"{statistics.mean(measured):.3f} ± {statistics.stdev(measured):.3f}"
+
+
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--explainer", default="gradcam", choices=["gradcam", "integrated_gradients", "saliency"])
-    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--explainer", default="gradcam", choices=list(EXPLAINERS))
+    parser.add_argument("--dataset", default="digits", choices=list(DATASETS))
     parser.add_argument("--data-root")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--methods", default="student,kd,at,xd")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works (seconds)")
     parser.add_argument("--grid-only", action="store_true", help="only train seed-0 kd and xd and draw the map grid")
     args = parser.parse_args()
     if args.grid_only:
         args.seeds, args.methods = 1, "kd,xd"
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; registered: {', '.join(METHODS)}")
 
     overrides = {"explain.explainer": args.explainer, "data.dataset": args.dataset, "data.root": args.data_root}
     if args.smoke:
         overrides |= {"data.image_size": 16, "teacher.width": 8, "teacher.epochs": 2, "distill.epochs": 1}
         overrides |= {"student.width": 8, "student.ae_width": 8, "explain.cache_dir": ".xkd_cache/smoke"}
-        args.seeds, args.methods = 1, "kd,xd"
+        args.seeds, methods = 1, ["kd", "xd"]
     base = ExperimentConfig().with_overrides(overrides)
     started = time.perf_counter()
     data = prepare(base, progress=False)
     teacher_test = data.teacher_outputs["test"]
     test_images = data.splits.test.images
-    rows: dict[str, dict[str, list[float]]] = {}
+    rows: dict[str, dict[str, list[float | None]]] = {}
     grid_students: dict = {}
-    for method in args.methods.split(","):
+    teacher_side: dict[str, float | None] = {}
+    for method in methods:
         for seed in range(args.seeds):
             config = base.with_overrides({"distill.method": method, "distill.seed": seed})
             student, metrics = distill(config, data, progress=False)
@@ -124,13 +152,14 @@ def main() -> None:
             for key in COLUMNS:
                 rows.setdefault(method, {}).setdefault(key, []).append(metrics["test"][key])
             if method == "kd":
-                control = train_head_alone(config, data)
+                control = train_head_alone(config, data, student, metrics["test"])
                 row = rows.setdefault("kd+head (control)", {})
                 for key in COLUMNS:
-                    value = control["head_fidelity"] if key == "fidelity" else metrics["test"][key]
-                    value = control["head_topk_iou"] if key == "topk_iou" else value
-                    row.setdefault(key, []).append(value)
-            print(f"{method} seed {seed}: " + " ".join(f"{k}={metrics['test'][k]:.3f}" for k in COLUMNS), flush=True)
+                    row.setdefault(key, []).append(control[key])
+            teacher_side = {key: metrics["test"][key] for key in TEACHER_SIDE if key in metrics["test"]}
+            print(
+                f"{method} seed {seed}: " + " ".join(f"{k}={number(metrics['test'][k])}" for k in COLUMNS), flush=True
+            )
     template = data.template_map.expand_as(teacher_test.maps)
     image_maps = test_images.abs().sum(dim=1)
     controls = {
@@ -148,7 +177,9 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     teacher_line = (
         f"Teacher test accuracy {data.teacher_metrics['test_accuracy']:.3f}; "
-        f"degenerate teacher maps on test: {teacher_test.degenerate_maps}; wall {time.perf_counter() - started:.0f} s."
+        f"degenerate teacher maps on test: {teacher_test.degenerate_maps}; "
+        + "".join(f"{key} {number(value)}; " for key, value in teacher_side.items() if key != "degenerate_maps")
+        + f"wall {time.perf_counter() - started:.0f} s."
     )
     table = "\n".join(lines) + "\n\n" + teacher_line + "\n"
     print(table)
@@ -162,7 +193,7 @@ def main() -> None:
         print(f"map grid: {grid}")
 
     def avg(method: str, key: str) -> float:
-        values = rows.get(method, {}).get(key)
+        values = [value for value in rows.get(method, {}).get(key, []) if value is not None]
         return statistics.mean(values) if values else float("nan")
 
     print(

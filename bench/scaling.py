@@ -20,8 +20,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from train_overhead import repeat_train  # bench/ is on sys.path when run as a script
 
 from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import DistillData, build_student, evaluate_student, make_optimizer, prepare
+from xkd_ray.distill import build_student, evaluate, make_optimizer
 from xkd_ray.losses import distillation_loss
+from xkd_ray.methods import METHODS
+from xkd_ray.prepared import DistillData, prepare
 
 PHASES = (
     "data: batch + cached teacher outputs",
@@ -42,6 +44,10 @@ def one_epoch(config: ExperimentConfig, data: DistillData) -> float:
     student = build_student(config, data.splits)
     optimizer, _ = make_optimizer(config, student)
     settings = config.distill
+    # The same weights as `train_one_epoch` (the method is `xd`: no term needs the live teacher or student CAMs).
+    weights = METHODS[settings.method].loss_weights(
+        settings.alpha, settings.beta, settings.at_weight, settings.e2kd_weight
+    )
     train, outputs = data.splits.train, data.teacher_outputs["train"]
     started = time.perf_counter()
     order = torch.randperm(len(train))
@@ -53,15 +59,16 @@ def one_epoch(config: ExperimentConfig, data: DistillData) -> float:
             result = student(images, return_all=True)
         with record_function(PHASES[2]):
             parts = distillation_loss(
-                result.logits, labels, teacher_logits, temperature=settings.temperature, alpha=settings.alpha,
-                beta=settings.beta, predicted_maps=result.maps, teacher_maps=teacher_maps,
+                result.logits, labels, teacher_logits, temperature=settings.temperature, **weights,
+                predicted_maps=result.maps, teacher_maps=teacher_maps, explanation_kind=settings.explanation_loss,
             )  # fmt: skip
         with record_function(PHASES[3]):
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()
             optimizer.step()
     with record_function(PHASES[4]):
-        evaluate_student(student, data.splits.val, data.teacher_outputs["val"], data.template_map, config)
+        # An ordinary epoch's validation pass: without the end-of-run faithfulness measurements.
+        evaluate(student, data, "val", config, diagnostics=False)
     return time.perf_counter() - started
 
 

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import ray
 
-from xkd_ray.space import load_search_space
-from xkd_ray.tune import run_search
-
-SAMPLERS = ("tpe", "nsga2", "random")
+from xkd_ray.ray_search import run_search
+from xkd_ray.space import SAMPLERS, load_search_space
 
 
 def main() -> None:
@@ -40,9 +38,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xkd-search-quality-") as root:
         for sampler in samplers:
             for seed in range(args.seeds):
-                spec = load_search_space(args.space, {"trials": args.trials, "sampler": sampler, "seed": seed})
-                if not args.smoke:
-                    spec.base = spec.base.with_overrides({"distill.epochs": args.epochs})
+                search = {"trials": args.trials, "sampler": sampler, "seed": seed}
+                epochs = None if args.smoke else {"distill.epochs": args.epochs}
+                spec = load_search_space(args.space, search, base_overrides=epochs)
                 summary = run_search(spec, Path(root) / f"{sampler}-{seed}", live=False)
                 volumes.setdefault(sampler, []).append(summary["hypervolume"])
                 print(f"{sampler:6s} seed {seed}: hypervolume {summary['hypervolume']:.4f}", flush=True)

@@ -17,7 +17,7 @@ BENCH = REPO / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py"))
 # Caches of the developer tools (and other sessions' pytest runs) may change while a script runs;
 # they are not the scripts' output. Everything else in the repo, ignored paths included, is checked.
-TOOL_PATHS = re.compile(r"(^|/)(\.venv|\.ruff_cache|\.pytest_cache|__pycache__)/")
+TOOL_PATHS = re.compile(r"(^|/)(\.venv|\.ruff_cache|\.pytest_cache|\.hypothesis|__pycache__)/")
 _PAIR = re.compile(r"([a-z_]+)=(\S+)")
 
 

@@ -24,7 +24,7 @@ from xkd_ray.checkpoints import write_model_folder
 from xkd_ray.config import ExperimentConfig
 from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.explain import TeacherOutputs, explain_maps
-from xkd_ray.faithfulness import curve_auc, perturbation_curves, randomised_copy
+from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
 from xkd_ray.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
 from xkd_ray.methods import METHODS
 from xkd_ray.metrics import METRICS, Evidence, compute_metrics
@@ -167,12 +167,14 @@ def _diagnostics(
 ) -> dict[str, torch.Tensor]:
     """Is the student's explanation its real reason? Deletion / insertion AUCs of its head map,
     its post-hoc map and a random map (control), and the randomisation check: the same maps
-    after re-initialising everything but the head (Adebayo et al. 2018)."""
+    after re-initialising everything but the head (Adebayo et al. 2018). Per image, for the
+    ``images`` given (the caller picks the split's first ``faithfulness.IMAGES``)."""
+    count = len(images)
     seed = config.distill.seed
-    random_maps = torch.rand(predictions.posthoc_maps.shape, generator=torch.Generator().manual_seed(seed))
-    maps = {"posthoc": predictions.posthoc_maps, "random": random_maps}
+    random_maps = torch.rand((count, *images.shape[-2:]), generator=torch.Generator().manual_seed(seed))
+    maps = {"posthoc": predictions.posthoc_maps[:count], "random": random_maps}
     if predictions.head_maps is not None:
-        maps["head"] = predictions.head_maps
+        maps["head"] = predictions.head_maps[:count]
     device = next(student.parameters()).device
     found: dict[str, torch.Tensor] = {}
     for whose, whose_maps in maps.items():
@@ -180,12 +182,12 @@ def _diagnostics(
         found[f"deletion_{whose}"], found[f"insertion_{whose}"] = curve_auc(deletion).cpu(), curve_auc(insertion).cpu()
     randomised = randomised_copy(student, keep=lambda name: name.startswith("head"), seed=seed)
     found["randomisation_posthoc"] = pearson_per_image(
-        predictions.posthoc_maps, _posthoc_maps(randomised, images, targets, config)
+        maps["posthoc"], _posthoc_maps(randomised, images, targets, config)
     )
-    if predictions.head_maps is not None:
+    if "head" in maps:
         with torch.no_grad():
             randomised_head = randomised(images.to(device), return_all=True).maps.float().cpu()
-        found["randomisation_head"] = pearson_per_image(predictions.head_maps, randomised_head)
+        found["randomisation_head"] = pearson_per_image(maps["head"], randomised_head)
     return found
 
 
@@ -197,11 +199,11 @@ def student_predictions(
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
-    diagnostics: bool = False,
+    diagnostics: int = 0,
 ) -> StudentPredictions:
     """Logits, head maps (or None) and post-hoc captum maps for the teacher's predicted class;
-    with ``diagnostics``, also the per-image faithfulness measurements (costlier: asked for once
-    per split and run, at its end)."""
+    with ``diagnostics=n``, also the per-image faithfulness measurements of the first n images
+    (costlier: asked for once per split and run, at its end)."""
     student.eval()
     logits, maps = [], []
     with torch.no_grad():
@@ -212,8 +214,8 @@ def student_predictions(
                 maps.append(output.maps.float().cpu())
     posthoc = _posthoc_maps(student, images, teacher_predictions, config)
     predictions = StudentPredictions(torch.cat(logits), torch.cat(maps) if maps else None, posthoc)
-    if diagnostics:
-        found = _diagnostics(student, images, teacher_predictions, predictions, config)
+    if diagnostics > 0:
+        found = _diagnostics(student, images[:diagnostics], teacher_predictions[:diagnostics], predictions, config)
         predictions = predictions._replace(diagnostics=found)
     return predictions
 
@@ -257,7 +259,7 @@ def evaluate(
     split = data.splits.split(split_name)
     teacher_predictions = data.teacher_outputs[split_name].predictions
     predictions = student_predictions(
-        student, split.images, teacher_predictions, config, device=device, diagnostics=diagnostics
+        student, split.images, teacher_predictions, config, device=device, diagnostics=IMAGES if diagnostics else 0
     )
     return split_metrics(data, split_name, config, predictions)
 

@@ -26,7 +26,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from xkd_ray.checkpoints import atomic_write, stable_hash
 from xkd_ray.errors import XKDConfigError, XKDDataError
-from xkd_ray.faithfulness import curve_auc, perturbation_curves
+from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves
 from xkd_ray.models import find_layer, predict_logits
 
 CACHE_FORMAT_VERSION = 2  # 2: teacher deletion/insertion AUCs on val and test
@@ -153,8 +153,8 @@ class TeacherOutputs:
     logits: torch.Tensor  # float32 [N, classes]
     maps: torch.Tensor  # float32 [N, H, W]
     degenerate_maps: int
-    # Faithfulness of the teacher's maps to the teacher (per image; val and test only, where
-    # metrics are read): deletion / insertion AUC, xkd_ray.faithfulness.
+    # Faithfulness of the teacher's maps to the teacher (per image, on the split's first
+    # faithfulness.IMAGES images; val and test only): deletion / insertion AUC.
     deletion_auc: torch.Tensor | None = None
     insertion_auc: torch.Tensor | None = None
 
@@ -184,21 +184,21 @@ def write_teacher_outputs(path: Path, outputs: TeacherOutputs, metadata: dict[st
     """Write atomically (temp file + rename) so a crash never leaves a half-written cache."""
     count, classes = outputs.logits.shape
     height, width = outputs.maps.shape[-2:]
-    columns = {
-        "index": pa.array(np.arange(count, dtype=np.int64)),
-        "logits": pa.FixedSizeListArray.from_arrays(pa.array(outputs.logits.numpy().ravel()), classes),
-        "map": pa.FixedSizeListArray.from_arrays(pa.array(outputs.maps.numpy().ravel()), height * width),
-    }
-    for name in _AUC_COLUMNS:
-        if getattr(outputs, name) is not None:
-            columns[name] = pa.array(getattr(outputs, name).numpy())
-    table = pa.table(columns)
+    table = pa.table(
+        {
+            "index": pa.array(np.arange(count, dtype=np.int64)),
+            "logits": pa.FixedSizeListArray.from_arrays(pa.array(outputs.logits.numpy().ravel()), classes),
+            "map": pa.FixedSizeListArray.from_arrays(pa.array(outputs.maps.numpy().ravel()), height * width),
+        }
+    )
     info = {**metadata, "height": height, "width": width, "degenerate_maps": outputs.degenerate_maps}
+    # The AUCs cover only the split's first images, so they travel in the metadata, not as columns.
+    info.update({name: getattr(outputs, name).tolist() for name in _AUCS if getattr(outputs, name) is not None})
     table = table.replace_schema_metadata({"xkd_ray": json.dumps(info, sort_keys=True, default=str)})
     atomic_write(path, lambda temporary: pq.write_table(table, temporary))
 
 
-_AUC_COLUMNS = ("deletion_auc", "insertion_auc")
+_AUCS = ("deletion_auc", "insertion_auc")
 
 
 def read_teacher_outputs(path: Path) -> TeacherOutputs:
@@ -209,11 +209,7 @@ def read_teacher_outputs(path: Path) -> TeacherOutputs:
         logits = np.asarray(table.column("logits").combine_chunks().flatten(), dtype=np.float32).reshape(count, -1)
         maps = np.asarray(table.column("map").combine_chunks().flatten(), dtype=np.float32)
         maps = maps.reshape(count, int(info["height"]), int(info["width"]))
-        aucs = {
-            name: torch.from_numpy(np.asarray(table.column(name), dtype=np.float32).copy())
-            for name in _AUC_COLUMNS
-            if name in table.column_names
-        }
+        aucs = {name: torch.tensor(info[name], dtype=torch.float32) for name in _AUCS if name in info}
     except (OSError, KeyError, ValueError, pa.ArrowException, TypeError) as exc:
         raise XKDDataError(f"{path}: explanation cache is unreadable ({exc}); delete it to recompute") from exc
     maps_tensor = torch.from_numpy(maps.copy())
@@ -262,8 +258,9 @@ def cached_teacher_outputs(
         description=f"teacher {explainer} ({split})",
     )
     aucs = {}
-    if split != "train":
-        curves = perturbation_curves(teacher, images.to(next(teacher.parameters()).device), explained.maps)
+    if split != "train":  # metrics read val and test only; the first IMAGES images, as for students
+        subset = images[:IMAGES].to(next(teacher.parameters()).device)
+        curves = perturbation_curves(teacher, subset, explained.maps[:IMAGES])
         aucs = {"deletion_auc": curve_auc(curves[0]).cpu(), "insertion_auc": curve_auc(curves[1]).cpu()}
     outputs = TeacherOutputs(logits, explained.maps, explained.degenerate_maps, **aucs)
     write_teacher_outputs(path, outputs, {"split": split, "teacher": teacher_id, **settings})

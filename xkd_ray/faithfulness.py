@@ -21,6 +21,12 @@ from torch import nn
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
+# Each curve costs (STEPS + 1) forward passes per image and map, so a split's diagnostics are
+# measured on its first IMAGES images (a fixed subset: the same images for every student and the
+# teacher); 100 images keep the standard error of a mean AUC near 0.02 at a few seconds per split.
+STEPS = 8
+IMAGES = 100
+
 
 def pixel_order(maps: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Cells of each map from most to least important, ties in random (seeded) order: a flat
@@ -35,7 +41,7 @@ def pixel_order(maps: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def perturbation_curves(
-    model: Model, images: torch.Tensor, maps: torch.Tensor, *, steps: int = 16, seed: int = 0, batch_size: int = 512
+    model: Model, images: torch.Tensor, maps: torch.Tensor, *, steps: int = STEPS, seed: int = 0, batch_size: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion curves, each [N, steps + 1]: the probability of the model's own
     prediction after 0, 1/k, ..., k/k of the pixels (in map order) were removed / revealed."""

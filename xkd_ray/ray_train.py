@@ -42,6 +42,7 @@ from xkd_ray.distill import (
     train_one_epoch,
 )
 from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
+from xkd_ray.faithfulness import IMAGES
 from xkd_ray.faults import fault_rule
 from xkd_ray.models import StudentNet
 from xkd_ray.prepared import DistillData
@@ -87,8 +88,10 @@ def _gather_evaluation(
     rank = dist.get_rank() if dist.is_initialized() else 0
     bounds = np.linspace(0, len(split), world + 1).astype(int)
     shard = slice(int(bounds[rank]), int(bounds[rank + 1]))
+    # Diagnostics cover the split's first IMAGES images: this shard's part of them.
+    measured = max(0, min(IMAGES, shard.stop) - shard.start) if diagnostics else 0
     mine = student_predictions(
-        student, split.images[shard], teacher_predictions[shard], config, device=device, diagnostics=diagnostics
+        student, split.images[shard], teacher_predictions[shard], config, device=device, diagnostics=measured
     )
     gathered: list[Any] = [mine]
     if world > 1:
@@ -104,8 +107,8 @@ def _gather_evaluation(
             head_maps=None if first.head_maps is None else torch.cat([g.head_maps for g in gathered]),
             posthoc_maps=torch.cat([g.posthoc_maps for g in gathered]),
             diagnostics=None
-            if first.diagnostics is None
-            else {key: torch.cat([g.diagnostics[key] for g in gathered]) for key in first.diagnostics},
+            if not diagnostics
+            else {key: torch.cat([g.diagnostics[key] for g in gathered if g.diagnostics]) for key in first.diagnostics},
         ),
     )
 
