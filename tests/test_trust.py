@@ -10,17 +10,28 @@ import torch
 from torch import nn
 
 from xkd_ray.faithfulness import curve_auc, perturbation_curves, randomised_copy
-from xkd_ray.losses import differentiable_gradcam, distillation_loss, e2kd_loss, pearson_per_image
+from xkd_ray.losses import differentiable_gradcam, distillation_loss, pearson_per_image
 from xkd_ray.metrics import METRICS, Evidence, compute_metrics, skill
 from xkd_ray.models import StudentNet
 
 
-def test_e2kd_loss_by_hand():
+def _e2kd_term(student_cams: torch.Tensor, teacher_maps: torch.Tensor, kind: str = "cosine") -> float:
+    logits = torch.zeros(len(student_cams), 3)
+    parts = distillation_loss(
+        logits, torch.zeros(len(student_cams), dtype=torch.long), None, temperature=1.0, alpha=0.0,
+        e2kd_weight=2.0, student_cams=student_cams, teacher_maps=teacher_maps, e2kd_kind=kind,
+    )  # fmt: skip
+    assert parts["total"].item() == pytest.approx(parts["ce"].item() + 2.0 * parts["e2kd"].item())
+    return parts["e2kd"].item()
+
+
+def test_e2kd_term_by_hand():
     student = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     teacher = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
-    # cos = 1 / (1 * sqrt(2))
-    assert e2kd_loss(student, teacher).item() == pytest.approx(1 - 1 / math.sqrt(2))
-    assert e2kd_loss(teacher * 7.0, teacher).item() == pytest.approx(0.0, abs=1e-6)  # scale-invariant
+    # cos = 1 / (1 * sqrt(2)); Pearson r of (1,0,0,0) and (1,1,0,0) = 1/sqrt(3)
+    assert _e2kd_term(student, teacher) == pytest.approx(1 - 1 / math.sqrt(2))
+    assert _e2kd_term(student, teacher, "pearson") == pytest.approx(1 - 1 / math.sqrt(3))
+    assert _e2kd_term(teacher * 7.0, teacher) == pytest.approx(0.0, abs=1e-6)  # scale-invariant
 
 
 def test_differentiable_gradcam_by_hand():

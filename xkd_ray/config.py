@@ -144,6 +144,8 @@ class DistillConfig(Schema):
     # e2kd, xd_e2kd: weight of 1 - cos(student's Grad-CAM, E_T). 5: the weight of the digits calibration
     # in the README's results (e2KD's authors used 1 on ImageNet-scale data).
     e2kd_weight: NonNegativeFloat = 5.0
+    # The distance between the student's own Grad-CAM and E_T: e2KD's authors use cosine.
+    e2kd_loss: Literal[*EXPLANATION_LOSSES] = "cosine"
     head_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     lr: PositiveFloat = 5e-3
     weight_decay: NonNegativeFloat = 5e-4

@@ -125,6 +125,7 @@ def train_one_epoch(
                     student_features=output.features,
                     teacher_features=teacher_features,
                     student_cams=None if student_cams is None else student_cams.float(),
+                    e2kd_kind=settings.e2kd_loss,
                 )
         parts["total"].backward()
         if warming_up:

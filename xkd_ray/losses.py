@@ -127,12 +127,6 @@ def differentiable_gradcam(
     return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def e2kd_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
-    """e2KD (Parchami et al., ECCV 2024): 1 - cos(student's own Grad-CAM, teacher's map), mean
-    over the batch. Cosine is scale-invariant, so the student's raw CAM needs no normalisation."""
-    return _cosine_distance(student_maps, teacher_maps)
-
-
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -149,6 +143,7 @@ def distillation_loss(
     teacher_features: list[torch.Tensor] | None = None,
     e2kd_weight: float = 0.0,
     student_cams: torch.Tensor | None = None,
+    e2kd_kind: str = "cosine",
 ) -> dict[str, torch.Tensor]:
     """The joint loss and its parts (returned so training logs show what each term does).
 
@@ -175,7 +170,9 @@ def distillation_loss(
     if e2kd_weight > 0:
         if student_cams is None or teacher_maps is None:
             raise ValueError("e2kd_weight > 0 needs student_cams and teacher_maps")
-        parts["e2kd"] = e2kd_loss(student_cams, teacher_maps)
+        # e2KD (Parchami et al., ECCV 2024): 1 - cos(student's own Grad-CAM, E_T) by default;
+        # cosine and Pearson are scale-invariant, so the raw CAM needs no normalisation.
+        parts["e2kd"] = explanation_loss(student_cams, teacher_maps, e2kd_kind)
         total = total + e2kd_weight * parts["e2kd"]
     parts["total"] = total
     return parts

@@ -215,6 +215,13 @@ def write_front_plot(experiment: str | Path, path: str | Path) -> Path:
         axes.scatter([r["val_accuracy"] for r in points], [r["val_fidelity"] for r in points], label=method, alpha=0.7)
     if front:
         axes.plot([r["val_accuracy"] for r in front], [r["val_fidelity"] for r in front], "k--", label="Pareto front")
+    unskilled = [r for r in rows if (r.get("val_fidelity_skill") or 0.0) <= 0]
+    if unskilled:
+        axes.scatter(
+            [r["val_accuracy"] for r in unskilled],
+            [r["val_fidelity"] for r in unskilled],
+            marker="x", color="red", s=60, label="skill <= 0 (no better than the constant map)",
+        )  # fmt: skip
     if rows:
         template = rows[0].get("val_fidelity_template")
         if template is not None:

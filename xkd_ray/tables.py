@@ -16,6 +16,16 @@ def _cell(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+NO_SKILL = " (<= constant map)"
+
+
+def metric_cell(name: str, value: Any) -> str:
+    """A metric's cell; a skill at or below 0 is marked: that explanation is no better than
+    showing the mean teacher map for every image."""
+    marked = name.endswith("_skill") and isinstance(value, float) and value <= 0
+    return _cell(value) + (NO_SKILL if marked else "")
+
+
 def items_table(title: str, items: dict[str, Any]) -> Table:
     """Two columns, item and value (the teacher's summary)."""
     table = Table(title=title)
@@ -27,25 +37,26 @@ def items_table(title: str, items: dict[str, Any]) -> Table:
 
 
 def metrics_table(title: str, runs: dict[str, dict[str, Any]], split: str = "test") -> Table:
-    """One row per run, one column per registered metric: the side-by-side view users compare methods in."""
+    """One row per registered metric, one column per run: the side-by-side view users compare
+    methods in (metrics as rows, so a growing registry never squeezes the columns)."""
     table = Table(title=title)
-    table.add_column("run")
+    table.add_column("metric")
+    for run in runs:
+        table.add_column(run, justify="right")
     for name in METRICS:
-        table.add_column(name, justify="right")
-    for run, metrics in runs.items():
-        values = metrics.get(split, {})
-        table.add_row(run, *(_cell(values.get(name)) for name in METRICS))
+        table.add_row(name, *(metric_cell(name, metrics.get(split, {}).get(name)) for metrics in runs.values()))
     return table
 
 
 def front_table(rows: list[dict[str, Any]], title: str, objectives: tuple[str, ...]) -> Table:
     """The Pareto front: each student's objectives on val (searched on) and test (reported)."""
-    columns = ["trial_id", "method", *(f"{split}_{name}" for split in ("val", "test") for name in objectives)]
+    shown = (*objectives, *(name for name in ("fidelity_skill",) if name not in objectives))
+    columns = ["trial_id", "method", *(f"{split}_{name}" for split in ("val", "test") for name in shown)]
     table = Table(title=title)
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(_cell(row.get(column)) for column in columns))
+        table.add_row(*(metric_cell(column, row.get(column)) for column in columns))
     return table
 
 
