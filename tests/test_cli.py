@@ -123,6 +123,7 @@ def test_evaluate_remeasures_a_saved_student(saved_student, capsys):
         cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
         if len(cells) == 2 and cells[0] in METRICS:
             printed[cells[0]] = cells[1]
+
     def shown(name, value):
         if value is None:
             return "-"
