@@ -25,7 +25,7 @@ import torch
 from xkd_ray.config import ExperimentConfig
 from xkd_ray.data import DATASETS
 from xkd_ray.distill import StudentPredictions, distill, split_metrics, student_predictions
-from xkd_ray.explain import EXPLAINERS
+from xkd_ray.explain import EXPLAINERS, explain_maps
 from xkd_ray.losses import explanation_loss
 from xkd_ray.methods import METHODS
 from xkd_ray.metrics import METRICS, fidelity, topk_iou
@@ -99,6 +99,39 @@ def write_map_grid(path: Path, data: DistillData, students: dict, config: Experi
     temporary.replace(path)
 
 
+def seconds_per_epoch(history: list[dict]) -> float:
+    """Training time per epoch from the run's own clock, leaving out the last epoch (it also
+    holds the end-of-run evaluation); nan for runs too short to tell."""
+    if len(history) < 3:
+        return float("nan")
+    return (history[-2]["wall_time"] - history[0]["wall_time"]) / (len(history) - 2)
+
+
+def explanation_latency(students: dict, data: DistillData, config: ExperimentConfig, count: int = 128) -> dict:
+    """Milliseconds per image to explain one test image: a head needs one forward pass; a post-hoc
+    map needs captum's forward and backward passes on the student, or on the teacher."""
+    images = data.splits.test.images[:count]
+    targets = data.teacher_outputs["test"].predictions[:count]
+    settings = {"explainer": config.explain.explainer, "ig_steps": config.explain.ig_steps}
+    settings["blur_sigma"] = config.explain.blur_sigma
+    timings: dict[str, float] = {}
+
+    def clock(name: str, work) -> None:
+        work()  # warm-up
+        started = time.perf_counter()
+        for _ in range(3):
+            work()
+        timings[name] = (time.perf_counter() - started) / 3 / count * 1000
+
+    teacher = data.teacher()
+    clock("teacher post-hoc", lambda: explain_maps(teacher, images, targets, layer=config.explain.layer, **settings))
+    for method, student in students.items():
+        if student.head is not None:
+            clock(f"{method} head", lambda s=student: s.eval()(images, return_all=True))
+        clock(f"{method} post-hoc", lambda s=student: explain_maps(s, images, targets, **settings))
+    return timings
+
+
 def mean_std(values: list[float | None]) -> str:
     """Mean ± std over seeds; "-" where the metric does not apply (None, e.g. head metrics without a head)."""
     measured = [value for value in values if value is not None]
@@ -134,7 +167,7 @@ def main() -> None:
     if args.smoke:
         overrides |= {"data.image_size": 16, "teacher.width": 8, "teacher.epochs": 2, "distill.epochs": 1}
         overrides |= {"student.width": 8, "student.ae_width": 8, "explain.cache_dir": ".xkd_cache/smoke"}
-        args.seeds, methods = 1, ["kd", "xd"]
+        args.seeds, methods = 1, ["kd", "xd", "xd_e2kd"]
     base = ExperimentConfig().with_overrides(overrides)
     started = time.perf_counter()
     data = prepare(base, progress=False)
@@ -147,10 +180,11 @@ def main() -> None:
         for seed in range(args.seeds):
             config = base.with_overrides({"distill.method": method, "distill.seed": seed})
             student, metrics = distill(config, data, progress=False)
-            if seed == 0 and method in ("kd", "xd"):
+            if seed == 0:
                 grid_students[method] = student
             for key in COLUMNS:
                 rows.setdefault(method, {}).setdefault(key, []).append(metrics["test"][key])
+            rows[method].setdefault("s/epoch", []).append(seconds_per_epoch(metrics["history"]))
             if method == "kd":
                 control = train_head_alone(config, data, student, metrics["test"])
                 row = rows.setdefault("kd+head (control)", {})
@@ -170,10 +204,11 @@ def main() -> None:
         values["topk_iou"] = [topk_iou(template if name.startswith("template") else image_maps, teacher_test.maps)]
         rows[name] = values
 
-    header = f"| {args.dataset} / {args.explainer} (test, {args.seeds} seeds) | " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    columns = (*COLUMNS, "s/epoch")
+    header = f"| {args.dataset} / {args.explainer} (test, {args.seeds} seeds) | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
     for name, values in rows.items():
-        cells = [mean_std(values[c]) if c in values else "-" for c in COLUMNS]
+        cells = [mean_std(values[c]) if c in values else "-" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     teacher_line = (
         f"Teacher test accuracy {data.teacher_metrics['test_accuracy']:.3f}; "
@@ -181,7 +216,11 @@ def main() -> None:
         + "".join(f"{key} {number(value)}; " for key, value in teacher_side.items() if key != "degenerate_maps")
         + f"wall {time.perf_counter() - started:.0f} s."
     )
-    table = "\n".join(lines) + "\n\n" + teacher_line + "\n"
+    latency = explanation_latency(grid_students, data, base)
+    latency_line = "Explanation latency, ms per test image (same run, seed-0 students): " + "; ".join(
+        f"{name} {value:.2f}" for name, value in latency.items()
+    )
+    table = "\n".join(lines) + "\n\n" + teacher_line + "\n\n" + latency_line + "\n"
     print(table)
     name = f"paper_claim_{args.dataset}_{args.explainer}"
     if not args.smoke and not args.grid_only:
@@ -196,12 +235,10 @@ def main() -> None:
         values = [value for value in rows.get(method, {}).get(key, []) if value is not None]
         return statistics.mean(values) if values else float("nan")
 
-    print(
-        f"RESULT xd_acc={avg('xd', 'accuracy'):.4f} kd_acc={avg('kd', 'accuracy'):.4f} "
-        f"xd_fidelity={avg('xd', 'fidelity'):.4f} kd_fidelity={avg('kd', 'fidelity'):.4f} "
-        f"xd_fidelity_posthoc={avg('xd', 'fidelity_posthoc'):.4f} "
-        f"kd_fidelity_posthoc={avg('kd', 'fidelity_posthoc'):.4f}"
-    )
+    keys = ("accuracy", "fidelity", "fidelity_posthoc", "fidelity_posthoc_skill", "head_honesty")
+    pairs = [f"{method}_{key}={avg(method, key):.4f}" for method in methods for key in keys]
+    pairs = [pair for pair in pairs if not pair.endswith("=nan")]
+    print("RESULT " + " ".join(pairs))
 
 
 if __name__ == "__main__":
