@@ -3,7 +3,7 @@
     L = (1 - alpha) * CE(z_S, y) + alpha * T^2 * KL(softmax(z_T/T) || softmax(z_S/T))
         + beta * L_exp(m, E_T(x))                      (xd, xd_e2kd: the head's map m)
         + at_weight * AT(A_S, A_T)                     (at)
-        + e2kd_weight * (1 - cos(GradCAM_S(x), E_T(x)))  (e2kd, xd_e2kd: the student's own map)
+        + e2kd_weight * L_e2kd(GradCAM_S(x), E_T(x))   (e2kd, xd_e2kd: the student's own map)
 
 No I/O, no config objects: every function takes tensors and numbers.
 """
@@ -170,8 +170,8 @@ def distillation_loss(
     if e2kd_weight > 0:
         if student_cams is None or teacher_maps is None:
             raise ValueError("e2kd_weight > 0 needs student_cams and teacher_maps")
-        # e2KD (Parchami et al., ECCV 2024): 1 - cos(student's own Grad-CAM, E_T) by default;
-        # cosine and Pearson are scale-invariant, so the raw CAM needs no normalisation.
+        # e2KD (Parchami et al., ECCV 2024) uses 1 - cos(student's own Grad-CAM, E_T); any
+        # explanation loss can stand in (scale-invariant ones need no normalisation of the raw CAM).
         parts["e2kd"] = explanation_loss(student_cams, teacher_maps, e2kd_kind)
         total = total + e2kd_weight * parts["e2kd"]
     parts["total"] = total

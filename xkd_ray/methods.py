@@ -3,7 +3,7 @@
     L = (1 - alpha) CE + alpha T^2 KL                  (kd)
         + beta L_exp(head map, E_T)                    (head)
         + at_weight AT(A_S, A_T)                       (attention)
-        + e2kd_weight (1 - cos(GradCAM_S, E_T))        (e2kd: the student's own map)
+        + e2kd_weight L_e2kd(GradCAM_S, E_T)           (e2kd: the student's own map; distill.e2kd_loss)
 
 A method is only a set of switches over the same joint loss (``losses.distillation_loss``),
 so every baseline runs in the same harness with the same seeds and data. Adding a method is
