@@ -178,3 +178,13 @@ def test_broken_student_folder_is_one_clear_error(problem, saved_student, tmp_pa
     with pytest.raises(XKDCheckpointError) as raised:
         load_student(folder)
     assert error == f"xkd: error: {raised.value}"
+
+
+def test_unusable_out_folder_is_refused_before_training(tmp_path, capsys):
+    """A path under a file can never hold the student: refused at once, not after training."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["distill", "--method", "kd", "--out", str(blocker / "sub")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "afile exists and is not a folder" in error, error
+    assert blocker.read_text() == "x"
