@@ -4,7 +4,9 @@
 what that buys. On the teacher and its cached test maps (first --images test images) it times
 ``perturbation_curves`` (ours: deletion *and* insertion curves, 2 (k + 1) + 1 batched forward
 passes) and ``quantus.PixelFlipping`` (deletion only, k forward passes per batch of images),
-each the median of --repeats timed calls after one warm-up, in the same process and threads.
+each the median of --repeats timed calls after one warm-up, in the same process, on the CPU,
+with --threads torch threads (default 1: on a busy machine two OpenMP threads made the same call
+vary 100-fold between runs, from oversubscription, not from either implementation).
 
 Quantus is configured as close to ours as its API allows:
   * features_in_step = C*H*W / k, so both take k equal steps to the fully removed image;
@@ -16,11 +18,14 @@ Quantus is configured as close to ours as its API allows:
 Differences by design that remain:
   * Quantus' curve has no step-0 point (its first value is after the first step) and
     ``return_auc_per_sample`` integrates with dx=1 over the k points; we prepend the unperturbed
-    probability and integrate over [0, 1] like ``curve_auc``, so the AUCs are on one scale;
+    probability and integrate over [0, 1] like ``curve_auc``, so the AUCs are on one scale
+    (``return_auc_per_sample=True`` itself calls ``np.trapz``, gone in NumPy 2.4: it raises
+    AttributeError here, so the curves are taken and integrated by this script);
   * ties in a map: Quantus orders by ``np.argsort(-a)`` (unstable, implementation-defined), we
-    break them by a seeded random permutation. Grad-CAM maps have many tied (zero) cells, so the
-    orders differ there. A second Quantus run on maps that encode our exact order (the rank of
-    every cell) checks that with the same order the two give the same curves.
+    break them by a seeded random permutation. The default run's Grad-CAM maps tie about 120 of
+    1024 cells per test image (about 22 of them zeros), so the orders differ there. A second
+    Quantus run on maps that encode our exact order (the rank of every cell) checks that with
+    the same order the two give the same curves.
 Quantus is optional: if the environment variable XKD_QUANTUS_PATH is set, that folder (holding
 Quantus and what it needs beyond this project's environment) is put first on sys.path; without
 Quantus the script times ours only and reports quantus=0.
@@ -126,8 +131,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100, help="test images (default 100)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each, median reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works (seconds)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     overrides: dict = {}
     if args.smoke:
         overrides = {"data.image_size": 16, "teacher.width": 8, "teacher.epochs": 2}
@@ -190,10 +197,13 @@ def main() -> None:
     print(f"quantus : {quantus_ms:.3f} ms/image (deletion only, {STEPS} forward passes per batch)")
     speedup = quantus_ms / ours_ms
     print(f"speed-up: {speedup:.2f}x as measured (ours computes two curves, Quantus one)")
+    # Both are bound by the model's forward passes; per pass they are compared like for like.
+    per_pass = (quantus_ms / STEPS) / (ours_ms / (2 * (STEPS + 1) + 1))
+    print(f"speed-up per forward pass: {per_pass:.2f}x")
 
     matched = quantus_curves(raw_maps, 0.0)
     r_matched, mad_matched = agreement(ours_auc, with_start(matched))
-    print(f"deletion AUC, baseline 0, own tie order : Pearson r {r_matched:.4f}, mean |diff| {mad_matched:.4f}")
+    print(f"deletion AUC, baseline 0, own tie order : Pearson r {r_matched:.4f}, mean |diff| {mad_matched:.2e}")
 
     # The same order as ours: every cell's attribution is its (reversed) rank in our order, each
     # pixel's channels kept together, so no ties are left for argsort to break its own way.
@@ -230,7 +240,8 @@ def main() -> None:
     print(f"import quantus (after numpy and torch, fresh interpreter): {import_s:.2f} s")
     print(
         f"RESULT ours_ms_per_image={ours_ms:.4f} quantus_ms_per_image={quantus_ms:.4f} speedup={speedup:.3f} "
-        f"auc_pearson={r_matched:.4f} auc_mad={mad_matched:.4f} auc_pearson_same_order={r_order:.4f} "
+        f"speedup_per_pass={per_pass:.3f} "
+        f"auc_pearson={r_matched:.4f} auc_mad={mad_matched:.3e} auc_pearson_same_order={r_order:.4f} "
         f"auc_pearson_black={r_black:.4f} quantus_deps_mb={deps_mb:.1f} quantus_import_s={import_s:.3f}"
     )
 
