@@ -3,20 +3,6 @@
 The two functions most users need are re-exported here; neither imports Ray.
 """
 
-from xkd_ray.errors import XKDCheckpointError, XKDConfigError, XKDDataError, XKDError, XKDTrainingDiverged
-from xkd_ray.pareto import list_pareto_students, load_pareto_student
-
-__all__ = [
-    "XKDCheckpointError",
-    "XKDConfigError",
-    "XKDDataError",
-    "XKDError",
-    "XKDTrainingDiverged",
-    "list_pareto_students",
-    "load_pareto_student",
-]
-__version__ = "0.1.0"
-
 
 def _load_plugins() -> None:
     """Import the modules named in ``XKD_PLUGINS`` (comma-separated), so the registry entries
@@ -32,4 +18,19 @@ def _load_plugins() -> None:
             raise ImportError(f"XKD_PLUGINS: cannot import {name!r} ({exc})") from exc
 
 
+# First, so that every module imported below (the config's choices among them) sees the entries.
 _load_plugins()
+
+from xkd_ray.errors import XKDCheckpointError, XKDConfigError, XKDDataError, XKDError, XKDTrainingDiverged  # noqa: E402
+from xkd_ray.pareto import list_pareto_students, load_pareto_student  # noqa: E402
+
+__all__ = [
+    "XKDCheckpointError",
+    "XKDConfigError",
+    "XKDDataError",
+    "XKDError",
+    "XKDTrainingDiverged",
+    "list_pareto_students",
+    "load_pareto_student",
+]
+__version__ = "0.1.0"

@@ -36,23 +36,31 @@ from xkd_ray.metrics import METRICS, hypervolume_2d, non_dominated
 
 # The search's objectives, all maximised: the front, the hypervolume and ``prefer`` use them.
 OBJECTIVES = ("accuracy", "fidelity")
-TRIAL_COLUMNS = {
-    "trial_id": pa.string(),
-    "method": pa.string(),
-    "status": pa.string(),  # ok | errored | diverged
-    "config": pa.string(),  # the trial's full experiment config, JSON
-    "student_dir": pa.string(),
-    "error": pa.string(),
-    "resumed_from_checkpoint": pa.int64(),
-    **{f"val_{name}": pa.float64() for name in METRICS},
-}
-_SPLIT_METRICS = [(split, name) for split in ("val", "test") for name in METRICS]
-FRONT_COLUMNS = {
-    "trial_id": pa.string(),
-    "method": pa.string(),
-    "path": pa.string(),
-    **{f"{split}_{name}": pa.float64() for split, name in _SPLIT_METRICS},
-}
+
+
+def trial_columns() -> dict[str, pa.DataType]:
+    """trials.parquet's schema: the trial's identity, then one column per registered metric
+    (read when a table is written, so entries a plugin registers later are columns too)."""
+    return {
+        "trial_id": pa.string(),
+        "method": pa.string(),
+        "status": pa.string(),  # ok | errored | diverged
+        "config": pa.string(),  # the trial's full experiment config, JSON
+        "student_dir": pa.string(),
+        "error": pa.string(),
+        "resumed_from_checkpoint": pa.int64(),
+        **{f"val_{name}": pa.float64() for name in METRICS},
+    }
+
+
+def _split_metrics() -> list[tuple[str, str]]:
+    return [(split, name) for split in ("val", "test") for name in METRICS]
+
+
+def front_columns() -> dict[str, pa.DataType]:
+    """front.parquet's schema: where each student is, and its val and test metrics."""
+    columns = {"trial_id": pa.string(), "method": pa.string(), "path": pa.string()}
+    return {**columns, **{f"{split}_{name}": pa.float64() for split, name in _split_metrics()}}
 
 
 def _atomic_write_table(path: Path, rows: list[dict[str, Any]], columns: dict[str, pa.DataType]) -> None:
@@ -68,11 +76,12 @@ def read_trials(experiment: str | Path) -> list[dict[str, Any]]:
 def record_trial(experiment: str | Path, row: dict[str, Any]) -> list[dict[str, Any]]:
     """Add (or replace, on a retried trial) one finished trial's row; returns all rows."""
     rows = [r for r in read_trials(experiment) if r["trial_id"] != row["trial_id"]]
-    clean = {column: row.get(column) for column in TRIAL_COLUMNS}
+    columns = trial_columns()
+    clean = {column: row.get(column) for column in columns}
     if not isinstance(clean["config"], str):
         clean["config"] = json.dumps(clean["config"], sort_keys=True, default=str)
     rows.append(clean)
-    _atomic_write_table(Path(experiment) / "trials.parquet", rows, TRIAL_COLUMNS)
+    _atomic_write_table(Path(experiment) / "trials.parquet", rows, columns)
     return rows
 
 
@@ -111,11 +120,11 @@ def update_registry(
                 "trial_id": row["trial_id"],
                 "method": row["method"],
                 "path": str(folder.relative_to(experiment)),
-                **{f"{split}_{name}": metrics.get(split, {}).get(name) for split, name in _SPLIT_METRICS},
+                **{f"{split}_{name}": metrics.get(split, {}).get(name) for split, name in _split_metrics()},
             }
         )
     table_rows.sort(key=lambda r: -r[f"val_{OBJECTIVES[0]}"])
-    _atomic_write_table(pareto_dir / "front.parquet", table_rows, FRONT_COLUMNS)
+    _atomic_write_table(pareto_dir / "front.parquet", table_rows, front_columns())
     keep = {r["trial_id"] for r in front}
     for child in pareto_dir.iterdir():
         if child.is_dir() and child.name not in keep:
