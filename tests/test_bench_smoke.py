@@ -18,7 +18,7 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py"))
 # Caches of the developer tools (and other sessions' pytest runs) may change while a script runs;
 # they are not the scripts' output. Everything else in the repo, ignored paths included, is checked.
 TOOL_PATHS = re.compile(r"(^|/)(\.venv|\.ruff_cache|\.pytest_cache|\.hypothesis|__pycache__)/")
-_PAIR = re.compile(r"([a-z_]+)=(\S+)")
+_PAIR = re.compile(r"([a-z_][a-z0-9_]*)=(\S+)")
 
 
 def parse_result_line(stdout: str) -> dict[str, float]:
