@@ -2,6 +2,7 @@
 accepts never yields a trial whose config is refused later, inside a Ray worker."""
 
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -178,3 +179,19 @@ def test_every_trial_of_an_accepted_space_is_a_valid_config(raw, data):
         config = spec.trial_config(point)  # raises XKDConfigError if the check let a bad trial through
         assert config.ray.num_workers == point.get("ray.num_workers", spec.search.workers_per_trial)
         assert math.isfinite(config.distill.temperature)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml")))
+def test_every_searched_value_of_a_shipped_space_lands_in_its_trial_config(path):
+    """Each value a shipped space can sample reaches the trial's config under its own key (no key
+    is silently ignored or overwritten), and every trial runs with the search's worker settings."""
+    spec = load_search_space(path)
+    searched = {name: p for name, p in spec.parameters.items() if p.kind != "fixed"}
+    assert searched, path
+    for name, parameter in searched.items():
+        section, _, key = name.partition(".")
+        for value in parameter.probes():
+            config = spec.trial_config({name: value})
+            assert getattr(getattr(config, section), key) == value
+            assert config.ray.num_workers == spec.search.workers_per_trial
+            assert config.ray.cpus_per_worker == spec.search.cpus_per_worker
