@@ -29,7 +29,7 @@ from xkd_ray.errors import XKDConfigError, XKDDataError
 from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves
 from xkd_ray.models import find_layer, predict_logits
 
-CACHE_FORMAT_VERSION = 2  # 2: teacher deletion/insertion AUCs on val and test
+CACHE_FORMAT_VERSION = 3  # 3: teacher deletion/insertion AUCs (val, test) in the metadata
 
 
 @dataclass(frozen=True)

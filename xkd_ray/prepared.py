@@ -76,6 +76,9 @@ def prepare(config: ExperimentConfig, progress: bool = True) -> DistillData:
     teacher_metrics = dict(teacher.metrics)
     for name in ("val", "test"):
         teacher_metrics[f"{name}_degenerate_maps"] = outputs[name].degenerate_maps
+        for curve in ("deletion_auc", "insertion_auc"):
+            values = getattr(outputs[name], curve)
+            teacher_metrics[f"{name}_{curve}"] = None if values is None else values.mean().item()
     return DistillData(
         splits=splits,
         teacher_outputs=outputs,
