@@ -134,12 +134,17 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
 
 
 def _last_error_line(trial: Any) -> str:
-    """The exception line of the trial's stored traceback (its error file), for trials.parquet."""
-    try:
-        error = trial.get_error()
-    except Exception:  # the record of an error must never become a second error
-        error = None
-    text = str(error) if error is not None else ""
+    """The exception line of the trial's traceback, for trials.parquet. Tune writes it to the
+    trial's local folder first and copies it to storage later (``get_error`` reads storage), so
+    under load only the local file has it when ``on_trial_error`` runs: read that first."""
+    text = ""
+    for read in (lambda: Path(trial.error_file).read_text(), lambda: str(trial.get_error() or "")):
+        try:
+            text = read()
+        except Exception:  # the record of an error must never become a second error
+            text = ""
+        if text.strip():
+            break
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[-1] if lines else "unknown error")[:500]
 
