@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/paper_claim.py --seeds 5
 	$(BIN)/python bench/paper_claim.py --seeds 5 --explainer integrated_gradients
 	$(BIN)/python bench/search_quality.py
+	$(BIN)/python bench/faithfulness.py  # with XKD_QUANTUS_PATH=DIR (Quantus installed there) it also compares with Quantus
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_bench_smoke.py
