@@ -129,7 +129,7 @@ def test_evaluate_remeasures_a_saved_student(saved_student, capsys):
             return "-"
         if not isinstance(value, float):
             return str(value)
-        return f"{value:.3f}" + (" (<= constant map)" if name.endswith("_skill") and value <= 0 else "")
+        return f"{value:.3f}" + (" *" if name.endswith("_skill") and value <= 0 else "")
 
     assert printed == {name: shown(name, stored[name]) for name in METRICS}
 

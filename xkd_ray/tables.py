@@ -16,7 +16,8 @@ def _cell(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-NO_SKILL = " (<= constant map)"
+NO_SKILL = " *"
+NO_SKILL_CAPTION = "* skill <= 0: no better than showing the mean teacher map for every image"
 
 
 def metric_cell(name: str, value: Any) -> str:
@@ -24,6 +25,13 @@ def metric_cell(name: str, value: Any) -> str:
     showing the mean teacher map for every image."""
     marked = name.endswith("_skill") and isinstance(value, float) and value <= 0
     return _cell(value) + (NO_SKILL if marked else "")
+
+
+def _with_legend(table: Table) -> Table:
+    """Say what the skill mark means, on tables that use it."""
+    if any(str(cell).endswith(NO_SKILL) for column in table.columns for cell in column.cells):
+        table.caption = NO_SKILL_CAPTION
+    return table
 
 
 def items_table(title: str, items: dict[str, Any]) -> Table:
@@ -45,7 +53,7 @@ def metrics_table(title: str, runs: dict[str, dict[str, Any]], split: str = "tes
         table.add_column(run, justify="right")
     for name in METRICS:
         table.add_row(name, *(metric_cell(name, metrics.get(split, {}).get(name)) for metrics in runs.values()))
-    return table
+    return _with_legend(table)
 
 
 def front_table(rows: list[dict[str, Any]], title: str, objectives: tuple[str, ...]) -> Table:
@@ -57,7 +65,7 @@ def front_table(rows: list[dict[str, Any]], title: str, objectives: tuple[str, .
         table.add_column(column)
     for row in rows:
         table.add_row(*(metric_cell(column, row.get(column)) for column in columns))
-    return table
+    return _with_legend(table)
 
 
 def live_trials_table(
