@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from xkd_ray.checkpoints import atomic_write
 from xkd_ray.config import ExperimentConfig
 from xkd_ray.data import DATASETS
 from xkd_ray.distill import StudentPredictions, distill, split_metrics, student_predictions
@@ -95,11 +96,8 @@ def write_map_grid(path: Path, data: DistillData, students: dict, config: Experi
         axes[0][column].set_title(title, fontsize=8)
     figure.suptitle(f"{config.data.dataset} / {config.explain.explainer}, test images, seed-0 students", fontsize=9)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     plt.close(figure)
-    temporary.replace(path)
 
 
 def seconds_per_epoch(history: list[dict]) -> float:

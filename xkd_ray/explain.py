@@ -29,6 +29,8 @@ from xkd_ray.errors import XKDConfigError, XKDDataError
 from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves
 from xkd_ray.models import find_layer, predict_logits
 
+# TeacherOutputs fields stored in the cache file's metadata (they cover only a split's first images).
+_AUCS = ("deletion_auc", "insertion_auc")
 CACHE_FORMAT_VERSION = 3  # 3: teacher deletion/insertion AUCs (val, test) in the metadata
 
 
@@ -196,9 +198,6 @@ def write_teacher_outputs(path: Path, outputs: TeacherOutputs, metadata: dict[st
     info.update({name: getattr(outputs, name).tolist() for name in _AUCS if getattr(outputs, name) is not None})
     table = table.replace_schema_metadata({"xkd_ray": json.dumps(info, sort_keys=True, default=str)})
     atomic_write(path, lambda temporary: pq.write_table(table, temporary))
-
-
-_AUCS = ("deletion_auc", "insertion_auc")
 
 
 def read_teacher_outputs(path: Path) -> TeacherOutputs:
