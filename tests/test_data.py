@@ -269,3 +269,87 @@ def test_corrupt_image_is_named(tmp_path: Path) -> None:
     broken.write_bytes(b"this is not a png at all" * 4)
     with pytest.raises(XKDDataError, match=re.escape(str(broken)) + ": cannot read image"):
         load_splits(DataConfig(dataset="imagefolder", root=str(root)))
+
+
+# ----------------------------------------------------------------------------- hostile image folders
+
+
+def _class_counts(splits: Splits) -> list[int]:
+    labels = torch.cat([splits.train.labels, splits.val.labels])
+    return torch.bincount(labels, minlength=splits.num_classes).tolist()
+
+
+def _load_folder(root: Path) -> Splits:
+    return load_splits(DataConfig(dataset="imagefolder", root=str(root), image_size=16, val_fraction=0.25))
+
+
+def test_imagefolder_symlink_loop_is_not_followed(tmp_path: Path) -> None:
+    """``ln -s . train/cat/loop`` once multiplied 8 images into hundreds, with copies in both train and val."""
+    root = _image_tree(tmp_path / "pets")
+    os.symlink(".", root / "train" / "cat" / "loop", target_is_directory=True)
+    splits = _load_folder(root)
+    assert _class_counts(splits) == [4, 4]
+    assert not _row_keys(splits.train) & _row_keys(splits.val)
+
+
+def test_imagefolder_symlinks_into_test_are_skipped(tmp_path: Path) -> None:
+    """A linked folder or file pointing at test/ must not put test images into training."""
+    root = _image_tree(tmp_path / "pets")
+    os.symlink("../../test/dog", root / "train" / "dog" / "leak", target_is_directory=True)
+    os.symlink("../../test/cat/0.png", root / "train" / "cat" / "leak.png")
+    splits = _load_folder(root)
+    assert _class_counts(splits) == [4, 4] and len(splits.test) == 4
+
+
+def test_imagefolder_linked_class_folder_is_not_a_class(tmp_path: Path) -> None:
+    """``train/bird -> cat`` would make a third class holding cat's images under another label."""
+    root = _image_tree(tmp_path / "pets")
+    for split in ("train", "test"):
+        os.symlink("cat", root / split / "bird", target_is_directory=True)
+    splits = _load_folder(root)
+    assert splits.class_names == ("cat", "dog") and _class_counts(splits) == [4, 4]
+
+
+def test_imagefolder_hidden_entries_are_skipped(tmp_path: Path) -> None:
+    """Jupyter checkpoints, dot-files and macOS ``._`` resource forks are neither classes nor images."""
+    root = _image_tree(tmp_path / "pets")
+    for split in ("train", "test"):
+        _write_png(root / split / ".ipynb_checkpoints" / "0-checkpoint.png", "RGB", 3)  # would be a class
+    _write_png(root / "train" / "cat" / ".ipynb_checkpoints" / "1-checkpoint.png", "RGB", 9)
+    _write_png(root / "train" / "dog" / ".hidden.png", "RGB", 11)
+    (root / "test" / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a png")
+    splits = _load_folder(root)
+    assert splits.class_names == ("cat", "dog")
+    assert _class_counts(splits) == [4, 4] and len(splits.test) == 4
+
+
+def test_imagefolder_needs_two_classes(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    for i in range(4):
+        _write_png(root / "train" / "cat" / f"{i}.png", "RGB", 10 * i)
+        _write_png(root / "test" / "cat" / f"{i}.png", "RGB", 10 * i + 5)
+    with pytest.raises(XKDDataError, match=re.escape(str(root / "train")) + r": .*needs at least 2 classes"):
+        _load_folder(root)
+
+
+def test_imagefolder_refuses_train_test_duplicates(tmp_path: Path) -> None:
+    """A test image that is a byte copy of a train image would inflate the test score."""
+    root = _image_tree(tmp_path / "pets")
+    (root / "test" / "dog" / "copy.png").write_bytes((root / "train" / "dog" / "3.png").read_bytes())
+    os.link(root / "train" / "cat" / "1.png", root / "test" / "cat" / "hardlink.png")
+    pattern = r"2 test images are byte-identical to train images \(e\.g\. .*hardlink\.png = .*train/cat/1\.png\)"
+    with pytest.raises(XKDDataError, match=pattern) as info:
+        _load_folder(root)
+    assert "\n" not in str(info.value)
+
+
+def test_imagefolder_grey_images_become_three_equal_channels(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    for c, cls in enumerate(("cat", "dog")):
+        for i in range(4):
+            _write_png(root / "train" / cls / f"{i}.png", "L", 40 * c + 10 * i + 1)
+        _write_png(root / "test" / cls / "0.png", "L", 40 * c + 7)
+    splits = _load_folder(root)
+    assert splits.in_channels == 3
+    images = torch.cat([splits.train.images, splits.test.images])
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])

@@ -7,11 +7,13 @@ naming the path and the fix, so the CLI can print one line instead of a tracebac
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -123,9 +125,20 @@ def _load_torchvision(class_name: str, config: DataConfig) -> Splits:
     )
 
 
-def _open_folder(directory: Path) -> Any:
-    """ImageFolder's own errors name no folder; say which class folder is empty."""
-    from torchvision.datasets import ImageFolder
+def _walk_error(exc: OSError) -> NoReturn:
+    """os.walk skips unreadable folders silently by default, which would quietly drop their images."""
+    raise XKDDataError(f"{exc.filename}: cannot list folder ({exc.strerror or _reason(exc)})") from exc
+
+
+def _scan_folder(directory: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes and (path, label) samples of one split, in ImageFolder's order.
+
+    Unlike ImageFolder, hidden entries (names starting with '.', e.g. ``.ipynb_checkpoints/``,
+    macOS ``._*`` files) and symlinks (to files or folders) are skipped, not resolved: a link can
+    loop (``ln -s .``) or point into the other split, and skipping is simpler to trust than
+    de-duplicating resolved paths; a linked tree can be copied first (``cp -rL``). Only the split
+    folder itself may be a link (``root/train -> elsewhere``).
+    """
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     if not directory.is_dir():
@@ -134,23 +147,66 @@ def _open_folder(directory: Path) -> Any:
             "each with one sub-folder of images per class"
         )
     try:
-        return ImageFolder(str(directory))
-    except FileNotFoundError as exc:
-        classes = sorted(entry for entry in directory.iterdir() if entry.is_dir())
-        if not classes:
-            raise XKDDataError(f"{directory}: no class sub-folders (expected one folder of images per class)") from exc
-        empty = [
-            str(folder)
-            for folder in classes
-            if not any(
-                has_file_allowed_extension(path.name, IMG_EXTENSIONS) for path in folder.rglob("*") if path.is_file()
-            )
-        ]
-        if not empty:
-            raise XKDDataError(f"{directory}: {_reason(exc)}") from exc
+        with os.scandir(directory) as entries:
+            classes = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+    except OSError as exc:
+        _walk_error(exc)
+    if not classes:
+        raise XKDDataError(f"{directory}: no class sub-folders (expected one folder of images per class)")
+    if len(classes) < 2:
+        raise XKDDataError(f"{directory}: only one class folder ({classes[0]}); a classifier needs at least 2 classes")
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for label, name in enumerate(classes):
+        found = len(samples)
+        files: list[tuple[str, str]] = []
+        # ImageFolder's make_dataset hard-codes os.walk(followlinks=True), which no hook such as
+        # is_valid_file can stop (a link loop is walked ~40 levels deep), so the tree is walked here.
+        for folder, subfolders, names in os.walk(directory / name, onerror=_walk_error):
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # prune hidden folders
+            files.extend((folder, file) for file in names if not file.startswith("."))
+        for folder, file in sorted(files):  # ImageFolder's order: by folder, then by file name
+            path = os.path.join(folder, file)
+            if has_file_allowed_extension(file, IMG_EXTENSIONS) and not os.path.islink(path) and os.path.isfile(path):
+                samples.append((path, label))
+        if len(samples) == found:
+            empty.append(str(directory / name))
+    if empty:
         raise XKDDataError(
-            f"{', '.join(empty)}: class folder has no images (supported extensions: {', '.join(IMG_EXTENSIONS)})"
-        ) from exc
+            f"{', '.join(empty)}: class folder has no images (supported extensions: {', '.join(IMG_EXTENSIONS)}; "
+            "hidden files and symlinks are skipped)"
+        )
+    return classes, samples
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _refuse_duplicates(root: Path, train_paths: Sequence[str], test_paths: Sequence[str]) -> None:
+    """A test image that is also a train image inflates the test score without anyone noticing.
+
+    Compared by sha256 of the file bytes, not of decoded pixels: it runs before any decoding (a
+    bad folder fails in seconds) and, as only files whose byte size occurs in both splits can
+    match, reads just those. It catches copies, hard links and re-downloads; a re-encoded copy
+    (same pixels, other bytes) is not caught.
+    """
+    size = {path: os.path.getsize(path) for path in [*train_paths, *test_paths]}
+    train_sizes = {size[path] for path in train_paths}
+    candidates = [path for path in test_paths if size[path] in train_sizes]
+    wanted = {size[path] for path in candidates}
+    train_hashes: dict[str, str] = {}
+    for path in train_paths:
+        if size[path] in wanted:
+            train_hashes.setdefault(_sha256(path), path)
+    pairs = [(path, train_hashes[digest]) for path in candidates if (digest := _sha256(path)) in train_hashes]
+    if pairs:
+        test_path, train_path = pairs[0]
+        raise XKDDataError(
+            f"{root}: {len(pairs)} test image{'s are' if len(pairs) > 1 else ' is'} byte-identical to train images "
+            f"(e.g. {test_path} = {train_path}); delete the copies from one split so test scores stay honest"
+        )
 
 
 def _read_images(paths: Sequence[str], size: int) -> torch.Tensor:
@@ -169,22 +225,28 @@ def _read_images(paths: Sequence[str], size: int) -> torch.Tensor:
 
 
 def _load_imagefolder(config: DataConfig) -> Splits:
-    """A user's own images in the ImageFolder layout: test/ is held out as given, val comes from train/."""
+    """A user's own images in the ImageFolder layout: test/ is held out as given, val comes from train/.
+
+    Every file is decoded to RGB, so grey images become 3 identical channels and ``in_channels``
+    is always 3. Hidden entries and symlinks are skipped (``_scan_folder``); each split needs at
+    least 2 classes, and a test file byte-identical to a train file is refused.
+    """
     root = _root(config, may_create=False)
-    train_set = _open_folder(root / "train")
-    test_set = _open_folder(root / "test")
-    if list(train_set.classes) != list(test_set.classes):
-        only_train = sorted(set(train_set.classes) - set(test_set.classes))
-        only_test = sorted(set(test_set.classes) - set(train_set.classes))
+    train_classes, train_samples = _scan_folder(root / "train")
+    test_classes, test_samples = _scan_folder(root / "test")
+    if train_classes != test_classes:
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
         raise XKDDataError(
             f"{root}: class folders differ between train/ and test/ "
             f"(only in train/: {only_train or 'none'}; only in test/: {only_test or 'none'})"
         )
-    train_labels = np.asarray(train_set.targets, dtype=np.int64)
-    test_labels = np.asarray(test_set.targets, dtype=np.int64)
+    train_paths = [path for path, _ in train_samples]
+    test_paths = [path for path, _ in test_samples]
+    _refuse_duplicates(root, train_paths, test_paths)
+    train_labels = np.asarray([label for _, label in train_samples], dtype=np.int64)
+    test_labels = np.asarray([label for _, label in test_samples], dtype=np.int64)
     train_idx, val_idx = carve_val(train_labels, config.val_fraction, config.max_train_samples, config.seed)
-    train_paths = [path for path, _ in train_set.samples]
-    test_paths = [path for path, _ in test_set.samples]
     size = config.image_size
     return assemble(
         "imagefolder",
@@ -196,7 +258,7 @@ def _load_imagefolder(config: DataConfig) -> Splits:
             "test": _read_images(test_paths, size),
         },
         {"train": train_labels[train_idx], "val": train_labels[val_idx], "test": test_labels},
-        list(train_set.classes),
+        train_classes,
     )
 
 
