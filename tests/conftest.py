@@ -23,6 +23,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ["XKD_PLUGINS"] = "tests.registry_plugin"
 os.environ["XKD_FAULTS"] = str(FAULTS_FILE)
+# The per-user key that signs experiment folders (xkd_ray.experiment_folder): one per session.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="xkd-config-")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 import pytest  # noqa: E402

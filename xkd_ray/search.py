@@ -17,6 +17,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 import argparse
 import os
+import signal
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +41,16 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="train each trial's workers on GPUs")
     parser.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start locally")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    parser.add_argument(
+        "--allow-space-change",
+        action="store_true",
+        help="with --resume: continue although the space differs (recorded in experiment.json)",
+    )
+    parser.add_argument(
+        "--trust-folder",
+        action="store_true",
+        help="with --resume: resume a folder made by another user or installation (Ray's resume state is a pickle)",
+    )
     parser.add_argument("--no-live", action="store_true", help="no live table (logs only)")
 
 
@@ -63,17 +75,52 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
     return load_search_space(args.space, overrides, base_overrides={"ray.use_gpu": True} if args.gpu else None)
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: the search stopped early (Ray Tune saved its state)."""
+
+
+def _on_sigterm(number: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``ray job stop``) ends the search like Ctrl-C: Ray Tune handles SIGINT
+    by stopping trials and saving its state, so pass it on as SIGINT."""
+    _signals_received.append(number)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+_signals_received: list[int] = []
+
+
+def exit_code_for_interrupt() -> int:
+    """128 + the signal number, as a shell reports a process ended by that signal."""
+    return 128 + (_signals_received[-1] if _signals_received else signal.SIGINT)
+
+
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     check_experiment_folder(args.out)
+    from xkd_ray.experiment_folder import FolderLock, open_experiment
 
+    with FolderLock(args.out) as lock:
+        open_experiment(
+            args.out, spec, resume=args.resume, allow_space_change=args.allow_space_change, trust=args.trust_folder
+        )
+        lock.claim()
+        return _search(args, spec)
+
+
+def _search(args: argparse.Namespace, spec: SearchSpec) -> int:
     from xkd_ray.pareto import OBJECTIVES, list_pareto_students, load_pareto_student, read_trials, write_front_plot
     from xkd_ray.ray_search import run_search
     from xkd_ray.ray_train import ensure_ray
     from xkd_ray.tables import front_table
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     ensure_ray(args.address)
     summary = run_search(spec, args.out, resume=args.resume, live=not args.no_live)
+    finished = len(read_trials(args.out))
+    if finished < spec.search.trials:
+        # Tune returns normally after SIGINT; only the count of recorded trials tells.
+        raise Interrupted(f"interrupted after {finished} of {spec.search.trials} trials; resume with --resume")
     front = list_pareto_students(args.out)
     write_front_plot(args.out, args.out / "pareto" / "front.png")
     title = f"Pareto front ({summary.get('front_size', 0)} students)"
@@ -93,11 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xkd search", description=__doc__.splitlines()[0])
     add_search_arguments(parser)
     args = parser.parse_args(argv)
+    return run_reporting_errors(args)
+
+
+def run_reporting_errors(args: argparse.Namespace) -> int:
+    """``run`` with its outcome as an exit code: 2 for a user error, 128 + signal when stopped."""
     try:
         return run(args)
     except XKDError as exc:
         print(f"xkd: error: {exc}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"xkd: {exc or 'interrupted before any trial finished; resume with --resume'}", file=sys.stderr)
+        return exit_code_for_interrupt()
 
 
 if __name__ == "__main__":
