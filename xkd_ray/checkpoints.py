@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,8 +54,25 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
     return atomic_write(path, lambda temporary: temporary.write_bytes(payload))
 
 
+def finite_or_none(payload: Any) -> Any:
+    """``payload`` with every non-finite float replaced by None: JSON has no NaN, and a reader
+    must be able to refuse NaN in a file as corruption (``read_json``) while "undefined" stays
+    representable as null."""
+    if isinstance(payload, float) and not math.isfinite(payload):
+        return None
+    if isinstance(payload, dict):
+        return {key: finite_or_none(value) for key, value in payload.items()}
+    if isinstance(payload, list | tuple):
+        return [finite_or_none(value) for value in payload]
+    return payload
+
+
+def json_text(payload: Any) -> str:
+    return json.dumps(finite_or_none(payload), indent=2, sort_keys=True, default=str, allow_nan=False)
+
+
 def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    text = json_text(payload)
     return atomic_write(path, lambda temporary: temporary.write_text(text))
 
 
@@ -69,8 +87,8 @@ def write_model_folder(
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+        (staging / "config.json").write_text(json_text(config))
+        (staging / "metrics.json").write_text(json_text(metrics))
         if directory.exists():
             retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, retired)
@@ -108,13 +126,26 @@ def load_weights_into(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file written by ``json_text``: NaN/Infinity are refused (we never write them, so
+    they mean a foreign or corrupted file), as is anything that is not JSON."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise XKDCheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise XKDCheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise XKDCheckpointError(" ".join(f"{path}: not valid JSON ({exc})".split())) from exc
+
+
+def read_json_mapping(path: Path) -> dict[str, Any]:
+    payload = read_json(path)
+    if not isinstance(payload, dict):
+        raise XKDCheckpointError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    return payload
 
 
 def load_student(directory: str | Path) -> tuple[StudentNet, dict[str, Any], dict[str, Any]]:
@@ -122,13 +153,13 @@ def load_student(directory: str | Path) -> tuple[StudentNet, dict[str, Any], dic
     directory = Path(directory)
     if not directory.is_dir():
         raise XKDCheckpointError(f"{directory}: student folder not found")
-    record = read_json(directory / "config.json")
-    if not isinstance(record, dict) or not isinstance(record.get("architecture"), dict):
+    record = read_json_mapping(directory / "config.json")
+    if not isinstance(record.get("architecture"), dict):
         raise XKDCheckpointError(f"{directory / 'config.json'}: no 'architecture' entry")
     try:
         model = StudentNet.from_architecture(record["architecture"])
     except XKDCheckpointError as exc:
         raise XKDCheckpointError(f"{directory / 'config.json'}: {exc}") from None
     student = load_weights_into(model, directory / "model.pt")
-    metrics = read_json(directory / "metrics.json") if (directory / "metrics.json").exists() else {}
+    metrics = read_json_mapping(directory / "metrics.json") if (directory / "metrics.json").exists() else {}
     return student.eval(), record, metrics

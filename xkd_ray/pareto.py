@@ -13,12 +13,23 @@ Layout of an experiment folder::
 Every file is written to a temporary name and renamed, so a reader (or a crash) never sees a
 half-written student; the front is recomputed from ``trials.parquet`` on each update, so it
 always equals the non-dominated set of all finished trials.
+
+Readers may run while a search writes (another process, another machine on a shared folder):
+a table is read from one ``read_bytes`` (a rename never changes an open file's content, while
+``pq.read_table(path)`` reopens the file for each part); a student that leaves the front is
+renamed away before it is deleted, so a reader sees it whole or not at all; and a reader whose
+chosen student vanished re-reads the front, a bounded number of times, only when the front file
+changed meanwhile. We chose the bounded retry over versioned folders behind a pointer file: the
+writer stays one rename per file, and a real problem (the front unchanged) still fails at once.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +40,13 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from xkd_ray.checkpoints import atomic_write, atomic_write_json, load_student, read_json, write_model_folder
+from xkd_ray.checkpoints import (
+    atomic_write,
+    atomic_write_json,
+    load_student,
+    read_json_mapping,
+    write_model_folder,
+)
 from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.explain import explain_maps
 from xkd_ray.metrics import METRICS, hypervolume_2d, non_dominated
@@ -68,9 +85,43 @@ def _atomic_write_table(path: Path, rows: list[dict[str, Any]], columns: dict[st
     atomic_write(path, lambda temporary: pq.write_table(table, temporary))
 
 
+def read_table(path: Path, columns: dict[str, pa.DataType]) -> pa.Table:
+    """A registry table, read from one snapshot of its bytes; any problem (truncated, not
+    Parquet, a missing or mistyped column) is an ``XKDCheckpointError`` naming the file."""
+    try:
+        payload = path.read_bytes()
+    except FileNotFoundError:
+        raise XKDCheckpointError(f"{path}: file not found") from None
+    try:
+        table = pq.read_table(pa.BufferReader(payload))
+    except (pa.ArrowException, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise XKDCheckpointError(f"{path}: not a readable Parquet table ({reason[:200]})") from None
+    for name, kind in columns.items():
+        if name not in table.column_names:
+            raise XKDCheckpointError(f"{path}: column {name!r} is missing")
+        if not table.schema.field(name).type.equals(kind):
+            raise XKDCheckpointError(f"{path}: column {name!r} has type {table.schema.field(name).type}, not {kind}")
+    return table
+
+
 def read_trials(experiment: str | Path) -> list[dict[str, Any]]:
     path = Path(experiment) / "trials.parquet"
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    return read_table(path, _core_columns(trial_columns())).to_pylist() if path.exists() else []
+
+
+def _core_columns(columns: dict[str, pa.DataType]) -> dict[str, pa.DataType]:
+    """The columns a reader needs: identity and the objectives (metrics a plugin adds later may
+    be absent from an older file without making it unreadable)."""
+    needed = {
+        "trial_id",
+        "method",
+        "path",
+        "status",
+        "student_dir",
+        *(f"{s}_{o}" for s in ("val", "test") for o in OBJECTIVES),
+    }
+    return {name: kind for name, kind in columns.items() if name in needed}
 
 
 def record_trial(experiment: str | Path, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -114,7 +165,7 @@ def update_registry(
             student, record, metrics = load_student(row["student_dir"])
             metrics = {**metrics, "test": evaluate_test(student, record)}
             write_model_folder(folder, student, record, metrics)
-        metrics = read_json(folder / "metrics.json")
+        metrics = read_json_mapping(folder / "metrics.json")
         table_rows.append(
             {
                 "trial_id": row["trial_id"],
@@ -127,8 +178,10 @@ def update_registry(
     _atomic_write_table(pareto_dir / "front.parquet", table_rows, front_columns())
     keep = {r["trial_id"] for r in front}
     for child in pareto_dir.iterdir():
-        if child.is_dir() and child.name not in keep:
-            shutil.rmtree(child, ignore_errors=True)
+        if child.is_dir() and not child.name.startswith(".") and child.name not in keep:
+            retired = child.with_name(f".{child.name}.retired-{os.getpid()}")
+            os.replace(child, retired)  # gone in one step for a reader, then deleted at leisure
+            shutil.rmtree(retired, ignore_errors=True)
     summary = {
         "trials": len(rows),
         "trials_ok": sum(r["status"] == "ok" for r in rows),
@@ -143,11 +196,46 @@ def update_registry(
 
 
 def list_pareto_students(experiment: str | Path) -> pa.Table:
-    """The current front as an Arrow table (``.to_pandas()`` for a DataFrame)."""
-    path = Path(experiment) / "pareto" / "front.parquet"
+    """The current front as an Arrow table (``.to_pandas()`` for a DataFrame); each row checked:
+    its ``path`` stays inside the experiment folder and its objectives are finite numbers."""
+    experiment = Path(experiment)
+    path = experiment / "pareto" / "front.parquet"
     if not path.exists():
         raise XKDCheckpointError(f"{path}: no Pareto front yet (has any trial finished?)")
-    return pq.read_table(path)
+    table = read_table(path, _core_columns(front_columns()))
+    for row in table.select(["trial_id", "path", *(f"val_{o}" for o in OBJECTIVES)]).to_pylist():
+        student_folder(experiment, row["path"], path)
+        for name in OBJECTIVES:
+            value = row[f"val_{name}"]
+            if value is None or not math.isfinite(value):
+                raise XKDCheckpointError(
+                    f"{path}: trial {row['trial_id']!r} has val_{name}={value}, not a finite number"
+                )
+    return table
+
+
+def summary(experiment: str | Path) -> dict[str, Any] | None:
+    """``summary.json`` of an experiment (None before the first trial finished)."""
+    path = Path(experiment) / "summary.json"
+    if not path.exists():
+        return None
+    payload = read_json_mapping(path)
+    for key, kind in (("trials", int), ("hypervolume", float | int)):
+        if not isinstance(payload.get(key), kind) or isinstance(payload.get(key), bool):
+            raise XKDCheckpointError(f"{path}: {key!r} is missing or not a number")
+    return payload
+
+
+def student_folder(experiment: Path, relative: str | None, table: Path) -> Path:
+    """Where a front row's student lives; a path that is absolute or leaves the experiment
+    folder is refused, so a crafted front.parquet cannot make us load a model from elsewhere."""
+    if not relative or Path(relative).is_absolute():
+        raise XKDCheckpointError(f"{table}: student path {relative!r} is not relative to the experiment folder")
+    root = experiment.resolve()
+    folder = (root / relative).resolve()
+    if not folder.is_relative_to(root):
+        raise XKDCheckpointError(f"{table}: student path {relative!r} points outside {experiment}")
+    return experiment / relative
 
 
 @dataclass
@@ -198,15 +286,38 @@ def _choose(rows: list[dict[str, Any]], prefer: str | dict[str, float]) -> dict[
     raise ValueError(f"prefer: got {prefer!r}; use 'knee', {', '.join(map(repr, OBJECTIVES))} or a weights dict")
 
 
+READ_ATTEMPTS = 20  # a writer changes the front at most once per finished trial (seconds apart)
+
+
 def load_pareto_student(experiment: str | Path, prefer: str | dict[str, float] = "knee") -> ParetoStudent:
-    """Load one student of an experiment's front; needs no Ray and no running cluster."""
+    """Load one student of an experiment's front; needs no Ray and no running cluster. Safe
+    while a search is updating the front (see the module docstring)."""
     experiment = Path(experiment)
-    rows = list_pareto_students(experiment).to_pylist()
-    if not rows:
-        raise XKDCheckpointError(f"{experiment}: the Pareto front is empty")
-    chosen = _choose(rows, prefer)
-    model, config, metrics = load_student(experiment / chosen["path"])
-    return ParetoStudent(model=model, metrics=metrics, config=config, path=experiment / chosen["path"])
+    front_file = experiment / "pareto" / "front.parquet"
+    for attempt in range(READ_ATTEMPTS):
+        before = _file_version(front_file)
+        rows = list_pareto_students(experiment).to_pylist()
+        if not rows:
+            raise XKDCheckpointError(f"{experiment}: the Pareto front is empty")
+        chosen = _choose(rows, prefer)
+        folder = student_folder(experiment, chosen["path"], front_file)
+        try:
+            model, config, metrics = load_student(folder)
+        except XKDCheckpointError:
+            if attempt + 1 == READ_ATTEMPTS or _file_version(front_file) == before:
+                raise  # the front did not move: the student is really missing or broken
+            time.sleep(0.01 * (attempt + 1))
+            continue
+        return ParetoStudent(model=model, metrics=metrics, config=config, path=folder)
+    raise AssertionError("unreachable")
+
+
+def _file_version(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def write_front_plot(experiment: str | Path, path: str | Path) -> Path:

@@ -9,7 +9,6 @@ before any trial, and shared through the object store.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.faults import fault_rule
 from xkd_ray.metrics import METRICS
 from xkd_ray.pareto import OBJECTIVES, front_rows, read_trials, record_trial, update_registry
+from xkd_ray.pareto import summary as registry_summary
 from xkd_ray.prepared import DistillData, prepare
 from xkd_ray.ray_train import make_trainer, student_from_checkpoint
 from xkd_ray.space import Parameter, SearchSpec
@@ -308,7 +308,7 @@ def run_search(spec: SearchSpec, experiment: str | Path, *, resume: bool = False
             ),
         )
     tuner.fit()
-    summary = json.loads((experiment / "summary.json").read_text()) if (experiment / "summary.json").exists() else {}
+    summary = registry_summary(experiment) or {}
     summary["wall_seconds"] = time.perf_counter() - started
     summary["explanations_from_cache"] = data.cache_hits
     return summary
