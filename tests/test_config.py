@@ -2,6 +2,7 @@
 value the schema accepts can fail later inside training."""
 
 import math
+import time
 import types
 
 import pytest
@@ -11,11 +12,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from xkd_ray.config import ExperimentConfig, load_config, parse_override
+from xkd_ray.config import ExperimentConfig, load_config, parse_override, parse_overrides, read_yaml
 from xkd_ray.errors import XKDConfigError
 from xkd_ray.losses import EXPLANATION_LOSSES
 from xkd_ray.methods import METHODS
 from xkd_ray.models import FUSIONS
+from xkd_ray.space import load_search_space
 
 SCHEMA = {name: set(info.annotation.model_fields) for name, info in ExperimentConfig.model_fields.items()}
 
@@ -152,7 +154,7 @@ def test_yaml_errors_name_the_file(tmp_path):
         ("optimizer:\n  lr: 1\n", "optimizer: unknown section"),
         ("- 1\n- 2\n", "config: expected a mapping of sections, got list"),
         ("distill: [1, 2]\n", "distill: expected a mapping, got list"),
-        ("distill:\n  1: 2\n", "distill.1: unknown key"),
+        ("distill:\n  '1': 2\n", "distill.1: unknown key"),
     ]:
         path.write_text(text)
         with pytest.raises(XKDConfigError, match=f"^{path}: {expected}") as exc:
@@ -164,6 +166,153 @@ def test_parse_override_needs_key_value():
     assert parse_override("distill.alpha=0.25") == ("distill.alpha", 0.25)
     with pytest.raises(XKDConfigError, match="key=value"):
         parse_override("distill.alpha")
+
+
+def test_a_file_that_is_not_utf8_names_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("distill:\n  method: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(XKDConfigError, match=rf"^{path}: not UTF-8 text \(byte 0xe9 at offset 22, line 2\)$"):
+        load_config(path)
+    with pytest.raises(XKDConfigError, match=rf"^{path}: not UTF-8 text"):
+        load_search_space(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("distill: {1: 2, foo: 3}\n", "distill.1: keys must be strings; this one reads as an integer"),
+        ("distill:\n  null: 2\n", "distill.null: keys must be strings; this one reads as null"),
+        ("distill: {[1]: 2}\n", "distill.?: keys must be strings; this one is a list"),
+        ("space: {distill.lr: {1: 2, uniform: [0, 1]}}\n", "space.distill.lr.1: keys must be strings"),
+        ("search: {initial_points: [{distill.lr: 1, 2: 3}]}\n", "search.initial_points[0].2: keys must be"),
+    ],
+)
+def test_yaml_keys_must_be_strings(tmp_path, text, expected):
+    """A key that is not a string (``1:``, ``null:``) is refused where it is read, whatever later
+    code does with keys (reported: a TypeError from sorting mixed key types)."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(XKDConfigError) as exc:
+        read_yaml(path, "config file")
+    assert str(exc.value).startswith(f"{path}: {expected}") and "\n" not in str(exc.value)
+    with pytest.raises(XKDConfigError, match=r"^--set 'distill.lr=\{1: 2\}': value 1: keys must be strings"):
+        parse_override("distill.lr={1: 2}")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("distill: &x [*x]\n", r"distill\[0\]"),
+        ("distill: &x {lr: *x}\n", "distill.lr"),
+        ("base: {distill: {lr: &y [1, {a: [*y]}]}}\n", r"base.distill.lr\[1\].a\[0\]"),
+    ],
+)
+def test_a_recursive_alias_is_refused(tmp_path, text, where):
+    path = tmp_path / "loop.yaml"
+    path.write_text(text)
+    problem = "alias \\*[xy] is inside its own anchor"
+    with pytest.raises(XKDConfigError, match=f"^{path}: {where}: {problem}"):
+        read_yaml(path, "config file")
+    with pytest.raises(XKDConfigError, match=f"^--set 'distill.lr=&x \\[\\*x\\]': value \\[0\\]: {problem}"):
+        parse_override("distill.lr=&x [*x]")
+
+
+def test_an_alias_bomb_is_refused_fast(tmp_path):
+    """Nine lists of nine aliases (462 bytes) are 9**9 strings to whatever walks them: pydantic
+    took minutes and gigabytes to report that ``distill.method`` is not a string."""
+    lines = ['lol: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"x{name}: &{name} [{', '.join(['*' + previous] * 9)}]")
+    text = "\n".join(lines) + "\ndistill: {method: *i}\n"
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    assert len(text) < 600
+    started = time.monotonic()
+    for load in (lambda: read_yaml(path, "config file"), lambda: load_config(path), lambda: load_search_space(path)):
+        with pytest.raises(XKDConfigError, match=f"^{path}: x[a-i]: more than 10000 values once aliases are expanded$"):
+            load()
+    with pytest.raises(XKDConfigError, match="value xe: more than 10000 values"):
+        parse_override("distill.method=" + "{" + ", ".join(lines).replace("lol: ", "xa: ") + "}")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("distill: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(XKDConfigError, match=f"^{deep}: distill(\\[0\\])+: nested deeper than 100 levels$"):
+        load_config(deep)
+    assert time.monotonic() - started < 2
+
+
+def test_a_shared_alias_and_a_merge_key_still_work(tmp_path):
+    path = tmp_path / "shared.yaml"
+    path.write_text("teacher: &common {seed: 3, lr: 0.01}\ndistill:\n  <<: *common\n  lr: 0.02\n")
+    config = load_config(path)
+    assert (config.teacher.seed, config.teacher.lr, config.distill.seed, config.distill.lr) == (3, 0.01, 3, 0.02)
+
+
+def test_a_yaml_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("distill:\n  lr: 1\n  method: kd\n  lr: 2\n")
+    with pytest.raises(XKDConfigError, match=rf"^{path}: distill.lr: key given twice \(lines 2 and 4\); give it once$"):
+        load_config(path)
+    path.write_text("distill: {lr: 1, 'lr': 2}\n")
+    with pytest.raises(XKDConfigError, match=r"distill\.lr: key given twice"):
+        load_config(path)
+    with pytest.raises(XKDConfigError, match=r"^--set 'search.initial_points=\[\{a: 1, a: 2\}\]': value \[0\].a: key"):
+        parse_override("search.initial_points=[{a: 1, a: 2}]")
+
+
+def test_a_set_key_given_twice_is_refused():
+    assert parse_overrides(["distill.lr=0.1", "distill.alpha=0.5"]) == {"distill.lr": 0.1, "distill.alpha": 0.5}
+    assert parse_overrides([]) == {}
+    with pytest.raises(
+        XKDConfigError, match=r"^--set distill.lr: given twice \('distill.lr=0.1' and ' distill.lr=2'\)"
+    ):
+        parse_overrides(["distill.lr=0.1", "distill.alpha=0.5", " distill.lr=2"])
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("1e-3", 1e-3),
+        ("5E-4", 5e-4),
+        ("1e+2", 100.0),
+        ("2e5", 2e5),
+        ("-1.5e3", -1500.0),
+        (".5e1", 5.0),
+        ("1.e2", 100.0),
+    ],
+)
+def test_scientific_notation_is_a_float(tmp_path, text, number):
+    """YAML 1.1 wants ``1.0e-3``; ``1e-3`` was the string "1e-3", refused as not a number."""
+    value = parse_override(f"distill.lr={text}")[1]
+    assert type(value) is float and value == number
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"distill:\n  lr: {text}\n")
+    assert read_yaml(path, "config file") == {"distill": {"lr": number}}
+    if number > 0:
+        assert load_config(path).distill.lr == number
+
+
+@pytest.mark.parametrize("text", ["1e", "e5", "1e-", "1e3.5", "1.2.3e4", "1e3x", "0x1e3", "1_0e3", "inf", "1 e3"])
+def test_other_strings_stay_what_they_were(text):
+    assert parse_override(f"explain.layer={text}")[1] == yaml.safe_load(text)
+
+
+YAML_KEYS = st.sampled_from(["lr", "method", "seed", "nonsense", "1", "null", "yes", "1e-3", "'2'", "[1]", "{a: 1}"])
+YAML_VALUES = st.sampled_from(
+    ["1", "1e-3", "kd", "~", "*a", "&a [1, 2]", "&a [*a]", "&a {b: *a}", "[*a, *a]", "{1: 2, foo: 3}", "{b: 1, b: 2}"]
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from([*SCHEMA, "extra"]), YAML_KEYS, YAML_VALUES), max_size=5))
+def test_every_yaml_text_gives_a_config_or_one_line(tmp_path, entries):
+    """YAML text with aliases, anchors and keys of every type: a config, or one line naming the file."""
+    path = tmp_path / "fuzz.yaml"
+    path.write_text("".join(f"{section}: {{{key}: {value}}}\n" for section, key, value in entries))
+    try:
+        load_config(path)
+    except XKDConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message and message.startswith(f"{path}: ") and len(message) < 1000, message
 
 
 ALL_KEYS = [*sorted(set().union(*SCHEMA.values())), "nonsense"]
