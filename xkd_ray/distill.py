@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -30,6 +29,7 @@ from xkd_ray.methods import METHODS
 from xkd_ray.metrics import METRICS, Evidence, compute_metrics
 from xkd_ray.models import StudentNet
 from xkd_ray.prepared import DistillData
+from xkd_ray.progress import track
 from xkd_ray.splits import Split, Splits
 
 
@@ -287,8 +287,7 @@ def distill(
     optimizer, scheduler = make_optimizer(config, student)
     teacher = data.live_teacher(config)
     history: list[dict[str, float]] = []
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"distilling ({config.distill.method})", total=config.distill.epochs)
+    with track(f"student epochs ({config.distill.method})", config.distill.epochs, progress) as bar:
         for epoch in range(config.distill.epochs):
             loader = epoch_loader(config, data, epoch)
             record = {"epoch": epoch, **train_one_epoch(student, loader, optimizer, config, epoch, teacher=teacher)}
@@ -303,7 +302,8 @@ def distill(
             history.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record, student)
-            bar.advance(task)
+            shown = {"loss": record["train_total"], "val_acc": record.get("accuracy")}
+            bar.advance(**{key: value for key, value in shown.items() if value is not None})
     metrics = {
         "val": final_metrics(history),
         "test": evaluate(student, data, "test", config),

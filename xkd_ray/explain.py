@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
-from rich.progress import Progress
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
@@ -28,6 +27,7 @@ from xkd_ray.checkpoints import atomic_write, stable_hash
 from xkd_ray.errors import XKDConfigError, XKDDataError
 from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves
 from xkd_ray.models import find_layer, predict_logits
+from xkd_ray.progress import track
 
 # TeacherOutputs fields stored in the cache file's metadata (they cover only a split's first images).
 _AUCS = ("deletion_auc", "insertion_auc")
@@ -130,8 +130,7 @@ def explain_maps(
     layer_module = find_layer(model, layer) if method.uses_layer else None
     all_maps: list[torch.Tensor] = []
     degenerate = 0
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(description, total=len(images))
+    with track(description, len(images), progress) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device)
             if targets is None:
@@ -144,7 +143,7 @@ def explain_maps(
             )
             all_maps.append(maps.float().cpu())
             degenerate += count
-            bar.advance(task, len(batch))
+            bar.advance(len(batch))
     return Explanations(torch.cat(all_maps), degenerate)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,6 +16,7 @@ from xkd_ray.config import ExperimentConfig
 from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.metrics import accuracy
 from xkd_ray.models import build_teacher, predict_logits
+from xkd_ray.progress import track
 from xkd_ray.splits import Splits
 
 
@@ -54,16 +54,18 @@ def train_teacher(config: ExperimentConfig, splits: Splits, progress: bool = Tru
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
     loss_fn = nn.CrossEntropyLoss()
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("training teacher", total=settings.epochs)
+    with track("teacher epochs", settings.epochs, progress) as bar:
         for _ in range(settings.epochs):
             model.train()
+            loss_sum: torch.Tensor | float = 0.0
             for images, labels in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss_fn(model(images), labels).backward()
+                loss = loss_fn(model(images), labels)
+                loss.backward()
                 optimizer.step()
+                loss_sum += loss.detach() * len(labels)
             scheduler.step()
-            bar.advance(task)
+            bar.advance(loss=float(loss_sum) / len(dataset))
     return model.eval()
 
 
