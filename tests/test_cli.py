@@ -71,6 +71,35 @@ def test_missing_data_root_is_refused(tmp_path, capsys):
     _assert_refused([*argv, "--data-root", str(tmp_path / "nowhere")], out, capsys, "nowhere")
 
 
+def test_a_data_root_for_a_dataset_that_reads_none_is_refused(tmp_path, capsys):
+    """Before, `--data-root DIR` without naming the dataset trained on the embedded digits and
+    ignored DIR without a word."""
+    out = tmp_path / "out"
+    argv = ["distill", "--method", "kd", "--out", str(out), "--data-root", str(tmp_path)]
+    _assert_refused(argv, out, capsys, "data.root: dataset 'digits' reads no folder")
+
+
+def test_a_set_key_given_twice_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["distill", "--method", "kd", "--out", str(out), "--set", "distill.lr=1e-3", "--set", "distill.lr=0.1"]
+    _assert_refused(argv, out, capsys, "--set distill.lr: given twice")
+
+
+@pytest.mark.parametrize("command", ["teacher", "distill", "demo"])
+def test_every_command_checks_its_output_before_training(command, tmp_path, capsys):
+    """A file where a folder must go is refused before any training (before, `xkd distill`
+    trained to the end and then lost the student to a FileExistsError)."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    argv = [command, "--set", f"explain.cache_dir={blocker / 'cache'}"]
+    argv += ["--method", "kd", "--out", str(tmp_path / "out")] if command == "distill" else []
+    argv += ["--out", str(tmp_path / "out")] if command == "demo" else []
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "afile exists and is not a folder" in error and len(error.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_corrupt_teacher_checkpoint_is_refused(tiny_args, tmp_path, capsys):
     bad = tmp_path / "teacher.pt"
     bad.write_bytes(b"definitely not a checkpoint")

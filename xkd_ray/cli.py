@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from xkd_ray.config import ExperimentConfig, load_config, parse_override
+from xkd_ray.config import ExperimentConfig, load_config, parse_overrides
 from xkd_ray.data import DATASETS
 from xkd_ray.errors import XKDConfigError, XKDError
 from xkd_ray.methods import METHODS
@@ -41,7 +41,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> ExperimentConfig:
-    overrides = dict(parse_override(text) for text in args.overrides)
+    overrides = parse_overrides(args.overrides)
     if args.dataset:
         overrides["data.dataset"] = args.dataset
     if args.data_root:
@@ -62,10 +62,17 @@ def check_output_folder(flag: str, out: Path) -> None:
         raise XKDConfigError(f"{flag} {out}: {existing} is not writable")
 
 
+def check_cache_folder(config: ExperimentConfig) -> None:
+    """The teacher and its explanations are cached under ``explain.cache_dir``: checked first,
+    like every output folder, so hours of teacher training cannot end in an unwritable path."""
+    check_output_folder("explain.cache_dir", Path(config.explain.cache_dir))
+
+
 def command_teacher(args: argparse.Namespace) -> int:
     from xkd_ray.prepared import prepare
 
     config = config_from_args(args)
+    check_cache_folder(config)
     started = time.perf_counter()
     data = prepare(config, progress=True)
     items: dict[str, Any] = dict(data.teacher_metrics)
@@ -102,6 +109,7 @@ def command_distill(args: argparse.Namespace) -> int:
         extra["ray.use_gpu"] = True
     config = config_from_args(args, extra)
     check_output_folder("--out", args.out)
+    check_cache_folder(config)
     started = time.perf_counter()
     metrics = run_distill(config, args.out, address=args.address)
     elapsed = time.perf_counter() - started
@@ -115,6 +123,8 @@ def command_demo(args: argparse.Namespace) -> int:
     by side, then the default search, ending with the knee student loaded from disk."""
     config = config_from_args(args)
     out = Path(args.out)
+    check_output_folder("--out", out)
+    check_cache_folder(config)
     runs = {}
     started = time.perf_counter()
     for method in ("kd", "xd"):
@@ -130,12 +140,16 @@ def command_demo(args: argparse.Namespace) -> int:
     )
     if args.no_search:
         return 0
+    from xkd_ray.experiment_folder import MANIFEST
     from xkd_ray.pareto import load_pareto_student
     from xkd_ray.search import main as search_main
 
     experiment = out / "search"
     search_args = ["--space", str(args.space), "--out", str(experiment), "--trials", str(args.trials)]
-    code = search_main([*search_args, *(["--resume"] if args.resume else [])])
+    resume = args.resume or (experiment / MANIFEST).exists()
+    if resume and not args.resume:
+        console.print(f"{experiment} holds this demo's earlier search: continuing it (--resume)")
+    code = search_main([*search_args, *(["--resume"] if resume else [])])
     if code != 0:
         return code
     knee = load_pareto_student(experiment, prefer="knee")
@@ -164,24 +178,21 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_search(args: argparse.Namespace) -> int:
-    from xkd_ray.search import run
+    from xkd_ray.search import run_reporting_errors
 
-    return run(args)
+    return run_reporting_errors(args)
 
 
 def command_pareto(args: argparse.Namespace) -> int:
     """Print the front of a finished or running experiment (reads only its files)."""
-    from xkd_ray.pareto import OBJECTIVES, list_pareto_students, write_front_plot
+    from xkd_ray.pareto import OBJECTIVES, list_pareto_students, summary, write_front_plot
     from xkd_ray.tables import front_table
 
     rows = list_pareto_students(args.experiment).to_pylist()
-    summary_path = args.experiment / "summary.json"
     title = f"Pareto front of {args.experiment} ({len(rows)} students)"
-    if summary_path.exists():
-        import json
-
-        summary = json.loads(summary_path.read_text())
-        title += f", hypervolume {summary['hypervolume']:.4f} after {summary['trials']} trials"
+    recorded = summary(args.experiment)
+    if recorded is not None:
+        title += f", hypervolume {recorded['hypervolume']:.4f} after {recorded['trials']} trials"
     console.print(front_table(rows, title, OBJECTIVES))
     if args.plot:
         console.print(f"plot: {write_front_plot(args.experiment, args.plot)}")
