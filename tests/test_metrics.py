@@ -1,5 +1,6 @@
 """Metrics: fidelity extremes, top-k IoU ties, Pareto sorting and hypervolume against brute force."""
 
+import itertools
 import math
 import random
 
@@ -11,7 +12,7 @@ from xkd_ray.metrics import (
     agreement,
     dominates,
     fidelity,
-    hypervolume_2d,
+    hypervolume,
     non_dominated,
     template_fidelity,
     topk_iou,
@@ -109,30 +110,44 @@ def test_topk_iou_breaks_ties_at_random_not_by_index():
     assert topk_iou(a, b, seed=0) == fair  # reproducible with the same seed
 
 
-def _brute_force_hypervolume(points, reference, grid=400):
-    xs = [reference[0] + (i + 0.5) / grid for i in range(grid)]
-    ys = [reference[1] + (j + 0.5) / grid for j in range(grid)]
-    covered = sum(1 for x in xs for y in ys if any(px >= x and py >= y for px, py in points))
-    return covered / grid**2
+def _brute_force_hypervolume(points, reference, grid=24):
+    """Count the cells of a grid over [reference, 1]^d that some point dominates (maximised)."""
+    dims = len(reference)
+    cells = itertools.product(
+        *[[reference[k] + (i + 0.5) * (1 - reference[k]) / grid for i in range(grid)] for k in range(dims)]
+    )
+    covered = sum(1 for cell in cells if any(all(p[k] >= cell[k] for k in range(dims)) for p in points))
+    return covered * math.prod((1 - r) / grid for r in reference)
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_non_dominated_and_hypervolume_match_brute_force(seed):
+@pytest.mark.parametrize(("seed", "dims"), [(s, d) for s in range(3) for d in (2, 3)])
+def test_non_dominated_and_hypervolume_match_brute_force(seed, dims):
     rng = random.Random(seed)
-    points = [(round(rng.random(), 2), round(rng.random(), 2)) for _ in range(25)]
+    points = [tuple(round(rng.random(), 2) for _ in range(dims)) for _ in range(20)]
     front = non_dominated(points)
     brute = [
-        i
-        for i, (px, py) in enumerate(points)
-        if not any(qx >= px and qy >= py and (qx > px or qy > py) for qx, qy in points)
+        i for i, p in enumerate(points) if not any(all(q[k] >= p[k] for k in range(dims)) and q != p for q in points)
     ]
     assert front == brute
     assert all(not dominates(points[j], points[i]) for i in front for j in range(len(points)))
-    assert hypervolume_2d(points) == pytest.approx(_brute_force_hypervolume(points, (0.0, 0.0)), abs=5e-3)
+    grid = 200 if dims == 2 else 40
+    expected = _brute_force_hypervolume(points, (0.0,) * dims, grid)
+    assert hypervolume(points, (0.0,) * dims) == pytest.approx(expected, abs=2 * dims / grid)
     # Only the front contributes to the hypervolume.
-    assert hypervolume_2d([points[i] for i in front]) == pytest.approx(hypervolume_2d(points))
+    assert hypervolume([points[i] for i in front], (0.0,) * dims) == pytest.approx(hypervolume(points, (0.0,) * dims))
+
+
+def test_minimised_objectives_are_mirrored():
+    """(accuracy max, params min): the same front and volume as (accuracy, -params) maximised."""
+    points = [(0.9, 5000.0), (0.8, 1000.0), (0.7, 3000.0)]
+    directions = ("max", "min")
+    assert non_dominated(points, directions) == [0, 1]
+    mirrored = [(a, -p) for a, p in points]
+    assert hypervolume(points, (0.0, 10000.0), directions) == pytest.approx(hypervolume(mirrored, (0.0, -10000.0)))
+    # 0.9 x 5000 (to params 5000) + 0.8 x 9000 (to params 1000) - their 0.8 x 5000 overlap
+    assert hypervolume(points, (0.0, 10000.0), directions) == pytest.approx(7700.0)
 
 
 def test_hypervolume_by_hand():
-    assert hypervolume_2d([(1.0, 0.5), (0.5, 1.0)]) == pytest.approx(0.75)
-    assert hypervolume_2d([(0.5, 0.5)], reference=(0.5, 0.0)) == 0.0
+    assert hypervolume([(1.0, 0.5), (0.5, 1.0)], (0.0, 0.0)) == pytest.approx(0.75)
+    assert hypervolume([(0.5, 0.5)], (0.5, 0.0)) == 0.0

@@ -185,7 +185,7 @@ def command_search(args: argparse.Namespace) -> int:
 
 def command_pareto(args: argparse.Namespace) -> int:
     """Print the front of a finished or running experiment (reads only its files)."""
-    from xkd_ray.pareto import OBJECTIVES, list_pareto_students, summary, write_front_plot
+    from xkd_ray.pareto import list_pareto_students, read_objectives, summary, write_front_plot
     from xkd_ray.tables import front_table
 
     rows = list_pareto_students(args.experiment).to_pylist()
@@ -193,7 +193,7 @@ def command_pareto(args: argparse.Namespace) -> int:
     recorded = summary(args.experiment)
     if recorded is not None:
         title += f", hypervolume {recorded['hypervolume']:.4f} after {recorded['trials']} trials"
-    console.print(front_table(rows, title, OBJECTIVES))
+    console.print(front_table(rows, title, read_objectives(args.experiment).names))
     if args.plot:
         console.print(f"plot: {write_front_plot(args.experiment, args.plot)}")
     return 0

@@ -27,7 +27,7 @@ from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves, randomi
 from xkd_ray.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
 from xkd_ray.methods import METHODS
 from xkd_ray.metrics import METRICS, Evidence, compute_metrics
-from xkd_ray.models import StudentNet
+from xkd_ray.models import StudentNet, parameter_count
 from xkd_ray.prepared import DistillData
 from xkd_ray.progress import track
 from xkd_ray.splits import Split, Splits
@@ -144,6 +144,31 @@ class StudentPredictions(NamedTuple):
     head_maps: torch.Tensor | None
     posthoc_maps: torch.Tensor
     diagnostics: dict[str, torch.Tensor] | None = None  # per image, when asked (``_diagnostics``)
+    cost: dict[str, float] | None = None  # params, latency_ms (``student_cost``)
+
+
+LATENCY_REPEATS = 10
+
+
+def student_cost(student: StudentNet, image: torch.Tensor, repeats: int = LATENCY_REPEATS) -> dict[str, float]:
+    """Parameter count and per-image latency at batch size 1. The latency is the fastest of
+    ``repeats`` timed forwards after one warm-up: the minimum is the run least disturbed by
+    other processes on the same cores (trials train side by side), so it ranks students by
+    their own cost rather than by what else was running."""
+    device = next(student.parameters()).device
+    sample = image[None].to(device)
+    times = []
+    with torch.no_grad():
+        for index in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            student(sample)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index > 0:
+                times.append(time.perf_counter() - started)
+    return {"params": float(parameter_count(student)), "latency_ms": 1000.0 * min(times)}
 
 
 def _posthoc_maps(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig):
@@ -214,7 +239,8 @@ def student_predictions(
             if output.maps is not None:
                 maps.append(output.maps.float().cpu())
     posthoc = _posthoc_maps(student, images, teacher_predictions, config)
-    predictions = StudentPredictions(torch.cat(logits), torch.cat(maps) if maps else None, posthoc)
+    cost = student_cost(student, images[0]) if len(images) else None
+    predictions = StudentPredictions(torch.cat(logits), torch.cat(maps) if maps else None, posthoc, cost=cost)
     if diagnostics > 0:
         found = _diagnostics(student, images[:diagnostics], teacher_predictions[:diagnostics], predictions, config)
         predictions = predictions._replace(diagnostics=found)
@@ -242,6 +268,7 @@ def split_metrics(
             degenerate_maps=outputs.degenerate_maps,
             seed=config.distill.seed,
             diagnostics=diagnostics,
+            cost=predictions.cost,
         )
     )
 

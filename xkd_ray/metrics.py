@@ -66,30 +66,42 @@ def topk_iou(student_maps: torch.Tensor, teacher_maps: torch.Tensor, fraction: f
     return (intersection / union).mean().item()
 
 
-def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """a dominates b when it is no worse in every objective and better in one (maximisation)."""
-    return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
+def _signed(point: Sequence[float], directions: Sequence[str] | None) -> list[float]:
+    """The point with every objective turned into one to maximise (a minimised one negated)."""
+    if directions is None:
+        return list(point)
+    return [v if d == "max" else -v for v, d in zip(point, directions, strict=True)]
 
 
-def non_dominated(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the points no other point dominates (maximisation); duplicates all kept."""
-    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str] | None = None) -> bool:
+    """a dominates b when it is no worse in every objective and better in one (``directions``:
+    "max"/"min" per objective, all maximised when omitted)."""
+    x, y = _signed(a, directions), _signed(b, directions)
+    return all(p >= q for p, q in zip(x, y, strict=True)) and any(p > q for p, q in zip(x, y, strict=True))
 
 
-def hypervolume_2d(points: Sequence[Sequence[float]], reference: Sequence[float] = (0.0, 0.0)) -> float:
-    """Area dominated by the points and bounded below by ``reference`` (two maximised objectives).
+def non_dominated(points: Sequence[Sequence[float]], directions: Sequence[str] | None = None) -> list[int]:
+    """Indices of the points no other point dominates; duplicates all kept."""
+    return [
+        i for i, p in enumerate(points) if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)
+    ]
 
-    Sweep the front by decreasing first objective; each point adds the strip between its
-    second objective and the best one seen so far.
-    """
-    ref_x, ref_y = reference
-    kept = sorted(((x, y) for x, y in points if x > ref_x and y > ref_y), key=lambda p: (-p[0], -p[1]))
-    area, best_y = 0.0, ref_y
-    for x, y in kept:
-        if y > best_y:
-            area += (x - ref_x) * (y - best_y)
-            best_y = y
-    return area
+
+def hypervolume(
+    points: Sequence[Sequence[float]], reference: Sequence[float], directions: Sequence[str] | None = None
+) -> float:
+    """The volume dominated by the points and bounded by ``reference`` (the worst values that
+    count), in any number of objectives; points not better than the reference in every
+    objective add nothing. Computed by moocore (exact algorithms, maintained; ours was 2-D only)."""
+    import moocore
+    import numpy as np
+
+    signed_reference = _signed(reference, directions)
+    signed = (_signed(p, directions) for p in points)
+    kept = [s for s in signed if all(v > r for v, r in zip(s, signed_reference, strict=True))]
+    if not kept:
+        return 0.0
+    return float(moocore.hypervolume(np.asarray(kept, dtype=float), ref=signed_reference, maximise=True))
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -116,6 +128,9 @@ class Evidence:
     # evaluation asked for them: e.g. "deletion_head", "insertion_posthoc", "randomisation_head",
     # and the teacher's own "deletion_teacher" / "insertion_teacher".
     diagnostics: dict[str, torch.Tensor] | None = None
+    # The student's size and speed, measured on the model (xkd_ray.distill.student_cost):
+    # "params" (count) and "latency_ms" (per image at batch size 1).
+    cost: dict[str, float] | None = None
 
     @property
     def explanation(self) -> torch.Tensor:
@@ -129,6 +144,9 @@ class Metric:
     compute: Callable[[Evidence], float | int | None]  # None: not measured for this student
     description: str
     direction: Literal["max", "min"] = "max"
+    # False for a wall-clock measurement: the same student gives a different value on each run,
+    # so reproducibility checks compare only the exact metrics.
+    exact: bool = True
 
 
 def skill(score: float, template_score: float) -> float:
@@ -205,6 +223,13 @@ METRICS: dict[str, Metric] = {
         _diagnostic("randomisation_posthoc"),
         "Pearson r of the post-hoc map before / after re-initialising the classifier",
         "min",
+    ),
+    "params": Metric(lambda e: (e.cost or {}).get("params"), "the student's parameter count", "min"),
+    "latency_ms": Metric(
+        lambda e: (e.cost or {}).get("latency_ms"),
+        "inference time per image at batch size 1, ms (fastest of repeated runs, on the evaluating device)",
+        "min",
+        exact=False,
     ),
 }
 

@@ -25,6 +25,7 @@ writer stays one rename per file, and a real problem (the front unchanged) still
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -49,10 +50,56 @@ from xkd_ray.checkpoints import (
 )
 from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.explain import explain_maps
-from xkd_ray.metrics import METRICS, hypervolume_2d, non_dominated
+from xkd_ray.metrics import METRICS, dominates, hypervolume, non_dominated
+from xkd_ray.space import parse_constraint
 
-# The search's objectives, all maximised: the front, the hypervolume and ``prefer`` use them.
-OBJECTIVES = ("accuracy", "fidelity")
+
+@dataclass(frozen=True)
+class Objectives:
+    """What a search optimises, as the registry needs it: metric names with their directions,
+    the hypervolume's reference point, and the constraints a front member must satisfy. Stored
+    in summary.json, so readers (``xkd pareto``, ``load_pareto_student``) need no space file."""
+
+    names: tuple[str, ...] = ("accuracy", "fidelity")
+    directions: tuple[str, ...] = ("max", "max")
+    reference_point: tuple[float, ...] = (0.0, 0.0)
+    constraints: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, settings: Any) -> Objectives:
+        """From a space's ``SearchSettings``."""
+        pairs = settings.objective_pairs()
+        return cls(
+            names=tuple(name for name, _ in pairs),
+            directions=tuple(direction for _, direction in pairs),
+            reference_point=tuple(settings.reference_point()),
+            constraints=tuple(settings.constraints),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "directions": list(self.directions),
+            "reference_point": list(self.reference_point),
+            "constraints": list(self.constraints),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: Path) -> Objectives:
+        try:
+            objectives = cls(**{key: tuple(value) for key, value in raw.items()})
+        except TypeError as exc:
+            raise XKDCheckpointError(f"{where}: 'objectives' is not valid ({exc})") from None
+        if not (len(objectives.names) == len(objectives.directions) == len(objectives.reference_point) >= 2):
+            raise XKDCheckpointError(f"{where}: 'objectives' has mismatched names, directions and reference point")
+        return objectives
+
+    def point(self, row: dict[str, Any], split: str = "val") -> tuple[float, ...]:
+        return tuple(row[f"{split}_{name}"] for name in self.names)
+
+    def feasible(self, row: dict[str, Any]) -> bool:
+        metrics = {name: row.get(f"val_{name}") for name in METRICS}
+        return all(parse_constraint(text).violation(metrics) <= 0 for text in self.constraints)
 
 
 def trial_columns() -> dict[str, pa.DataType]:
@@ -61,11 +108,14 @@ def trial_columns() -> dict[str, pa.DataType]:
     return {
         "trial_id": pa.string(),
         "method": pa.string(),
-        "status": pa.string(),  # ok | errored | diverged
+        "status": pa.string(),  # ok | stopped (early, by the scheduler) | errored | diverged
         "config": pa.string(),  # the trial's full experiment config, JSON
         "student_dir": pa.string(),
         "error": pa.string(),
         "resumed_from_checkpoint": pa.int64(),
+        "epochs_trained": pa.int64(),
+        "feasible": pa.bool_(),  # satisfies search.constraints (never on the front otherwise)
+        "reference": pa.bool_(),  # the space's reference configuration
         **{f"val_{name}": pa.float64() for name in METRICS},
     }
 
@@ -111,17 +161,18 @@ def read_trials(experiment: str | Path) -> list[dict[str, Any]]:
 
 
 def _core_columns(columns: dict[str, pa.DataType]) -> dict[str, pa.DataType]:
-    """The columns a reader needs: identity and the objectives (metrics a plugin adds later may
-    be absent from an older file without making it unreadable)."""
-    needed = {
-        "trial_id",
-        "method",
-        "path",
-        "status",
-        "student_dir",
-        *(f"{s}_{o}" for s in ("val", "test") for o in OBJECTIVES),
-    }
+    """The columns every reader needs: a trial's identity (metric columns are checked where an
+    objective needs them, so a metric a plugin adds later never makes an older file unreadable)."""
+    needed = {"trial_id", "method", "path", "status", "student_dir"}
     return {name: kind for name, kind in columns.items() if name in needed}
+
+
+def read_objectives(experiment: str | Path) -> Objectives:
+    """The objectives the experiment's search used (the default pair before its first trial)."""
+    recorded = summary(experiment)
+    if recorded is None or "objectives" not in recorded:
+        return Objectives()
+    return Objectives.from_dict(recorded["objectives"], Path(experiment) / "summary.json")
 
 
 def record_trial(experiment: str | Path, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,26 +187,37 @@ def record_trial(experiment: str | Path, row: dict[str, Any]) -> list[dict[str, 
     return rows
 
 
-def front_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The non-dominated ok trials by (val accuracy, val fidelity)."""
-    candidates = [r for r in rows if r["status"] == "ok" and all(r.get(f"val_{o}") is not None for o in OBJECTIVES)]
-    points = [tuple(r[f"val_{o}"] for o in OBJECTIVES) for r in candidates]
-    return [candidates[i] for i in non_dominated(points)]
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def front_rows(rows: list[dict[str, Any]], objectives: Objectives | None = None) -> list[dict[str, Any]]:
+    """The non-dominated trials among those that finished ok and satisfy the constraints
+    (stopped, errored, diverged and infeasible trials never enter the front)."""
+    objectives = objectives or Objectives()
+    candidates = [
+        r
+        for r in rows
+        if r["status"] == "ok"
+        and all(_finite(r.get(f"val_{name}")) for name in objectives.names)
+        and objectives.feasible(r)
+    ]
+    points = [objectives.point(r) for r in candidates]
+    return [candidates[i] for i in non_dominated(points, objectives.directions)]
 
 
 TestEvaluator = Callable[[nn.Module, dict[str, Any]], dict[str, float]]
 
 
 def update_registry(
-    experiment: str | Path,
-    evaluate_test: TestEvaluator,
-    reference: tuple[float, float] = (0.0, 0.0),
+    experiment: str | Path, evaluate_test: TestEvaluator, objectives: Objectives | None = None
 ) -> dict[str, Any]:
     """Bring ``pareto/`` in line with ``trials.parquet``: add new front members (evaluated once
     on the test split), drop students that left the front, rewrite the front table and summary."""
     experiment = Path(experiment)
+    objectives = objectives or Objectives()
     rows = read_trials(experiment)
-    front = front_rows(rows)
+    front = front_rows(rows, objectives)
     pareto_dir = experiment / "pareto"
     pareto_dir.mkdir(parents=True, exist_ok=True)
     table_rows = []
@@ -174,7 +236,8 @@ def update_registry(
                 **{f"{split}_{name}": metrics.get(split, {}).get(name) for split, name in _split_metrics()},
             }
         )
-    table_rows.sort(key=lambda r: -r[f"val_{OBJECTIVES[0]}"])
+    first, sign = objectives.names[0], -1 if objectives.directions[0] == "max" else 1
+    table_rows.sort(key=lambda r: sign * r[f"val_{first}"])
     _atomic_write_table(pareto_dir / "front.parquet", table_rows, front_columns())
     keep = {r["trial_id"] for r in front}
     for child in pareto_dir.iterdir():
@@ -182,17 +245,47 @@ def update_registry(
             retired = child.with_name(f".{child.name}.retired-{os.getpid()}")
             os.replace(child, retired)  # gone in one step for a reader, then deleted at leisure
             shutil.rmtree(retired, ignore_errors=True)
+    front_points = [objectives.point(r) for r in front]
+    hypervolume_of_front = hypervolume(front_points, objectives.reference_point, objectives.directions)
     summary = {
         "trials": len(rows),
-        "trials_ok": sum(r["status"] == "ok" for r in rows),
-        **{f"trials_{status}": sum(r["status"] == status for r in rows) for status in ("errored", "diverged")},
+        **{f"trials_{status}": sum(r["status"] == status for r in rows) for status in STATUSES},
+        "trials_infeasible": sum(r["status"] == "ok" and r.get("feasible") is False for r in rows),
         "front_size": len(front),
-        "hypervolume": hypervolume_2d([tuple(r[f"val_{o}"] for o in OBJECTIVES) for r in front], reference),
-        "hypervolume_reference": list(reference),
-        **{f"best_{name}": max((r[f"val_{name}"] for r in front), default=None) for name in OBJECTIVES},
+        "hypervolume": hypervolume_of_front,
+        "objectives": objectives.to_dict(),
+        **{
+            f"best_{name}": (max if direction == "max" else min)((r[f"val_{name}"] for r in front), default=None)
+            for name, direction in zip(objectives.names, objectives.directions, strict=True)
+        },
+        "reference_config": _reference_summary(rows, front, objectives, hypervolume_of_front),
     }
     atomic_write_json(experiment / "summary.json", summary)
     return summary
+
+
+STATUSES = ("ok", "stopped", "errored", "diverged")
+
+
+def _reference_summary(
+    rows: list[dict[str, Any]], front: list[dict[str, Any]], objectives: Objectives, front_hypervolume: float
+) -> dict[str, Any] | None:
+    """How the front compares with the space's reference configuration (evaluated first): does
+    some front student dominate it, and how much more hypervolume does the front cover than the
+    reference point alone (``hv_vs_reference`` > 1: the search found better students)."""
+    reference = next((r for r in rows if r.get("reference") and r["status"] == "ok"), None)
+    if reference is None:
+        return None
+    point = objectives.point(reference)
+    alone = hypervolume([point], objectives.reference_point, objectives.directions)
+    dominated = any(dominates(objectives.point(r), point, objectives.directions) for r in front)
+    return {
+        "trial_id": reference["trial_id"],
+        "values": dict(zip(objectives.names, point, strict=True)),
+        "dominated_by_front": dominated,
+        "hypervolume": alone,
+        "hv_vs_reference": front_hypervolume / alone if alone > 0 else None,
+    }
 
 
 def list_pareto_students(experiment: str | Path) -> pa.Table:
@@ -202,10 +295,12 @@ def list_pareto_students(experiment: str | Path) -> pa.Table:
     path = experiment / "pareto" / "front.parquet"
     if not path.exists():
         raise XKDCheckpointError(f"{path}: no Pareto front yet (has any trial finished?)")
-    table = read_table(path, _core_columns(front_columns()))
-    for row in table.select(["trial_id", "path", *(f"val_{o}" for o in OBJECTIVES)]).to_pylist():
+    objectives = read_objectives(experiment)
+    needed = {f"val_{name}": pa.float64() for name in objectives.names}
+    table = read_table(path, {**_core_columns(front_columns()), **needed})
+    for row in table.select(["trial_id", "path", *needed]).to_pylist():
         student_folder(experiment, row["path"], path)
-        for name in OBJECTIVES:
+        for name in objectives.names:
             value = row[f"val_{name}"]
             if value is None or not math.isfinite(value):
                 raise XKDCheckpointError(
@@ -223,6 +318,8 @@ def summary(experiment: str | Path) -> dict[str, Any] | None:
     for key, kind in (("trials", int), ("hypervolume", float | int)):
         if not isinstance(payload.get(key), kind) or isinstance(payload.get(key), bool):
             raise XKDCheckpointError(f"{path}: {key!r} is missing or not a number")
+    if "objectives" in payload and not isinstance(payload["objectives"], dict):
+        raise XKDCheckpointError(f"{path}: 'objectives' is not a mapping")
     return payload
 
 
@@ -263,27 +360,31 @@ class ParetoStudent:
         ).maps
 
 
-def _choose(rows: list[dict[str, Any]], prefer: str | dict[str, float]) -> dict[str, Any]:
-    points = [tuple(r[f"val_{name}"] for name in OBJECTIVES) for r in rows]
+def _choose(rows: list[dict[str, Any]], prefer: str | dict[str, float], objectives: Objectives) -> dict[str, Any]:
+    """One front row by preference. Values are signed so that larger is better in every
+    objective (a minimised one is negated) before any comparison."""
+    names = objectives.names
+    signs = [1.0 if d == "max" else -1.0 for d in objectives.directions]
+    points = [tuple(s * v for s, v in zip(signs, objectives.point(r), strict=True)) for r in rows]
     if isinstance(prefer, dict):
-        unknown = set(prefer) - set(OBJECTIVES)
+        unknown = set(prefer) - set(names)
         if unknown:
-            raise ValueError(f"prefer: unknown objective {sorted(unknown)[0]!r}; use {' and/or '.join(OBJECTIVES)}")
-        weights = [float(prefer.get(name, 0.0)) for name in OBJECTIVES]
+            raise ValueError(f"prefer: unknown objective {sorted(unknown)[0]!r}; use {' and/or '.join(names)}")
+        weights = [float(prefer.get(name, 0.0)) for name in names]
         scores = [sum(w * v for w, v in zip(weights, p, strict=True)) for p in points]
         return rows[max(range(len(rows)), key=scores.__getitem__)]
-    if prefer in OBJECTIVES:
-        # The best in that objective; ties go to the better of the others, in OBJECTIVES order.
-        first = OBJECTIVES.index(prefer)
+    if prefer in names:
+        # The best in that objective; ties go to the better of the others, in the objectives' order.
+        first = names.index(prefer)
         return rows[max(range(len(rows)), key=lambda i: (points[i][first], *points[i]))]
     if prefer == "knee":
         # Closest to the utopia point after scaling each objective to [0, 1] over the front.
-        dims = range(len(OBJECTIVES))
+        dims = range(len(names))
         lows = [min(p[k] for p in points) for k in dims]
         spans = [max(p[k] for p in points) - lows[k] or 1.0 for k in dims]
         distance = [sum((1 - (p[k] - lows[k]) / spans[k]) ** 2 for k in dims) for p in points]
         return rows[min(range(len(rows)), key=distance.__getitem__)]
-    raise ValueError(f"prefer: got {prefer!r}; use 'knee', {', '.join(map(repr, OBJECTIVES))} or a weights dict")
+    raise ValueError(f"prefer: got {prefer!r}; use 'knee', {', '.join(map(repr, names))} or a weights dict")
 
 
 READ_ATTEMPTS = 20  # a writer changes the front at most once per finished trial (seconds apart)
@@ -299,7 +400,7 @@ def load_pareto_student(experiment: str | Path, prefer: str | dict[str, float] =
         rows = list_pareto_students(experiment).to_pylist()
         if not rows:
             raise XKDCheckpointError(f"{experiment}: the Pareto front is empty")
-        chosen = _choose(rows, prefer)
+        chosen = _choose(rows, prefer, read_objectives(experiment))
         folder = student_folder(experiment, chosen["path"], front_file)
         try:
             model, config, metrics = load_student(folder)
@@ -321,34 +422,46 @@ def _file_version(path: Path) -> tuple[int, int] | None:
 
 
 def write_front_plot(experiment: str | Path, path: str | Path) -> Path:
-    """Accuracy vs fidelity: every ok trial as a dot coloured by method, the front as a line."""
+    """One panel per pair of objectives: every ok trial as a dot coloured by method, the front
+    members ringed, the reference configuration as a star, students whose explanation skill is
+    <= 0 crossed, and the constant map's fidelity as a line where fidelity is an axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    objectives = read_objectives(experiment)
     rows = [r for r in read_trials(experiment) if r["status"] == "ok"]
-    front = sorted(front_rows(rows), key=lambda r: r["val_accuracy"])
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for method in sorted({r["method"] or "?" for r in rows}):
-        points = [r for r in rows if (r["method"] or "?") == method]
-        axes.scatter([r["val_accuracy"] for r in points], [r["val_fidelity"] for r in points], label=method, alpha=0.7)
-    if front:
-        axes.plot([r["val_accuracy"] for r in front], [r["val_fidelity"] for r in front], "k--", label="Pareto front")
-    unskilled = [r for r in rows if (r.get("val_fidelity_skill") or 0.0) <= 0]
-    if unskilled:
-        axes.scatter(
-            [r["val_accuracy"] for r in unskilled],
-            [r["val_fidelity"] for r in unskilled],
-            marker="x", color="red", s=60, label="skill <= 0 (no better than the constant map)",
-        )  # fmt: skip
-    if rows:
-        template = rows[0].get("val_fidelity_template")
-        if template is not None:
+    front = front_rows(rows, objectives)
+    pairs = list(itertools.combinations(objectives.names, 2))
+    figure, panels = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.5), squeeze=False)
+    for axes, (x, y) in zip(panels[0], pairs, strict=True):
+        for method in sorted({r["method"] or "?" for r in rows}):
+            points = [r for r in rows if (r["method"] or "?") == method]
+            axes.scatter([r[f"val_{x}"] for r in points], [r[f"val_{y}"] for r in points], label=method, alpha=0.7)
+        if front:
+            axes.scatter(
+                [r[f"val_{x}"] for r in front], [r[f"val_{y}"] for r in front],
+                facecolors="none", edgecolors="black", s=140, label="Pareto front",
+            )  # fmt: skip
+        unskilled = [r for r in rows if (r.get("val_fidelity_skill") or 0.0) <= 0]
+        if unskilled:
+            axes.scatter(
+                [r[f"val_{x}"] for r in unskilled], [r[f"val_{y}"] for r in unskilled],
+                marker="x", color="red", s=60, label="skill <= 0 (no better than the constant map)",
+            )  # fmt: skip
+        reference = [r for r in rows if r.get("reference")]
+        if reference:
+            axes.scatter(
+                [r[f"val_{x}"] for r in reference], [r[f"val_{y}"] for r in reference],
+                marker="*", color="gold", edgecolors="black", s=260, label="reference config", zorder=5,
+            )  # fmt: skip
+        template = rows[0].get("val_fidelity_template") if rows else None
+        if template is not None and y == "fidelity":
             axes.axhline(template, color="grey", linewidth=0.8, label="template map (bar to beat)")
-    axes.set_xlabel("validation accuracy")
-    axes.set_ylabel("validation fidelity (Pearson to teacher map)")
-    axes.legend(loc="best", fontsize=8)
+        axes.set_xlabel(f"validation {x} ({objectives.directions[objectives.names.index(x)]})")
+        axes.set_ylabel(f"validation {y} ({objectives.directions[objectives.names.index(y)]})")
+        axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
     atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     plt.close(figure)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 from rich.live import Live
@@ -27,11 +29,12 @@ from xkd_ray.distill import evaluate, final_metrics, save_student
 from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.faults import fault_rule
 from xkd_ray.metrics import METRICS
-from xkd_ray.pareto import OBJECTIVES, front_rows, read_trials, record_trial, update_registry
+from xkd_ray.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
+from xkd_ray.pareto import Objectives, front_rows, read_trials, record_trial, update_registry
 from xkd_ray.pareto import summary as registry_summary
 from xkd_ray.prepared import DistillData, prepare
 from xkd_ray.ray_train import make_trainer, student_from_checkpoint
-from xkd_ray.space import Parameter, SearchSpec
+from xkd_ray.space import Constraint, Parameter, SearchSpec
 from xkd_ray.tables import live_trials_table
 
 STUDY_NAME = "xkd"
@@ -50,24 +53,56 @@ def tune_domain(parameter: Parameter) -> Any:
     return parameter.value
 
 
-def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+VIOLATIONS = "constraint_violations"  # Optuna user attribute read by ``_constraints``
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's constraints_func: each value <= 0 when satisfied. A trial without the attribute
+    (failed, pruned) counts as violating, so the sampler never prefers it."""
+    return list(trial.user_attrs.get(VIOLATIONS, [1.0]))
+
+
+def make_sampler(name: str, seed: int, trials: int, constrained: bool = False) -> optuna.samplers.BaseSampler:
     """Optuna's defaults assume hundreds of trials: TPE samples its first 10 at random and
     NSGA-II's first generation is 50, so a 16-trial search would be random search under another
-    name. Scale the random start-up (TPE) and the population (NSGA-II) to the budget instead."""
+    name. Scale the random start-up (TPE) and the population (NSGA-II) to the budget instead.
+    With ``search.constraints`` TPE and NSGA-II take them as Optuna's ``constraints_func``."""
+    constraints_func = _constraints if constrained else None
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, trials // 4)))
+        population = max(4, min(50, trials // 4))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population, constraints_func=constraints_func)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(3, min(10, trials // 3)))
+    startup = max(3, min(10, trials // 3))
+    return optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, n_startup_trials=startup, constraints_func=constraints_func
+    )
 
 
-def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
+class XKDOptunaSearch(PruneAwareOptunaSearch):
+    """Ray's OptunaSearch, telling Optuna what our trials really were: PRUNED for a trial the
+    scheduler stopped (its scores are not final), and each finished trial's constraint
+    violations as a user attribute before it is told, for the sampler's constraints_func."""
+
+    def __init__(self, constraints: list[Constraint], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._constraints = constraints
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._constraints and result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            violations = [constraint.violation(result) for constraint in self._constraints]
+            self._ot_trials[trial_id].set_user_attr(VIOLATIONS, violations)
+        super().on_trial_complete(trial_id, result, error)
+
+
+def make_searcher(spec: SearchSpec, experiment: Path, stopped: Callable[[], Container[str]]) -> OptunaSearch:
     """Optuna with a journal file inside the experiment, so the study survives a restart;
-    ``search.initial_points`` are enqueued and evaluated before the sampler proposes any."""
+    ``search.reference`` and then ``search.initial_points`` are evaluated before the sampler
+    proposes any. ``stopped`` names the trials the scheduler stopped early."""
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))
     )
-    directions = [METRICS[name].direction for name in OBJECTIVES]
+    names, directions = zip(*spec.search.objective_pairs(), strict=True)
     # Initial points go straight into the study's queue: Optuna fills the keys a point leaves
     # out, whereas Tune's points_to_evaluate insists on every key.
     study = optuna.create_study(
@@ -77,21 +112,42 @@ def make_searcher(spec: SearchSpec, experiment: Path) -> OptunaSearch:
         load_if_exists=True,
     )
     if not study.trials:
-        for point in spec.search.initial_points:
+        reference = [spec.search.reference] if spec.search.reference is not None else []
+        for point in [*reference, *spec.search.initial_points]:
             study.enqueue_trial(dict(point))
-    return OptunaSearch(
-        metric=list(OBJECTIVES),
-        mode=directions,
-        sampler=make_sampler(spec.search.sampler, spec.search.seed, spec.search.trials),
+    constraints = spec.search.parsed_constraints()
+    return XKDOptunaSearch(
+        constraints,
+        stopped,
+        metric=list(names),
+        mode=list(directions),
+        sampler=make_sampler(spec.search.sampler, spec.search.seed, spec.search.trials, bool(constraints)),
         study_name=STUDY_NAME,
         storage=storage,
     )
 
 
-def _report_diverged(config: ExperimentConfig) -> None:
+def make_scheduler(spec: SearchSpec) -> FIFOScheduler:
+    """``search.scheduler``: FIFO (every trial to its last epoch) or MO-ASHA. A trial reports
+    once per epoch (Tune's ``training_iteration`` = epochs done) and once more when its student is
+    saved, so the last rung is below ``epochs + 1`` and a trial that ran every epoch always
+    reaches its final report."""
+    settings = spec.search.scheduler
+    if settings.name == "fifo":
+        return FIFOScheduler()
+    return MOASHAScheduler(
+        spec.search.objective_pairs(),
+        time_attr="training_iteration",
+        grace_period=settings.grace_epochs,
+        reduction_factor=settings.reduction_factor,
+        max_t=spec.base.distill.epochs + 1,
+    )
+
+
+def _report_diverged(config: ExperimentConfig, objectives: list[str]) -> None:
     """NaN objectives: the one divergence sentinel (Optuna records the trial as failed, never as a point)."""
     nan = float("nan")
-    tune.report({**dict.fromkeys(OBJECTIVES, nan), "status": "diverged", "experiment_config": config.to_dict()})
+    tune.report({**dict.fromkeys(objectives, nan), "status": "diverged", "experiment_config": config.to_dict()})
 
 
 def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
@@ -99,6 +155,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     experiment = Path(shared["experiment"])
     spec: SearchSpec = shared["spec"]
     config = spec.trial_config(sampled)
+    objectives = [name for name, _ in spec.search.objective_pairs()]
     if fault_rule("fail_driver", config.to_dict()) is not None:
         raise RuntimeError("injected fault: fail_driver (XKD_FAULTS), so this trial's driver fails on purpose")
     data: DistillData = ray.get(shared["data_ref"])
@@ -109,13 +166,13 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         name=f"trial-{trial_id}",
         storage_path=experiment / "train",
         callbacks=[TuneReportCallback()],
-        objectives=OBJECTIVES,
+        objectives=objectives,
     )
     result = trainer.fit()
     try:
         student, history = student_from_checkpoint(config, data, result.checkpoint)
     except XKDTrainingDiverged:
-        _report_diverged(config)
+        _report_diverged(config, objectives)
         return
     # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
     resumed = len({int(record["start_epoch"]) for record in history}) - 1
@@ -126,6 +183,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         {
             **val,
             "status": "ok",
+            "epochs_trained": len({int(record["epoch"]) for record in history}),
             "student_dir": str(student_dir),
             "resumed_from_checkpoint": resumed,
             "experiment_config": config.to_dict(),
@@ -159,6 +217,7 @@ class RegistryCallback(tune.Callback):
     def __init__(self, experiment: str, spec: SearchSpec) -> None:
         self.experiment = experiment
         self.spec = spec
+        self.objectives = Objectives.of(spec.search)
         self._data: DistillData | None = None
         self._gauges: dict[str, Any] = {}
 
@@ -169,7 +228,7 @@ class RegistryCallback(tune.Callback):
             "trials_finished": "finished trials",
             "front_size": "students on the Pareto front",
             "hypervolume": "hypervolume of the front (val accuracy x fidelity)",
-            **{f"best_{name}": f"best val {name} on the front" for name in OBJECTIVES},
+            **{f"best_{name}": f"best val {name} on the front" for name in self.objectives.names},
         }
         try:
             self._gauges = {
@@ -185,19 +244,26 @@ class RegistryCallback(tune.Callback):
 
     def _finish(self, row: dict[str, Any]) -> None:
         record_trial(self.experiment, row)
-        summary = update_registry(self.experiment, self._evaluate_test, self.spec.search.hypervolume_reference)
+        summary = update_registry(self.experiment, self._evaluate_test, self.objectives)
         tags = {"experiment": Path(self.experiment).name}
         for key, gauge in self._gauges.items():
             value = summary.get("trials" if key == "trials_finished" else key)
             if value is not None:
                 gauge.set(float(value), tags=tags)
 
+    def _is_reference(self, trial: Any) -> bool:
+        reference = self.spec.search.reference
+        return reference is not None and all(trial.config.get(key) == value for key, value in reference.items())
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A trial ended without an error: it finished (status ok or diverged, from its final
+        report), or the scheduler stopped it early (no final report: its last epoch's metrics)."""
         result = trial.last_result or {}
-        status = result.get("status", "errored")
-        if status == "ok" and not all(math.isfinite(float(result.get(m, math.nan))) for m in OBJECTIVES):
+        status = result.get("status", "stopped")
+        if status == "ok" and not all(math.isfinite(float(result.get(m, math.nan))) for m in self.objectives.names):
             status = "diverged"
         config = result.get("experiment_config") or self.spec.trial_config(trial.config).to_dict()
+        measured = status in ("ok", "stopped")
         row = {
             "trial_id": trial.trial_id,
             "method": config["distill"]["method"],
@@ -205,8 +271,11 @@ class RegistryCallback(tune.Callback):
             "config": config,
             "student_dir": result.get("student_dir"),
             "resumed_from_checkpoint": result.get("resumed_from_checkpoint"),
-            **{f"val_{name}": result.get(name) if status == "ok" else None for name in METRICS},
+            "epochs_trained": result.get("epochs_trained", int(result.get("epoch", -1)) + 1),
+            "reference": self._is_reference(trial),
+            **{f"val_{name}": result.get(name) if measured else None for name in METRICS},
         }
+        row["feasible"] = self.objectives.feasible(row) if measured else None
         self._finish(row)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -219,42 +288,80 @@ class RegistryCallback(tune.Callback):
                 "status": "errored",
                 "config": config.to_dict(),
                 "error": f"failed {trial.num_failures} time(s): {_last_error_line(trial)}",
+                "reference": self._is_reference(trial),
             }
         )
 
 
 class LiveTableCallback(tune.Callback):
-    """A rich live table of trials and the current front, redrawn on every report."""
+    """A rich live table of trials and the current front, redrawn on every report.
 
-    def __init__(self, experiment: str) -> None:
+    A trial's row merges all its reports. Tune passes each Ray Train report on as a result
+    (``TuneReportCallback``): per epoch, the workers' record with ``epoch`` (0-based) and the
+    validation metrics (``ray_train.worker_loop``), plus Tune's ``training_iteration`` and
+    ``config`` (the sampled values); last, the driver's report (``status``, ``epochs_trained``,
+    ``experiment_config``) has no ``epoch``: kept alone, it blanked the epoch column of every
+    finished trial."""
+
+    def __init__(self, experiment: str, objectives: Objectives) -> None:
         self.experiment = experiment
+        self.objectives = objectives
         self._live: Live | None = None
         self._latest: dict[str, dict[str, Any]] = {}
+        self._epochs: int | None = None
+
+    def _search_epochs(self) -> int | None:
+        """The search's ``distill.epochs`` (a fixed space value, else the base config's), from the
+        experiment's manifest; None when it cannot be read (the table then counts epochs only)."""
+        from xkd_ray.experiment_folder import read_manifest
+
+        try:
+            spec = (read_manifest(Path(self.experiment)) or {})["spec"]
+            fixed = spec.get("space", {}).get("distill.epochs") or {}
+            if fixed.get("kind") == "fixed":
+                return int(fixed["value"])
+            return None if fixed else int(spec["base"]["distill"]["epochs"])
+        except Exception:  # a display nicety must never stop a search
+            return None
 
     def _render(self) -> Any:
-        front = {row["trial_id"] for row in front_rows(read_trials(self.experiment))}
-        return live_trials_table(f"search {self.experiment}", self._latest, front, OBJECTIVES)
+        front = {row["trial_id"] for row in front_rows(read_trials(self.experiment), self.objectives)}
+        return live_trials_table(
+            f"search {self.experiment}", self._latest, front, self.objectives.names, epochs=self._epochs
+        )
+
+    def _update(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._latest[trial_id] = {**self._latest.get(trial_id, {}), **result}
+        if self._live is not None:
+            self._live.update(self._render())
 
     def setup(self, **info: Any) -> None:
+        self._epochs = self._search_epochs()
         self._live = Live(self._render(), console=Console(), refresh_per_second=2, transient=False)
         self._live.start()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._latest[trial.trial_id] = result
-        if self._live is not None:
-            self._live.update(self._render())
+        self._update(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._latest.setdefault(trial.trial_id, {})["status"] = (trial.last_result or {}).get("status", "done")
-        if self._live is not None:
-            self._live.update(self._render())
+        """Without a final report (no ``status``), the scheduler stopped the trial early."""
+        self._update(trial.trial_id, {"status": (trial.last_result or {}).get("status", "stopped")})
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial.trial_id, {"status": "errored"})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._live is not None:
             self._live.stop()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"experiment": self.experiment, "_live": None, "_latest": {}}
+        return {
+            "experiment": self.experiment,
+            "objectives": self.objectives,
+            "_live": None,
+            "_latest": {},
+            "_epochs": None,
+        }
 
 
 def concurrent_trials(spec: SearchSpec) -> int:
@@ -288,14 +395,16 @@ def run_search(spec: SearchSpec, experiment: str | Path, *, resume: bool = False
     if resume and tune.Tuner.can_restore(str(tune_path)):
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
+        scheduler = make_scheduler(spec)
         callbacks: list[tune.Callback] = [RegistryCallback(str(experiment), spec)]
         if live:
-            callbacks.append(LiveTableCallback(str(experiment)))
+            callbacks.append(LiveTableCallback(str(experiment), Objectives.of(spec.search)))
         tuner = tune.Tuner(
             trainable,
             param_space={name: tune_domain(p) for name, p in spec.parameters.items() if p.kind != "fixed"},
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(spec, experiment),
+                search_alg=make_searcher(spec, experiment, lambda: getattr(scheduler, "stopped", {})),
+                scheduler=scheduler,
                 num_samples=spec.search.trials,
                 max_concurrent_trials=concurrent_trials(spec),
             ),

@@ -109,6 +109,7 @@ def _gather_evaluation(
             diagnostics=None
             if not diagnostics
             else {key: torch.cat([g.diagnostics[key] for g in gathered if g.diagnostics]) for key in first.diagnostics},
+            cost=first.cost,
         ),
     )
 

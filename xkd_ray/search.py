@@ -108,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace, spec: SearchSpec) -> int:
-    from xkd_ray.pareto import OBJECTIVES, list_pareto_students, load_pareto_student, read_trials, write_front_plot
+    from xkd_ray.pareto import (
+        list_pareto_students,
+        load_pareto_student,
+        read_objectives,
+        read_trials,
+        write_front_plot,
+    )
     from xkd_ray.ray_search import run_search
     from xkd_ray.ray_train import ensure_ray
     from xkd_ray.tables import front_table
@@ -124,12 +130,20 @@ def _search(args: argparse.Namespace, spec: SearchSpec) -> int:
     front = list_pareto_students(args.out)
     write_front_plot(args.out, args.out / "pareto" / "front.png")
     title = f"Pareto front ({summary.get('front_size', 0)} students)"
-    console.print(front_table(front.to_pylist(), title, OBJECTIVES))
+    console.print(front_table(front.to_pylist(), title, read_objectives(args.out).names))
     statuses = Counter(row["status"] for row in read_trials(args.out))
     console.print(
         f"hypervolume {summary.get('hypervolume', 0):.4f} over {summary.get('trials', 0)} trials "
         f"({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}) in {summary['wall_seconds']:.0f} s"
     )
+    reference = summary.get("reference_config")
+    if reference:
+        ratio = reference["hv_vs_reference"]
+        console.print(
+            f"reference config (trial {reference['trial_id']}): "
+            f"{'dominated by' if reference['dominated_by_front'] else 'not dominated by'} the front; "
+            f"front hypervolume / reference's = {'-' if ratio is None else f'{ratio:.3f}'}"
+        )
     if front.num_rows == 0:
         raise XKDError(f"{args.out}: no trial finished ok, so the Pareto front is empty; see trials.parquet")
     console.print(f"knee student: {load_pareto_student(args.out, prefer='knee').path}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -24,8 +25,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from xkd_ray.config import ExperimentConfig, PositiveFloat, Schema, Seed, config_error, read_yaml, rule
 from xkd_ray.errors import XKDConfigError
+from xkd_ray.metrics import METRICS
 
 SAMPLERS = ("tpe", "nsga2", "random")
+SCHEDULERS = ("fifo", "mo_asha")  # built in xkd_ray.ray_search.make_scheduler
 KINDS = ("uniform", "loguniform", "int", "choice")
 ENUMERATED_INT_VALUES = 16  # int ranges up to this many values are checked value by value
 MAX_COMBINATIONS = 4096  # probe combinations checked together (~20 us each)
@@ -57,6 +60,73 @@ class Parameter:
         return [low, low + 1, high - 1, high]
 
 
+class Objective(Schema):
+    """One objective of the search: any registered metric; its direction defaults to the
+    registry's (``params`` and ``latency_ms`` are minimised, accuracy maximised)."""
+
+    where: ClassVar[str] = "search.objectives"
+    metric: Literal[*METRICS]
+    direction: Literal["max", "min"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_direction(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("direction") is None and raw.get("metric") in METRICS:
+            return {**raw, "direction": METRICS[raw["metric"]].direction}
+        return raw
+
+
+CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric >= value`` or ``metric <= value`` on a trial's validation metrics."""
+
+    metric: str
+    operator: str
+    value: float
+
+    def violation(self, metrics: dict[str, Any]) -> float:
+        """Optuna's convention: <= 0 when satisfied, else by how much it is missed (a missing or
+        non-finite metric counts as violated by 1)."""
+        measured = metrics.get(self.metric)
+        if measured is None or not math.isfinite(float(measured)):
+            return 1.0
+        return self.value - float(measured) if self.operator == ">=" else float(measured) - self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.operator} {self.value:g}"
+
+
+def parse_constraint(text: str) -> Constraint:
+    found = CONSTRAINT.match(text) if isinstance(text, str) else None
+    if found is None:
+        raise ValueError(f"{text!r} is not 'metric >= value' or 'metric <= value'")
+    metric, operator, value = found.groups()
+    if metric not in METRICS:
+        raise ValueError(f"{text!r}: unknown metric {metric!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: {value!r} is not a number") from None
+    return Constraint(metric, operator, number)
+
+
+class SchedulerSettings(Schema):
+    """How trials are stopped early: ``fifo`` runs every trial to the end; ``mo_asha`` is
+    multi-objective asynchronous successive halving (xkd_ray.mo_asha) with rungs at
+    grace_epochs * reduction_factor^k epochs."""
+
+    where: ClassVar[str] = "search.scheduler"
+    name: Literal[*SCHEDULERS] = "fifo"
+    grace_epochs: Annotated[int, Field(ge=1)] = 1
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+
+
+DEFAULT_OBJECTIVES = [{"metric": "accuracy"}, {"metric": "fidelity"}]
+
+
 class SearchSettings(Schema):
     """The budget and sampler of a search; the worker settings become each trial's ``ray``."""
 
@@ -68,25 +138,63 @@ class SearchSettings(Schema):
     cpus_per_worker: PositiveFloat = 1.0
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     max_failures: Annotated[int, Field(ge=0)] = 1
-    hypervolume_reference: tuple[float, float] = (0.0, 0.0)
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective(**o) for o in DEFAULT_OBJECTIVES])
+    constraints: list[str] = Field(default=[])
+    # One value per objective: the worst point the hypervolume counts from. Defaults to 0 for
+    # maximised objectives; a minimised one (params, latency_ms) has no natural worst, so set it.
+    hypervolume_reference: list[float] | None = None
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    # The configuration the search must beat (usually the defaults a user would train by hand):
+    # a partial {dotted key: value} over the searched keys, evaluated first, drawn on the front
+    # plot and compared with the front in summary.json.
+    reference: dict[str, Any] | None = None
     # Configurations to try first (e.g. a known-good setting), each a partial {dotted key: value}
     # over the searched keys; the sampler fills in the rest. They count towards ``trials``.
     initial_points: list[dict[str, Any]] = Field(default=[])  # pydantic copies it per instance
 
-    @field_validator("hypervolume_reference", mode="before")
+    @field_validator("constraints")
     @classmethod
-    def _yaml_list(cls, value: Any) -> Any:
-        """YAML has no tuples: ``[accuracy, fidelity]`` arrives as a list."""
-        return tuple(value) if isinstance(value, list) else value
+    def _parse_constraints(cls, value: list[str]) -> list[str]:
+        for index, text in enumerate(value):
+            try:
+                parse_constraint(text)
+            except ValueError as exc:
+                raise rule(f"search.constraints[{index}]", str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _points_fit_the_budget(self) -> SearchSettings:
-        if len(self.initial_points) > self.trials:
+        points = len(self.initial_points) + (self.reference is not None)
+        if points > self.trials:
             raise rule(
                 "search.initial_points",
-                f"{len(self.initial_points)} points but search.trials={self.trials}; raise trials or drop points",
+                f"{points} points but search.trials={self.trials} (search.reference counts as one); "
+                "raise trials or drop points",
+            )
+        names = [o.metric for o in self.objectives]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise rule("search.objectives", f"needs 2 or more different metrics, got {names}")
+        if self.hypervolume_reference is None:
+            unset = [o.metric for o in self.objectives if o.direction == "min"]
+            if unset:
+                raise rule("search.hypervolume_reference", f"set one value per objective ({unset[0]} is minimised)")
+        elif len(self.hypervolume_reference) != len(names):
+            raise rule(
+                "search.hypervolume_reference",
+                f"{len(self.hypervolume_reference)} values for {len(names)} objectives ({', '.join(names)})",
             )
         return self
+
+    def objective_pairs(self) -> list[tuple[str, str]]:
+        """(metric, direction) per objective, in the space file's order."""
+        return [(o.metric, str(o.direction)) for o in self.objectives]
+
+    def reference_point(self) -> list[float]:
+        """The hypervolume's reference point: as given, or 0 for each (maximised) objective."""
+        return list(self.hypervolume_reference or [0.0] * len(self.objectives))
+
+    def parsed_constraints(self) -> list[Constraint]:
+        return [parse_constraint(text) for text in self.constraints]
 
 
 @dataclass
@@ -179,8 +287,10 @@ def _check_initial_points(spec: SearchSpec) -> None:
     """Each point may only name searched keys, with a value its range or choice list allows; the
     keys it leaves out are filled by the sampler, tried here at their first and last probes."""
     searched = {name: p.probes() for name, p in spec.parameters.items() if p.kind != "fixed"}
-    for index, point in enumerate(spec.search.initial_points):
-        where = f"search.initial_points[{index}]"
+    points = [(f"search.initial_points[{i}]", point) for i, point in enumerate(spec.search.initial_points)]
+    if spec.search.reference is not None:
+        points.insert(0, ("search.reference", spec.search.reference))
+    for where, point in points:
         for name, value in point.items():
             parameter = spec.parameters.get(name)
             if parameter is None or parameter.kind == "fixed":
@@ -232,6 +342,12 @@ def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
     )
     _check_values(spec)
     _check_initial_points(spec)
+    scheduler = spec.search.scheduler
+    if scheduler.name != "fifo" and scheduler.grace_epochs >= spec.base.distill.epochs:
+        raise XKDConfigError(
+            f"search.scheduler.grace_epochs: {scheduler.grace_epochs} leaves no epoch to stop early "
+            f"(base.distill.epochs is {spec.base.distill.epochs})"
+        )
     return spec
 
 

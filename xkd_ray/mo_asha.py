@@ -1,0 +1,203 @@
+"""MO-ASHA (Schmucker et al. 2021, arXiv 2106.12639): asynchronous successive halving for several objectives.
+
+At each rung level ``grace * eta**k < max_t`` a trial goes on only if it is in the top ``floor(n / eta)`` of
+the ``n`` trials recorded at that rung so far, ranked by non-dominated sorting; ties within a rank go to the
+larger NSGA-II crowding distance, then to the earlier arrival. The math is pure functions (no Ray) below.
+
+What Ray's ``OptunaSearch`` tells Optuna about a trial this scheduler stops (ray 2.60,
+``ray/tune/search/optuna/optuna_search.py``, ``on_trial_complete``): Tune's ``stop_trial`` calls
+``search_alg.on_trial_complete(trial_id, result=trial.last_result)``; OptunaSearch reads
+``val = [result.get(m) for m in self.metric]``, keeps ``ot_trial_state = COMPLETE`` unless ``val is None``,
+and calls ``study.tell(ot_trial, val, state=COMPLETE)``. So a stopped trial enters the study as COMPLETE with
+its truncated (rung-time) values, and the sampler learns them as final. (Multi-objective Optuna has no
+``Trial.report``, and ``tell`` refuses values with PRUNED.) ``PruneAwareOptunaSearch`` tells PRUNED instead.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Callable, Container, Sequence
+from typing import Any
+
+import numpy as np
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+Point = Sequence[float | None]
+
+
+def _losses(points: Sequence[Point], directions: Sequence[str]) -> np.ndarray:
+    """Rows to minimise: "max" columns negated; NaN, None and ±inf become +inf (the worst value)."""
+    sign = np.array([-1.0 if d == "max" else 1.0 for d in directions])
+    raw = np.array([[math.nan if v is None else float(v) for v in p] for p in points], dtype=float)
+    raw = raw.reshape(len(points), len(directions)) * sign
+    return np.where(np.isfinite(raw), raw, np.inf)
+
+
+def non_dominated_ranks(points: Sequence[Point], directions: Sequence[str]) -> list[int]:
+    """Front index of each point (0 = Pareto front). A point with any missing/non-finite objective ranks
+    after every complete point: a NaN usually means a diverged run, which should not survive on one good metric."""
+    loss = _losses(points, directions)
+    le, lt = loss[:, None, :] <= loss[None, :, :], loss[:, None, :] < loss[None, :, :]
+    dominates = le.all(axis=2) & lt.any(axis=2)  # [j, i]: j dominates i; one O(n^2 m) pass
+    complete = np.isfinite(loss).all(axis=1)
+    ranks, rank = np.zeros(len(loss), dtype=int), 0
+    for group in (complete, ~complete):
+        remaining = group.copy()
+        while remaining.any():
+            front = remaining & ~dominates[remaining].any(axis=0)
+            ranks[front] = rank
+            remaining &= ~front
+            rank += 1
+    return ranks.tolist()
+
+
+def crowding_distances(
+    points: Sequence[Point], directions: Sequence[str], ranks: Sequence[int] | None = None
+) -> list[float]:
+    """NSGA-II crowding distance of each point within its own front (the tie-break score; larger wins).
+
+    Chosen over hypervolume contribution (needs a reference point) and the epsilon-net (needs an epsilon):
+    it is scale-free per objective and gives both ends of a front infinite distance, so extremes survive."""
+    loss = _losses(points, directions)
+    ranks = np.array(non_dominated_ranks(points, directions) if ranks is None else ranks)
+    dist = np.zeros(len(loss))
+    for r in set(ranks.tolist()):
+        idx = np.flatnonzero(ranks == r)
+        if len(idx) <= 2:
+            dist[idx] = np.inf
+            continue
+        for col in loss[idx].T:
+            order = np.argsort(col, kind="stable")
+            finite = col[np.isfinite(col)]
+            span = float(finite.max() - finite.min()) if finite.size else 0.0
+            gaps = (col[order[2:]] - col[order[:-2]]) / span if span > 0 else np.zeros(len(idx) - 2)
+            dist[idx[order[1:-1]]] += np.nan_to_num(gaps, nan=0.0, posinf=0.0)  # inf-inf/inf neighbours: no info
+            dist[idx[order[[0, -1]]]] = np.inf
+    return dist.tolist()
+
+
+def promotable(
+    points_at_rung: Sequence[Point], candidate_index: int, eta: int, directions: Sequence[str] | None = None
+) -> bool:
+    """Whether the candidate is in the top ``floor(n / eta)`` of the rung (n includes it); with fewer than
+    ``eta`` points it goes on, as in ASHA. ``directions`` defaults to minimising every objective."""
+    n = len(points_at_rung)
+    if n < eta:
+        return True
+    directions = directions or ["min"] * len(points_at_rung[0])
+    ranks = non_dominated_ranks(points_at_rung, directions)
+    crowd = crowding_distances(points_at_rung, directions, ranks)
+    order = sorted(range(n), key=lambda i: (ranks[i], -crowd[i], i))
+    return order.index(candidate_index) < n // eta
+
+
+class MOASHAScheduler(FIFOScheduler):
+    """Ray Tune scheduler: MO-ASHA over ``objectives`` = [(metric name as reported, "max" | "min"), ...].
+
+    ``stopped`` maps each trial this scheduler stopped early to ``{"rung", "time", "metrics"}``, so a caller
+    can mark it ``status: stopped``; trials that reach ``max_t`` are stopped there too (as ASHA does) but
+    finished normally, so they are not in it."""
+
+    def __init__(
+        self,
+        objectives: Sequence[tuple[str, str]],
+        time_attr: str = "training_iteration",
+        grace_period: int = 1,
+        reduction_factor: int = 3,
+        max_t: int = 100,
+    ) -> None:
+        super().__init__()
+        if not objectives or any(d not in ("max", "min") for _, d in objectives):
+            raise ValueError(f"objectives must be a non-empty list of (metric, 'max'|'min'), got {objectives!r}")
+        if reduction_factor < 2 or grace_period <= 0 or max_t <= grace_period:
+            raise ValueError("need reduction_factor >= 2 and 0 < grace_period < max_t")
+        self._objectives = [(str(m), str(d)) for m, d in objectives]
+        self._time_attr, self._eta, self._max_t = time_attr, int(reduction_factor), max_t
+        levels, level = [], grace_period
+        while level < max_t:
+            levels.append(level)
+            level *= reduction_factor
+        self._rungs: dict[float, dict[str, tuple[float | None, ...]]] = {lv: {} for lv in levels}
+        self.stopped: dict[str, dict[str, Any]] = {}
+
+    @property
+    def rungs(self) -> dict[float, dict[str, tuple[float | None, ...]]]:
+        """Rung level -> {trial_id: objective vector recorded there}, in arrival order."""
+        return self._rungs
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        """Tune passes ``TuneConfig(metric, mode)`` here; accept none, or one of our own objectives."""
+        if metric is None:
+            return True
+        return any(metric == m and mode in (None, d) for m, d in self._objectives)
+
+    def _record(self, trial_id: str, time: float, result: dict) -> bool | None:
+        """Record the trial at the highest rung it has reached, once (ASHA skips rungs a trial jumped over).
+        Returns whether it may go on, or None if there was nothing new to decide."""
+        reached = [lv for lv in self._rungs if lv <= time]
+        if not reached or trial_id in self._rungs[reached[-1]]:
+            return None
+        rung = self._rungs[reached[-1]]
+        rung[trial_id] = tuple(result.get(m) for m, _ in self._objectives)
+        directions = [d for _, d in self._objectives]
+        return promotable(list(rung.values()), len(rung) - 1, self._eta, directions)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        time = result.get(self._time_attr)
+        if time is None:
+            return TrialScheduler.CONTINUE
+        if time >= self._max_t:
+            return TrialScheduler.STOP
+        if self._record(trial.trial_id, time, result) is False:
+            level = max(lv for lv in self._rungs if lv <= time)
+            metrics = {m: result.get(m) for m, _ in self._objectives}
+            self.stopped[trial.trial_id] = {"rung": level, "time": time, "metrics": metrics}
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        """A trial that ends on its own still counts at the rung it reached (no decision to make)."""
+        if result and result.get(self._time_attr) is not None and result[self._time_attr] < self._max_t:
+            self._record(trial.trial_id, result[self._time_attr], result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        """Rung records stay: they are the evidence later trials are compared against."""
+
+    def debug_string(self) -> str:
+        counts = ", ".join(f"{lv}: {len(r)}" for lv, r in self._rungs.items())
+        return f"Using MO-ASHA: stopped={len(self.stopped)}, trials per rung {{{counts}}}"
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that tells Optuna PRUNED, not COMPLETE with truncated values, for trials that
+    ``stopped_ids()`` names (e.g. ``lambda: scheduler.stopped``), so the sampler never learns rung-time
+    scores as final. The truncated result is kept on the Optuna trial as user attribute ``stopped_result``."""
+
+    def __init__(self, stopped_ids: Callable[[], Container[str]], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stopped_ids = stopped_ids
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped = not error and trial_id in self._stopped_ids()
+        if stopped and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            kept = {k: (result or {}).get(k) for k in [*metrics, "training_iteration"]}
+            self._ot_trials[trial_id].set_user_attr("stopped_result", kept)
+            result = None  # OptunaSearch tells PRUNED when there is no value and no error
+        super().on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        """OptunaSearch pickles ``__dict__`` with plain pickle: leave out the provider (often a lambda, and live
+        state of this run either way); ``restore`` then keeps the provider this object was built with."""
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({k: v for k, v in self.__dict__.items() if k != "_stopped_ids"}, f)
