@@ -1,0 +1,178 @@
+"""A search on a simulated multi-node Ray cluster that loses a worker node mid-trial.
+
+Run by ``tests/test_cluster.py`` as a subprocess (the pytest process has its own local Ray):
+
+    python tests/cluster_search.py --space SPACE --out EXPERIMENT [--timeout SECONDS]
+
+It starts ``ray.cluster_utils.Cluster`` on this machine: a head with no CPUs (the search's
+driver runs there, so no trial can) and two worker nodes of one CPU each, so every trial's
+driver (0.1 CPU) and its Ray Train worker (0.9 CPU) run on a worker node and either node can
+hold a whole trial alone. It then runs the real search job (``xkd_ray/search.py --address``)
+as a subprocess, waits until one trial has finished and the next one has a checkpoint that
+Ray Train has registered, kills the worker node that trains it (SIGKILL, as a crashed or
+preempted machine), waits for the search to end and prints one JSON summary as the last line
+of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2: the run's registered checkpoints
+# A killed raylet is noticed through GCS health checks: every second, dead after 3 misses
+# (defaults: 3 s and 5 misses), so the test does not wait ~15 s for Ray to notice the loss.
+SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+
+
+TARGETS = {"train_worker": "RayTrainWorker", "trial_driver": "ImplicitFunc"}  # actor class names
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _registered_checkpoint(run_folder: Path) -> dict[str, Any] | None:
+    """The run's latest checkpoint (its folder name and epoch) once Ray Train's controller has
+    registered it (a checkpoint folder alone may be a report the controller has not collected yet)."""
+    try:
+        snapshot = json.loads((run_folder / SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return {"checkpoint": latest["checkpoint_dir_name"], "checkpoint_epoch": latest["metrics"]["epoch"]}
+
+
+def _alive_actors(cluster: Any) -> list[dict[str, Any]]:
+    table = cluster.global_state.actor_table(None)
+    return [
+        {"class": info["ActorClassName"], "node_id": info["Address"]["NodeID"], "start": info["StartTime"]}
+        for info in table.values()
+        if info["State"] == "ALIVE"
+    ]
+
+
+def _find_target(
+    cluster: Any, experiment: Path, finished: set[str], actor_class: str, last_epoch: int
+) -> dict[str, Any] | None:
+    """An unfinished trial with a registered checkpoint of an epoch up to ``last_epoch`` (so
+    training is left to resume) and the worker node that runs its ``actor_class`` actor (its
+    Ray Train worker, or its Tune driver)."""
+    for run_folder in sorted((experiment / "train").glob("trial-*")):
+        trial_id = run_folder.name.removeprefix("trial-")
+        checkpoint = _registered_checkpoint(run_folder)
+        if trial_id in finished or checkpoint is None or checkpoint["checkpoint_epoch"] > last_epoch:
+            continue
+        workers = sorted((a for a in _alive_actors(cluster) if a["class"] == actor_class), key=lambda a: a["start"])
+        nodes = {node.node_id: node for node in cluster.worker_nodes}
+        if workers and workers[-1]["node_id"] in nodes:
+            return {"trial_id": trial_id, **checkpoint, "node": nodes[workers[-1]["node_id"]]}
+    return None
+
+
+def _remove_training_node(cluster: Any, experiment: Path, actor_class: str, last_epoch: int) -> dict[str, Any] | None:
+    """Once a trial has finished, kill (SIGKILL, no graceful shutdown) the node of the next
+    trial to have a checkpoint; returns what was removed and the trials finished before."""
+    from xkd_ray.pareto import read_trials
+
+    finished = {row["trial_id"]: row for row in read_trials(experiment)}
+    target = _find_target(cluster, experiment, set(finished), actor_class, last_epoch) if finished else None
+    if target is None:
+        return None
+    node = target.pop("node")
+    on_node = sorted(a["class"] for a in _alive_actors(cluster) if a["node_id"] == node.node_id)
+    cluster.remove_node(node, allow_graceful=False)
+    print(f"removed node {node.node_id} while it trained trial {target['trial_id']}: {on_node}", flush=True)
+    return {**target, "node_id": node.node_id, "actors_on_node": on_node, "finished_before": finished}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole search")
+    parser.add_argument("--cpus-per-node", type=int, default=1)
+    parser.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default="train_worker",
+        help="remove the node of the trial's Ray Train worker (default) or of its Tune driver",
+    )
+    args = parser.parse_args(argv)
+
+    from ray.cluster_utils import Cluster
+
+    from xkd_ray.space import load_search_space
+
+    epochs = load_search_space(args.space).base.distill.epochs
+    last_epoch = epochs - 3  # at least two epochs left to train after the node is lost
+
+    started = time.monotonic()
+    experiment = args.out.resolve()
+    summary: dict[str, Any] = {"removed": None}
+    # The head's fixed default ports may be held by another Ray on this machine (the test
+    # session's local Ray): give it free ones. The dashboard runs, as on a real cluster: Ray
+    # Train's PlacementGroupCleaner asks the state API (served by the dashboard) whether a
+    # trial's Train controller died with its node, and only then frees the workers' placement
+    # group; without it the retried trial would wait for CPUs forever.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": _free_port(),
+            "dashboard_agent_listen_port": _free_port(),
+            "_system_config": SYSTEM_CONFIG,
+        },
+    )
+    workers = [cluster.add_node(num_cpus=args.cpus_per_node) for _ in range(2)]
+    cluster.wait_for_nodes()
+    roles = {cluster.head_node.node_id: "head", **{node.node_id: f"worker{i}" for i, node in enumerate(workers)}}
+    summary["cluster_seconds"] = round(time.monotonic() - started, 1)
+    log_path = experiment.parent / f"{experiment.name}.search.log"
+    command = [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(args.space)]
+    command += ["--out", str(experiment), "--no-live", "--address", cluster.address]
+    search = None
+    try:
+        with open(log_path, "w") as log:
+            search = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            while search.poll() is None and time.monotonic() < started + args.timeout:
+                if summary["removed"] is None:
+                    summary["removed"] = _remove_training_node(cluster, experiment, TARGETS[args.target], last_epoch)
+                    if summary["removed"] is not None:
+                        summary["removed"].update(node=roles[summary["removed"].pop("node_id")])
+                        summary["removed"]["at_seconds"] = round(time.monotonic() - started, 1)
+                time.sleep(0.25)
+            summary["timed_out"] = search.poll() is None
+    finally:
+        if search is not None:
+            if search.poll() is None:
+                os.killpg(search.pid, signal.SIGKILL)
+            summary["returncode"] = search.wait()
+        summary["search_seconds"] = round(time.monotonic() - started, 1)
+        summary["log"] = str(log_path)
+        cluster.shutdown()
+        summary["seconds"] = round(time.monotonic() - started, 1)
+        print(json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

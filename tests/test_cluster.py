@@ -1,0 +1,133 @@
+"""Node loss on a simulated multi-node cluster (``ray.cluster_utils.Cluster``: a head and two
+worker nodes on this machine): a worker node is killed while it trains a trial, and the search
+finishes that trial on the remaining node from its last checkpoint.
+
+The cluster lives in a subprocess (``tests/cluster_search.py``), never in the pytest process,
+which may hold the session's local Ray (``ray_local``). Ray places the trial's Tune driver and
+Train controller on either worker node, so the lost node holds the Train worker alone (Ray
+Train restarts its worker group, ``ray.max_failures``) or the whole trial (Tune retries the
+trial, ``search.max_failures``, and the new Train run restores the old run's checkpoints);
+both end the same way. ``cluster_search.py --target trial_driver`` removes the driver's node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import REPO, smoke_space
+from xkd_ray.pareto import front_rows, read_trials
+
+TRIALS = 3
+EPOCHS = 6  # time to lose the node after a checkpoint, with epochs left to resume
+
+LOAD_FRONT_IN_FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from xkd_ray.config import ExperimentConfig
+    from xkd_ray.data import load_splits
+    from xkd_ray.pareto import load_pareto_student
+    experiment = sys.argv[1]
+    loaded = {}
+    for prefer in ("knee", "accuracy", "fidelity"):
+        student = load_pareto_student(experiment, prefer=prefer)
+        config = ExperimentConfig.from_dict(student.config["experiment"])
+        maps = student.explain(load_splits(config.data).test.images[:2])
+        assert maps.shape == (2, config.data.image_size, config.data.image_size), maps.shape
+        loaded[prefer] = student.path.name
+    print(json.dumps({"loaded": loaded, "ray_initialized": ray.is_initialized()}))
+    """
+)
+
+
+def _run_on_cluster(tmp_path: Path, cache_dir: str) -> tuple[Path, dict]:
+    space = smoke_space(tmp_path, cache_dir, trials=TRIALS, max_concurrent_trials=1)
+    raw = yaml.safe_load(space.read_text())
+    raw["base"]["distill"]["epochs"] = EPOCHS
+    space.write_text(yaml.safe_dump(raw))
+    experiment = tmp_path / "experiment"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("XKD_FAULTS", None)  # this test's fault is the lost node, nothing injected
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, str(REPO / "tests" / "cluster_search.py"), "--space", str(space)]
+    command += ["--out", str(experiment), "--timeout", "480"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(lines[-1])
+    log = Path(summary["log"]).read_text()[-4000:] if Path(summary["log"]).exists() else ""
+    assert summary["returncode"] == 0 and not summary["timed_out"], f"{summary}\n{log}"
+    assert summary["removed"] is not None, f"no trial was caught training with a checkpoint: {summary}\n{log}"
+    return experiment, summary
+
+
+def _uninterrupted(config_json: str, storage: Path) -> dict:
+    """The same trial config trained start to end with Ray Train on the session's local Ray."""
+    from xkd_ray.config import ExperimentConfig
+    from xkd_ray.prepared import prepare
+    from xkd_ray.ray_train import distill_with_ray
+
+    config = ExperimentConfig.from_dict(json.loads(config_json))
+    _, metrics = distill_with_ray(config, prepare(config, progress=False), storage_path=storage, name="reference")
+    return metrics["val"]
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path, cache_dir, request):
+    experiment, summary = _run_on_cluster(tmp_path, cache_dir)
+    removed = summary["removed"]
+    print(
+        f"cluster run: {summary['seconds']} s (cluster up in {summary['cluster_seconds']} s); removed "
+        f"{removed['node']} at {removed['at_seconds']} s after epoch {removed['checkpoint_epoch']} of trial "
+        f"{removed['trial_id']}, with {removed['actors_on_node']}"
+    )
+    rows = {row["trial_id"]: row for row in read_trials(experiment)}
+
+    # Every trial finished ok; the interrupted one resumed from a checkpoint, no other restarted.
+    assert len(rows) == TRIALS and {row["status"] for row in rows.values()} == {"ok"}, rows
+    interrupted = rows[removed["trial_id"]]
+    assert interrupted["resumed_from_checkpoint"] >= 1
+    assert all(row["resumed_from_checkpoint"] == 0 for key, row in rows.items() if key != removed["trial_id"])
+    # Resumed, not retrained: the model, optimizer, scheduler and RNG state came back, so the
+    # result is exactly that of an uninterrupted run (the session's Ray only starts now, after
+    # the cluster has gone).
+    request.getfixturevalue("ray_local")
+    reference = _uninterrupted(interrupted["config"], tmp_path / "reference")
+    assert (interrupted["val_accuracy"], interrupted["val_fidelity"]) == (reference["accuracy"], reference["fidelity"])
+
+    # Nothing finished before the loss is lost or changed, and its student is still there.
+    assert removed["finished_before"], "the node was lost before any trial had finished"
+    for trial_id, before in removed["finished_before"].items():
+        after = rows[trial_id]
+        for key in ("status", "val_accuracy", "val_fidelity", "student_dir"):
+            assert after[key] == before[key], (trial_id, key)
+        assert (experiment / "students" / trial_id).is_dir()
+
+    # The front is still the non-dominated set of the ok trials, folders and table alike.
+    front = {row["trial_id"] for row in front_rows(list(rows.values()))}
+    listed = {row["trial_id"] for row in pq.read_table(experiment / "pareto" / "front.parquet").to_pylist()}
+    assert listed == front
+    assert {p.name for p in (experiment / "pareto").iterdir() if p.is_dir()} == front
+    assert json.loads((experiment / "summary.json").read_text())["trials"] == TRIALS
+
+    # Its students load without Ray in a fresh process.
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_FRONT_IN_FRESH_PROCESS, str(experiment)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    result = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert result["ray_initialized"] is False
+    assert set(result["loaded"].values()) <= front
