@@ -32,7 +32,7 @@ def main() -> None:
     samplers = SAMPLERS
     if args.smoke:
         args.space, args.trials, args.seeds, samplers = Path("search_spaces/smoke.yaml"), 2, 1, ("tpe", "random")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     volumes: dict[str, list[float]] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xkd-search-quality-") as root:

@@ -25,7 +25,7 @@ from xkd_ray.losses import EXPLANATION_LOSSES
 from xkd_ray.methods import METHODS, Method
 from xkd_ray.metrics import METRICS
 from xkd_ray.models import FUSIONS, TEACHERS, StudentNet
-from xkd_ray.space import SearchSettings
+from xkd_ray.space import Objective, SchedulerSettings, SearchSettings
 
 HEADER = """\
 # Registries and configuration reference
@@ -170,6 +170,8 @@ def kind(schema: dict[str, Any]) -> str:
     """A JSON-schema property's type in words."""
     if "anyOf" in schema:
         return " or ".join(kind(option) for option in schema["anyOf"])
+    if "$ref" in schema:  # a nested section: its own table below
+        return f"`{schema['$ref'].rsplit('/', 1)[-1]}`"
     if "enum" in schema:
         return "choice"
     if schema.get("type") == "array":
@@ -199,7 +201,14 @@ def config_table(model: type, section: str, where: str) -> list[str]:
     lines = [f"### `{section}` ({where}, `{model.__module__}.{model.__name__}`)", "", *paragraphs(model)]
     rows = []
     for name, prop in schema["properties"].items():
-        default = json.dumps(prop["default"]) if "default" in prop else "(required)"
+        field = model.model_fields[name]
+        if field.is_required():
+            default = "(required)"
+        else:  # default_factory fields have no "default" in the JSON schema
+            value = field.get_default(call_default_factory=True)
+            default = json.dumps(
+                value.model_dump() if hasattr(value, "model_dump") else value, default=lambda v: v.model_dump()
+            )
         rows.append([code(name), kind(prop), code(default), ", ".join(constraints(prop)) or "-"])
     return lines + table(["field", "type", "default", "allowed"], rows)
 
@@ -217,6 +226,8 @@ def configuration() -> list[str]:
     for section, info in ExperimentConfig.model_fields.items():
         lines += config_table(info.annotation, section, "experiment YAML, `--set`, a search space's `base`")
     lines += config_table(SearchSettings, "search", "a search space file")
+    lines += config_table(Objective, "search.objectives[]", "one objective of a search")
+    lines += config_table(SchedulerSettings, "search.scheduler", "early stopping of a search")
     return lines
 
 

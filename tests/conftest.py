@@ -73,11 +73,12 @@ def tiny_data(tiny_config):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (starting Ray costs seconds)."""
+    """One local Ray for the whole session (starting Ray costs seconds). With its dashboard, as
+    `ray start` runs it: Ray Train frees a stopped trial's CPUs through the state API it serves."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -69,11 +69,23 @@ def test_rules_between_two_searched_keys_are_checked():
         ("initial_points: [5]", "search.initial_points"),
         ("sampler: grid", "search.sampler"),
         ("trails: 4", "search.trails: unknown key"),
+        ("objectives: [{metric: acuracy}, {metric: fidelity}]", "search.objectives"),
+        ("objectives: [{metric: accuracy}]", "search.objectives: needs 2 or more different metrics"),
+        ("objectives: [{metric: accuracy}, {metric: accuracy}]", "search.objectives: needs 2 or more"),
+        ("objectives: [{metric: accuracy, direction: up}, {metric: fidelity}]", "search.objectives"),
+        ("objectives: [{metric: accuracy}, {metric: params}]", "search.hypervolume_reference: set one value"),
+        ("hypervolume_reference: [0, 0, 0]", "search.hypervolume_reference: 3 values for 2 objectives"),
+        ("constraints: ['accuracy > 0.9']", "search.constraints[0]"),
+        ("constraints: ['acuracy >= 0.9']", "search.constraints[0]: 'acuracy >= 0.9': unknown metric"),
+        ("scheduler: {name: hyperband}", "search.scheduler.name"),
+        ("scheduler: {name: mo_asha, reduction_factor: 1}", "search.scheduler.reduction_factor"),
+        ("scheduler: {name: mo_asha, grace_epochs: 20}", "search.scheduler.grace_epochs: 20 leaves no epoch"),
+        ("reference: {distill.beta: 1}", "search.reference.distill.beta: not a searched key"),
     ],
 )
 def test_bad_search_settings_name_the_field(tmp_path, search, field):
     path = tmp_path / "space.yaml"
-    path.write_text(f"space:\n  distill.alpha: 0.5\nsearch:\n  {search}\n")
+    path.write_text(f"space:\n  distill.alpha: 0.5\n  distill.temperature: {{uniform: [1, 8]}}\nsearch:\n  {search}\n")
     with pytest.raises(XKDConfigError) as exc:
         load_search_space(path)
     message = str(exc.value)
@@ -195,3 +207,19 @@ def test_every_searched_value_of_a_shipped_space_lands_in_its_trial_config(path)
             assert getattr(getattr(config, section), key) == value
             assert config.ray.num_workers == spec.search.workers_per_trial
             assert config.ray.cpus_per_worker == spec.search.cpus_per_worker
+
+
+def test_objectives_default_to_the_registry_direction_and_reference_fills_from_base(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "space:\n  distill.method: {choice: [kd, xd]}\n  distill.lr: {loguniform: [0.001, 0.01]}\n"
+        "search:\n  objectives: [{metric: accuracy}, {metric: latency_ms}]\n"
+        "  hypervolume_reference: [0, 100]\n  reference: {distill.method: kd}\n"
+    )
+    spec = load_search_space(path)
+    assert spec.search.objective_pairs() == [("accuracy", "max"), ("latency_ms", "min")]
+    assert spec.reference_point() == {"distill.method": "kd", "distill.lr": 0.005}  # lr: the config default
+    # A base value outside the searched range cannot be the reference.
+    path.write_text(path.read_text().replace("[0.001, 0.01]", "[0.01, 0.1]"))
+    with pytest.raises(XKDConfigError, match=r"search.reference.distill.lr: 0.005 is outside \[0.01, 0.1\]"):
+        load_search_space(path)

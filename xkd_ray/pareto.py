@@ -116,6 +116,7 @@ def trial_columns() -> dict[str, pa.DataType]:
         "epochs_trained": pa.int64(),
         "feasible": pa.bool_(),  # satisfies search.constraints (never on the front otherwise)
         "reference": pa.bool_(),  # the space's reference configuration
+        "finished_at": pa.float64(),  # Unix time the trial was recorded (hypervolume-over-time curves)
         **{f"val_{name}": pa.float64() for name in METRICS},
     }
 

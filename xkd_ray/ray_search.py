@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from rich.live import Live
 
 from xkd_ray.config import ExperimentConfig
 from xkd_ray.distill import evaluate, final_metrics, save_student
-from xkd_ray.errors import XKDTrainingDiverged
+from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
 from xkd_ray.faults import fault_rule
 from xkd_ray.metrics import METRICS
 from xkd_ray.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
@@ -112,7 +113,7 @@ def make_searcher(spec: SearchSpec, experiment: Path, stopped: Callable[[], Cont
         load_if_exists=True,
     )
     if not study.trials:
-        reference = [spec.search.reference] if spec.search.reference is not None else []
+        reference = [spec.reference_point()] if spec.search.reference is not None else []
         for point in [*reference, *spec.search.initial_points]:
             study.enqueue_trial(dict(point))
     constraints = spec.search.parsed_constraints()
@@ -151,7 +152,12 @@ def _report_diverged(config: ExperimentConfig, objectives: list[str]) -> None:
 
 
 def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
-    """One trial: train a student with Ray Train, save it, report its final validation metrics."""
+    """One trial: train a student with Ray Train, save it, report its final validation metrics.
+    The final report's ``timings`` stamps the driver's phases (bench/trial_overhead.py)."""
+    entered = time.time()
+    from xkd_ray.ray_train import process_started_at, quick_polling
+
+    quick_polling()  # reports reach Tune, and the run's end is noticed, within 0.5 s instead of 2
     experiment = Path(shared["experiment"])
     spec: SearchSpec = shared["spec"]
     config = spec.trial_config(sampled)
@@ -168,7 +174,9 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         callbacks=[TuneReportCallback()],
         objectives=objectives,
     )
+    fit_called = time.time()
     result = trainer.fit()
+    fit_returned = time.time()
     try:
         student, history = student_from_checkpoint(config, data, result.checkpoint)
     except XKDTrainingDiverged:
@@ -187,6 +195,13 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
             "student_dir": str(student_dir),
             "resumed_from_checkpoint": resumed,
             "experiment_config": config.to_dict(),
+            "timings": {
+                "driver_process_started": process_started_at(),
+                "driver_entered": entered,
+                "fit_called": fit_called,
+                "fit_returned": fit_returned,
+                "driver_reported": time.time(),
+            },
         }
     )
 
@@ -243,7 +258,7 @@ class RegistryCallback(tune.Callback):
         return evaluate(student, self._data, "test", ExperimentConfig.from_dict(record["experiment"]))
 
     def _finish(self, row: dict[str, Any]) -> None:
-        record_trial(self.experiment, row)
+        record_trial(self.experiment, {**row, "finished_at": time.time()})
         summary = update_registry(self.experiment, self._evaluate_test, self.objectives)
         tags = {"experiment": Path(self.experiment).name}
         for key, gauge in self._gauges.items():
@@ -252,7 +267,7 @@ class RegistryCallback(tune.Callback):
                 gauge.set(float(value), tags=tags)
 
     def _is_reference(self, trial: Any) -> bool:
-        reference = self.spec.search.reference
+        reference = self.spec.reference_point()
         return reference is not None and all(trial.config.get(key) == value for key, value in reference.items())
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -383,9 +398,39 @@ def build_trainable(shared: dict[str, Any]) -> Any:
     return tune.with_resources(tune.with_parameters(trial_driver, shared=shared), {"cpu": DRIVER_CPU})
 
 
-def run_search(spec: SearchSpec, experiment: str | Path, *, resume: bool = False, live: bool = True) -> dict[str, Any]:
-    """Run (or resume) a search; returns the registry summary. Ray must already be initialised."""
+def state_api_reachable() -> bool:
+    """Ray Train frees a trial's worker placement group after its controller dies (a trial the
+    scheduler stopped, a lost node) only through Ray's state API, served by the dashboard: its
+    PlacementGroupCleaner asks whether the controller is alive. Without it the CPUs of every
+    stopped trial stay reserved and the search waits forever for them."""
+    try:
+        from ray.util.state import list_nodes
+
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10)
+    except Exception:
+        return False
+    return True
+
+
+def run_search(
+    spec: SearchSpec,
+    experiment: str | Path,
+    *,
+    resume: bool = False,
+    live: bool = True,
+    time_budget_s: float | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a search; returns the registry summary. Ray must already be initialised.
+    ``time_budget_s`` ends it after that many seconds (Tune's own budget; bench/search_efficiency.py)."""
     experiment = Path(experiment).resolve()
+    if not state_api_reachable():
+        problem = "Ray's dashboard (state API) is not reachable"
+        if spec.search.scheduler.name != "fifo":
+            raise XKDConfigError(
+                f"search.scheduler: {spec.search.scheduler.name} stops trials early, and {problem}: a stopped "
+                "trial's CPUs would never be freed; start Ray with its dashboard (the default of `ray start`)"
+            )
+        warnings.warn(f"{problem}: a trial whose node is lost may wait for its old run's CPUs", stacklevel=2)
     experiment.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = prepare(spec.trial_config({}), progress=True)
@@ -407,6 +452,7 @@ def run_search(spec: SearchSpec, experiment: str | Path, *, resume: bool = False
                 scheduler=scheduler,
                 num_samples=spec.search.trials,
                 max_concurrent_trials=concurrent_trials(spec),
+                time_budget_s=time_budget_s,
             ),
             run_config=tune.RunConfig(
                 name="tune",

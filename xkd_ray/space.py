@@ -206,6 +206,17 @@ class SearchSpec:
     def fixed_overrides(self) -> dict[str, Any]:
         return {name: p.value for name, p in self.parameters.items() if p.kind == "fixed"}
 
+    def reference_point(self) -> dict[str, Any] | None:
+        """``search.reference`` completed with the base config's value for every searched key it
+        leaves out: the configuration a user gets without searching."""
+        if self.search.reference is None:
+            return None
+        shared = self.trial_config({}).to_dict()
+        searched = [name for name, p in self.parameters.items() if p.kind != "fixed"]
+        base = {name: shared[name.partition(".")[0]][name.partition(".")[2]] for name in searched}
+        given = self.search.reference
+        return {**given, **{name: value for name, value in base.items() if name not in given}}
+
     def trial_config(self, sampled: dict[str, Any]) -> ExperimentConfig:
         """The full config of one trial: base, the search's worker settings, the space's fixed
         values, then the sampled values, validated once as a whole."""
@@ -289,7 +300,7 @@ def _check_initial_points(spec: SearchSpec) -> None:
     searched = {name: p.probes() for name, p in spec.parameters.items() if p.kind != "fixed"}
     points = [(f"search.initial_points[{i}]", point) for i, point in enumerate(spec.search.initial_points)]
     if spec.search.reference is not None:
-        points.insert(0, ("search.reference", spec.search.reference))
+        points.insert(0, ("search.reference", spec.reference_point()))
     for where, point in points:
         for name, value in point.items():
             parameter = spec.parameters.get(name)

@@ -1,0 +1,200 @@
+"""Is `xkd search` worth its compute? The same wall-clock budget for three ways to search.
+
+(a) plain Optuna in one process, without Ray: the same training function (the plain loop,
+    ``xkd_ray.distill.distill``), the same sampler and settings, the same objectives and
+    reference point, one trial after another; what a user would write instead;
+(b) ``xkd search`` with the FIFO scheduler (every trial trains all its epochs);
+(c) ``xkd search`` with MO-ASHA (the space's ``search.scheduler``).
+
+Each arm runs ``--seeds`` times for ``--budget-minutes`` of wall time (the teacher and its
+explanations are prepared once before, so no arm pays for them). Every finished trial's time is
+recorded; the hypervolume of the val front over time gives the curves (a PNG) and:
+
+    hv_vs_reference          median over seeds of HV(c) / HV of the reference config alone
+    mo_asha_time_to_fifo_hv  median fraction of the budget (c) needs to reach (b)'s final HV
+                             (a seed that never reaches it counts as 1.0; how many did is printed
+                             as mo_asha_reached_fifo_hv_seeds)
+    xkd_vs_plain_optuna      median over seeds of HV(b) / HV(a) at the budget
+
+Run: python bench/search_efficiency.py [--space search_spaces/default.yaml] [--budget-minutes 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from xkd_ray.distill import distill
+from xkd_ray.metrics import hypervolume
+from xkd_ray.pareto import Objectives, read_trials
+from xkd_ray.prepared import prepare
+from xkd_ray.ray_search import make_sampler
+from xkd_ray.space import Parameter, SearchSpec, load_search_space
+
+Curve = list[tuple[float, tuple[float, ...]]]  # (seconds since start, val objective point)
+
+
+def _distribution(parameter: Parameter) -> optuna.distributions.BaseDistribution:
+    if parameter.kind == "choice":
+        return optuna.distributions.CategoricalDistribution(list(parameter.choices))
+    if parameter.kind == "int":
+        return optuna.distributions.IntDistribution(int(parameter.low), int(parameter.high))
+    return optuna.distributions.FloatDistribution(parameter.low, parameter.high, log=parameter.kind == "loguniform")
+
+
+def plain_optuna(spec: SearchSpec, budget_s: float) -> tuple[Curve, tuple[float, ...] | None]:
+    """Arm (a): ask/tell in this process; the reference config is the first trial, as in xkd."""
+    objectives = Objectives.of(spec.search)
+    study = optuna.create_study(
+        directions=[f"{d}imize" for d in objectives.directions],
+        sampler=make_sampler(spec.search.sampler, spec.search.seed, spec.search.trials),
+    )
+    if spec.search.reference is not None:
+        study.enqueue_trial(spec.reference_point())
+    distributions = {name: _distribution(p) for name, p in spec.parameters.items() if p.kind != "fixed"}
+    data = prepare(spec.trial_config({}), progress=False)
+    curve: Curve = []
+    reference = None
+    started = time.perf_counter()
+    while time.perf_counter() - started < budget_s:
+        trial = study.ask(distributions)
+        config = spec.trial_config(trial.params).with_overrides({"ray.num_workers": 0})
+        _, metrics = distill(config, data, progress=False)
+        values = tuple(metrics["val"][name] for name in objectives.names)
+        if not all(math.isfinite(v) for v in values):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        study.tell(trial, list(values))
+        elapsed = time.perf_counter() - started
+        if elapsed <= budget_s and objectives.feasible({f"val_{k}": v for k, v in metrics["val"].items()}):
+            curve.append((elapsed, values))
+        if trial.number == 0 and spec.search.reference is not None:
+            reference = values
+    return curve, reference
+
+
+def xkd_search(spec: SearchSpec, folder: Path, budget_s: float) -> tuple[Curve, tuple[float, ...] | None]:
+    """Arms (b) and (c): the real search, ended by Tune's time budget."""
+    from xkd_ray.ray_search import run_search
+
+    objectives = Objectives.of(spec.search)
+    started = time.time()
+    run_search(spec, folder, live=False, time_budget_s=budget_s)
+    rows = read_trials(folder)
+    curve = [
+        (row["finished_at"] - started, objectives.point(row))
+        for row in rows
+        if row["status"] == "ok" and row["finished_at"] - started <= budget_s and objectives.feasible(row)
+    ]
+    reference = next((objectives.point(r) for r in rows if r.get("reference") and r["status"] == "ok"), None)
+    return sorted(curve), reference
+
+
+def hv_at(curve: Curve, t: float, objectives: Objectives) -> float:
+    return hypervolume([p for when, p in curve if when <= t], objectives.reference_point, objectives.directions)
+
+
+def time_to_reach(curve: Curve, target: float, objectives: Objectives) -> float | None:
+    for when, _ in sorted(curve):
+        if hv_at(curve, when, objectives) >= target:
+            return when
+    return None
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+def plot(curves: dict[str, list[Curve]], objectives: Objectives, budget_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for (arm, runs), color in zip(curves.items(), ("tab:grey", "tab:blue", "tab:orange"), strict=False):
+        for index, curve in enumerate(runs):
+            times = [0.0, *sorted(when for when, _ in curve), budget_s]
+            volumes = [hv_at(curve, t, objectives) for t in times]
+            axes.step([t / 60 for t in times], volumes, where="post", color=color, alpha=0.8,
+                      label=arm if index == 0 else None)  # fmt: skip
+    axes.set_xlabel("wall time (minutes)")
+    axes.set_ylabel(f"val hypervolume ({' x '.join(objectives.names)})")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", type=Path, default=Path("search_spaces/default.yaml"))
+    parser.add_argument("--budget-minutes", type=float, default=6.0)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--plot", type=Path, default=Path(tempfile.gettempdir()) / "xkd_search_efficiency.png")
+    parser.add_argument("--smoke", action="store_true", help="smoke space, 1 seed, 40 s per arm")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.smoke:
+        args.space, args.budget_minutes, args.seeds = Path("search_spaces/smoke.yaml"), 40 / 60, 1
+    budget_s = 60 * args.budget_minutes
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, logging_level="ERROR", log_to_driver=False)
+    curves: dict[str, list[Curve]] = {"plain_optuna": [], "xkd_fifo": [], "xkd_mo_asha": []}
+    references: list[tuple[float, ...]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="xkd-search-efficiency-") as root:
+        base = load_search_space(args.space)
+        prepare(base.trial_config({}), progress=False)  # teacher + explanations, cached for every arm
+        for seed in range(args.seeds):
+            trials = {"trials": 1000, "seed": seed}  # the budget, not the trial count, ends each arm
+            asha = base.search.scheduler.model_dump() if base.search.scheduler.name != "fifo" else None
+            fifo = load_search_space(args.space, {**trials, "scheduler": {"name": "fifo"}})
+            mo_asha = load_search_space(args.space, {**trials, "scheduler": asha or {"name": "mo_asha"}})
+            for arm in curves:
+                if arm == "plain_optuna":
+                    curve, reference = plain_optuna(fifo, budget_s)
+                else:
+                    spec = fifo if arm == "xkd_fifo" else mo_asha
+                    curve, reference = xkd_search(spec, Path(root) / f"{arm}-{seed}", budget_s)
+                curves[arm].append(curve)
+                if reference is not None and arm == "xkd_mo_asha":
+                    references.append(reference)
+                final = hv_at(curve, budget_s, Objectives.of(fifo.search))
+                print(f"seed {seed} {arm:12s}: {len(curve)} feasible trials, hypervolume {final:.4f}", flush=True)
+    ray.shutdown()
+    objectives = Objectives.of(base.search)
+    final = {arm: [hv_at(c, budget_s, objectives) for c in runs] for arm, runs in curves.items()}
+    reference_hv = [hypervolume([p], objectives.reference_point, objectives.directions) for p in references]
+    times: list[float] = []
+    reached_seeds = 0
+    for asha_curve, fifo_final in zip(curves["xkd_mo_asha"], final["xkd_fifo"], strict=True):
+        reached = time_to_reach(asha_curve, fifo_final, objectives) if fifo_final > 0 else 0.0
+        reached_seeds += reached is not None
+        times.append(1.0 if reached is None else reached / budget_s)
+    plot(curves, objectives, budget_s, args.plot)
+    for arm, volumes in final.items():
+        print(f"{arm:12s} hypervolume per seed: {', '.join(f'{v:.4f}' for v in volumes)}")
+    print(f"reference config hypervolume per seed: {', '.join(f'{v:.4f}' for v in reference_hv) or '-'}")
+    print(f"budget {args.budget_minutes:.1f} min per arm and seed; {time.perf_counter() - started:.0f} s in all")
+    print(f"curves: {args.plot}")
+    median: Any = statistics.median
+    hv_vs_reference = _ratio(median(final["xkd_mo_asha"]), median(reference_hv) if reference_hv else 0.0)
+    xkd_vs_plain = median([_ratio(b, a) for a, b in zip(final["plain_optuna"], final["xkd_fifo"], strict=True)])
+    print(
+        f"RESULT hv_vs_reference={hv_vs_reference:.3f} mo_asha_time_to_fifo_hv={median(times):.3f} "
+        f"mo_asha_reached_fifo_hv_seeds={reached_seeds} xkd_vs_plain_optuna={xkd_vs_plain:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
