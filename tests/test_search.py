@@ -193,15 +193,27 @@ def _free_port() -> int:
 def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     """The user's path: a head started with `ray start`, the script submitted with `ray job
     submit` (token authentication on through RAY_AUTH_MODE=token, as cluster/*.yaml starts Ray), the registry
-    found afterwards."""
+    found afterwards. The head really demands the token: its jobs API answers 401 without it, 403 with a
+    wrong one, and lists the job with it."""
+    import secrets
     import tempfile
+    import urllib.error
+    import urllib.request
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     space = smoke_space(tmp_path, cache_dir, trials=2)
     experiment = tmp_path / "experiment"
     gcs_port, dashboard_port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     temp_dir = tempfile.mkdtemp(prefix="xkdray-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    # The test's own token file (`ray start` does not make one), as `ray get-auth-token --generate` writes
+    # ~/.ray/auth_token: read by the head, `ray job` and, through the head, the job.
+    token = secrets.token_hex(32)
+    token_file = Path(temp_dir) / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+    env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     # Every port of its own: the session's local Ray (other tests) already holds the defaults.
     ports = [f"--{name}={_free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
@@ -236,6 +248,22 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
             time.sleep(3)
         assert submitted.returncode == 0, logs
         assert "succeeded" in logs.lower(), logs
+
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+
+        def jobs_api(authorization: str | None) -> tuple[int, str]:
+            headers = {} if authorization is None else {"Authorization": authorization}
+            try:
+                with direct.open(urllib.request.Request(f"{address}/api/jobs/", headers=headers), timeout=60) as reply:
+                    return reply.status, reply.read().decode()
+            except urllib.error.HTTPError as refused:
+                return refused.code, refused.read().decode()
+
+        assert jobs_api(None)[0] == 401
+        assert jobs_api(f"Bearer {secrets.token_hex(32)}")[0] == 403
+        status, body = jobs_api(f"Bearer {token}")
+        assert status == 200, body
+        assert "SUCCEEDED" in [job["status"] for job in json.loads(body) if "xkd_ray/search.py" in job["entrypoint"]]
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)

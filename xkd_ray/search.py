@@ -16,6 +16,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
+import contextlib
 import os
 import signal
 import threading
@@ -56,14 +57,20 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_experiment_folder(out: Path) -> None:
     """Fail before any trial runs when the experiment folder cannot be written (permissions,
-    full disk), instead of losing the first finished trial."""
+    full disk), instead of losing the first finished trial; a refused folder is left as found."""
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
+    probe = out / f".write-probe-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"\0" * 65536)
-        probe.unlink()
     except OSError as exc:
+        with contextlib.suppress(OSError):  # a read-only filesystem refuses even this
+            probe.unlink(missing_ok=True)
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise XKDConfigError(f"--out {out}: cannot write the experiment folder ({exc.strerror or exc})") from None
+    probe.unlink()
 
 
 def spec_from_args(args: argparse.Namespace) -> SearchSpec:
