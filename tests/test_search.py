@@ -270,3 +270,25 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     assert len(read_trials(experiment)) == 2
     assert (experiment / "pareto" / "front.parquet").exists()
     assert (experiment / "pareto" / "front.png").exists()
+
+
+def test_search_gauges_reach_the_prometheus_endpoint(smoke_experiment):
+    """The dashboard's gauges, read back the way Prometheus scrapes them: the node's metrics
+    endpoint holds ``ray_xkd_*`` with the registry's numbers (Ray prefixes custom metrics)."""
+    import urllib.request
+
+    import ray
+
+    experiment, summary, _, _ = smoke_experiment
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = {"ray_xkd_trials_finished": summary["trials"], "ray_xkd_front_size": summary["front_size"]}
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + 60  # metrics are exported every few seconds
+    while time.monotonic() < deadline and found != wanted:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted and f'experiment="{experiment.name}"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+        time.sleep(2)
+    assert found == wanted

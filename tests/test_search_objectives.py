@@ -50,9 +50,15 @@ def test_objectives_constraints_reference_and_mo_asha(ray_local, cache_dir, tmp_
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(experiment / "optuna.journal"))
     )
-    states = [t.state for t in optuna.load_study(study_name=STUDY_NAME, storage=storage).trials]
+    told = optuna.load_study(study_name=STUDY_NAME, storage=storage).trials
+    states = [t.state for t in told]
     assert states.count(optuna.trial.TrialState.PRUNED) == len(stopped)
     assert states.count(optuna.trial.TrialState.COMPLETE) == sum(r["status"] == "ok" for r in rows.values())
+    # The sampler's constraints_func reads each finished trial's violations (<= 0: satisfied).
+    for trial in told:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            (violation,) = trial.user_attrs["constraint_violations"]
+            assert (violation <= 0) == (trial.values[2] <= kd_params)
 
     # The constraint: heads make xd students infeasible; only feasible finished trials compete.
     finished = [r for r in rows.values() if r["status"] == "ok"]

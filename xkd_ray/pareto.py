@@ -3,16 +3,18 @@ without Ray.
 
 Layout of an experiment folder::
 
-    trials.parquet          one row per finished trial (ok / errored / diverged), val metrics,
-                            and how often its training resumed from a checkpoint after a fault
+    trials.parquet          one row per finished trial (ok / stopped / errored / diverged), val
+                            metrics, epochs trained, feasibility, how often its training resumed
     students/<trial_id>/    every ok trial's student (model.pt, config.json, metrics.json)
     pareto/<trial_id>/      the non-dominated students, with test metrics added
     pareto/front.parquet    the front as a table
-    summary.json            trials, front size, hypervolume
+    summary.json            trials by status, front size, the objectives, hypervolume, and how the
+                            front compares with the space's reference configuration
 
 Every file is written to a temporary name and renamed, so a reader (or a crash) never sees a
 half-written student; the front is recomputed from ``trials.parquet`` on each update, so it
-always equals the non-dominated set of all finished trials.
+always equals the non-dominated set of the finished, feasible trials under the search's
+objectives (``Objectives``, any number, each maximised or minimised).
 
 Readers may run while a search writes (another process, another machine on a shared folder):
 a table is read from one ``read_bytes`` (a rename never changes an open file's content, while
