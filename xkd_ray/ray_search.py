@@ -157,7 +157,6 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     entered = time.time()
     from xkd_ray.ray_train import process_started_at, quick_polling
 
-    quick_polling()  # reports reach Tune, and the run's end is noticed, within 0.5 s instead of 2
     experiment = Path(shared["experiment"])
     spec: SearchSpec = shared["spec"]
     config = spec.trial_config(sampled)
@@ -175,7 +174,8 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         objectives=objectives,
     )
     fit_called = time.time()
-    result = trainer.fit()
+    with quick_polling():  # Ray Train moves one report per poll: poll every 0.25 s, not every 2 s
+        result = trainer.fit()
     fit_returned = time.time()
     try:
         student, history = student_from_checkpoint(config, data, result.checkpoint)

@@ -9,6 +9,7 @@ shards are gathered) so the reported numbers do not depend on the worker count e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -16,6 +17,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,9 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import BackendConfig, Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -48,6 +51,25 @@ from xkd_ray.models import StudentNet
 from xkd_ray.prepared import DistillData
 
 CHECKPOINT_FILE = "state.pt"
+# Ray Train's controller collects the workers' reports, and notices that a run has ended, only
+# when it polls them: every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S seconds (Ray's default: 2).
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DEFAULT_POLL_INTERVAL_S = 2.0
+QUICK_POLL_INTERVAL_S = 0.25
+# When this module finished importing: in a Ray Train worker, that is when the train function was
+# unpickled, i.e. the end of the worker's torch / xkd_ray imports (``worker_loop``'s timings).
+_IMPORTED_AT = time.time()
+
+
+def process_started_at() -> float | None:
+    """Wall-clock time this process was started (Linux ``/proc``; None elsewhere): the start of
+    a trial's worker, for ``worker_loop``'s timings. ``/proc/uptime`` has 10 ms resolution."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -121,9 +143,10 @@ def _maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str) ->
     """Test hook (``xkd_ray.faults``): the last worker kills its own process (SIGKILL, a real
     crash) at the rule's epoch, once per run (a marker file in the run's folder says it happened).
 
-    It first waits a few of the controller's health-check intervals, so the previous epoch's
-    report and checkpoint have been collected: the fault under test is "a worker dies after a
-    checkpoint", and a report still in flight when its worker dies is lost by design."""
+    It first waits three of the controller's health-check intervals (at least three of Ray's
+    default 2 s, also under ``quick_polling``: the same margin on a loaded machine), so the
+    previous epoch's report and checkpoint have been collected: the fault under test is "a worker
+    dies after a checkpoint", and a report still in flight when its worker dies is lost by design."""
     rule = fault_rule("kill_worker", config.to_dict())
     if rule is None or epoch != rule.get("epoch"):
         return
@@ -131,7 +154,8 @@ def _maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str) ->
     context = ray.train.get_context()
     if marker.exists() or context.get_world_rank() != context.get_world_size() - 1:
         return
-    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+    interval = float(os.environ.get(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_S))
+    time.sleep(3 * max(interval, DEFAULT_POLL_INTERVAL_S))
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     os.kill(os.getpid(), signal.SIGKILL)
@@ -162,9 +186,18 @@ def _report_divergence(
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: resume from the last checkpoint, train, report per epoch."""
+    """What each Ray Train worker runs: resume from the last checkpoint, train, report per epoch.
+
+    The first report of each run attempt carries ``timings``: wall-clock stamps of the worker's
+    start-up phases (process start, imports done, loop entered, data fetched, first epoch
+    started / trained / evaluated), so a trial's fixed cost can be measured (bench/trial_overhead.py)."""
+    timings: dict[str, float] = {"worker_imports_done": _IMPORTED_AT, "worker_loop_entered": time.time()}
+    started = process_started_at()
+    if started is not None:
+        timings["worker_process_started"] = started
     config = ExperimentConfig.from_dict(loop_config["config"])
     data: DistillData = ray.get(loop_config["data_ref"])
+    timings["data_ready"] = time.time()
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -201,9 +234,13 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, settings.epochs):
         _maybe_kill_worker(config, epoch, loop_config["run_folder"])
         sampler.set_epoch(epoch)
+        if timings:
+            timings["first_epoch_started"] = time.time()
         record = train_one_epoch(
             model, loader, optimizer, config, epoch, teacher=teacher, device=device, amp_dtype=amp_dtype
         )
+        if timings:
+            timings["first_epoch_trained"] = time.time()
         scheduler.step()
         if _any_rank_diverged(record["train_total"], device):
             _report_divergence(record, epoch, history, rank, loop_config["objectives"])
@@ -211,6 +248,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         bare = model.module if hasattr(model, "module") else model
         last = epoch == settings.epochs - 1
         record.update(_gather_evaluation(bare, "val", data, config, device, diagnostics=last))
+        if timings:
+            timings["first_evaluated"] = time.time()
         record.update({"epoch": epoch, "start_epoch": start_epoch, "workers": world, "diverged": False})
         record["wall_time"] = time.time()
         history.append(record)
@@ -227,7 +266,37 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 }
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
                 report_checkpoint = Checkpoint.from_directory(directory)
-            ray.train.report(record, checkpoint=report_checkpoint)
+            report = record
+            if timings:  # only in this attempt's first report, never in the history
+                report = {**record, "timings": {**timings, "first_report": time.time()}}
+                timings = {}
+            ray.train.report(report, checkpoint=report_checkpoint)
+
+
+@contextlib.contextmanager
+def quick_polling(interval_s: float = QUICK_POLL_INTERVAL_S) -> Iterator[None]:
+    """Around ``fit()``: the Ray Train run polls its workers every ``interval_s`` instead of
+    Ray's 2 s, unless the user set ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (then theirs holds).
+
+    Ray Train 2.60 moves reports only when its controller polls: each worker's result queue holds
+    one report, so a worker's ``ray.train.report`` blocks until the previous one was collected,
+    i.e. a run makes at most one report (one epoch) per interval, and its end is noticed one or
+    two polls late. At 2 s a 12-epoch student whose epochs take 0.5 s needs 24 s instead of 6
+    (measured: 8 empty reports took 26 s at 2 s, 11 s at 0.25 s; the end of the run was seen
+    4-5 s after the last report, against 1.2-1.5 s). A poll is one small actor call per worker,
+    and one that does not answer in time is awaited again at the next (it takes
+    ``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``, 10 min, to declare a worker dead), so a short
+    interval costs little and changes no failure handling. Ray Train reads the variable when
+    ``fit()`` starts the controller and hands it on to the controller and the workers, so it is
+    set only for that call."""
+    if POLL_INTERVAL_ENV in os.environ:
+        yield
+        return
+    os.environ[POLL_INTERVAL_ENV] = str(interval_s)
+    try:
+        yield
+    finally:
+        os.environ.pop(POLL_INTERVAL_ENV, None)
 
 
 def make_trainer(
@@ -238,32 +307,42 @@ def make_trainer(
     storage_path: str | Path,
     callbacks: list[Any] | None = None,
     objectives: tuple[str, ...] = (),
-) -> TorchTrainer:
+) -> DataParallelTrainer:
     """A Ray Train run of ``worker_loop``. ``objectives``: metrics a diverged run still reports
-    (as NaN), because Tune checks every report for the search's objectives."""
+    (as NaN), because Tune checks every report for the search's objectives.
+
+    Several workers train with DDP (``TorchTrainer``: a gloo / nccl process group). One worker
+    needs no process group (``prepare_model`` wraps nothing at world size 1, and the loop's
+    collectives are skipped when ``torch.distributed`` is not initialised), so it runs under
+    Ray Train's plain ``DataParallelTrainer``: the controller then never imports torch (unpickling
+    ``TorchConfig`` does) and the worker skips the process group's set-up and tear-down round
+    trips. Checkpoints, restarts (``FailureConfig``) and reports are the same Ray Train run."""
     ray_settings = config.ray
     resources = {"CPU": ray_settings.cpus_per_worker}
     if ray_settings.use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
-        worker_loop,
-        train_loop_config={
+    common: dict[str, Any] = {
+        "train_loop_config": {
             "config": config.to_dict(),
             "data_ref": data_ref,
             "run_folder": str(Path(storage_path).resolve() / name),
             "objectives": list(objectives),
         },
-        torch_config=TorchConfig(backend="nccl" if ray_settings.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
+        "scaling_config": ScalingConfig(
             num_workers=ray_settings.num_workers, use_gpu=ray_settings.use_gpu, resources_per_worker=resources
         ),
-        run_config=RunConfig(
+        "run_config": RunConfig(
             name=name,
             storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_settings.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=ray_settings.max_failures),
             callbacks=callbacks or [],
         ),
+    }
+    if ray_settings.num_workers == 1:
+        return DataParallelTrainer(worker_loop, backend_config=BackendConfig(), **common)
+    return TorchTrainer(
+        worker_loop, torch_config=TorchConfig(backend="nccl" if ray_settings.use_gpu else "gloo"), **common
     )
 
 
@@ -312,7 +391,8 @@ def distill_with_ray(
     storage_path = storage_path or Path(config.explain.cache_dir) / "ray_train"
     name = name or f"distill-{config.distill.method}-{uuid.uuid4().hex[:8]}"
     trainer = make_trainer(config, ray.put(data), name=name, storage_path=storage_path)
-    result = trainer.fit()
+    with quick_polling():
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     student, history = student_from_checkpoint(config, data, result.checkpoint)
