@@ -272,23 +272,50 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     assert (experiment / "pareto" / "front.png").exists()
 
 
-def test_search_gauges_reach_the_prometheus_endpoint(smoke_experiment):
-    """The dashboard's gauges, read back the way Prometheus scrapes them: the node's metrics
-    endpoint holds ``ray_xkd_*`` with the registry's numbers (Ray prefixes custom metrics)."""
+def _scrape(port: int, experiment: str) -> dict[str, float]:
     import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name.startswith("ray_xkd_") and f'experiment="{experiment}"' in line:
+            found[name] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+@pytest.mark.slow
+def test_search_gauges_reach_the_prometheus_endpoint_while_it_runs(ray_local, cache_dir, tmp_path):
+    """The dashboard's gauges, read the way Prometheus scrapes them, from the node's metrics
+    endpoint while a search runs (Ray prefixes custom metrics with ``ray_``). Ray exports a gauge
+    for ~15 s after it is set, so the search keeps setting them: a scrape long after one trial
+    finished and before the next still sees them."""
+    import threading
 
     import ray
 
-    experiment, summary, _, _ = smoke_experiment
+    from xkd_ray.ray_search import run_search
+    from xkd_ray.space import load_search_space
+
+    spec = load_search_space(smoke_space(tmp_path, cache_dir, trials=3, max_concurrent_trials=1))
+    name = "gauged"
+    done: dict[str, object] = {}
+    search = threading.Thread(target=lambda: done.update(summary=run_search(spec, tmp_path / name, live=False)))
+    search.start()
     port = ray._private.worker.global_worker.node.metrics_export_port
-    wanted = {"ray_xkd_trials_finished": summary["trials"], "ray_xkd_front_size": summary["front_size"]}
-    found: dict[str, float] = {}
-    deadline = time.monotonic() + 60  # metrics are exported every few seconds
-    while time.monotonic() < deadline and found != wanted:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        for line in text.splitlines():
-            name = line.split("{", 1)[0]
-            if name in wanted and f'experiment="{experiment.name}"' in line:
-                found[name] = float(line.rsplit(" ", 1)[1])
-        time.sleep(2)
-    assert found == wanted
+    seen: list[tuple[float, dict[str, float], float]] = []
+    while search.is_alive():
+        finished = len(read_trials(tmp_path / name)) if (tmp_path / name / "trials.parquet").exists() else 0
+        seen.append((finished, _scrape(port, name), round(time.monotonic(), 1)))
+        time.sleep(3)
+    search.join()
+    # Ray exports what was set within its next export interval (~10 s): from 12 s after the first
+    # trial was recorded until the last one, every scrape holds the gauges, with the trials
+    # finished so far (or one fewer, set before the newest was recorded).
+    first = next(at for finished, _, at in seen if finished >= 1)
+    checked = [(finished, found) for finished, found, at in seen if at >= first + 12 and finished < 3]
+    assert checked, "the search ended within 12 s of its first trial: no scrape to check"
+    for finished, found in checked:
+        assert found.get("ray_xkd_trials_finished") in (finished - 1, finished), (finished, found)
+        assert found.get("ray_xkd_front_size", 0) >= 1, found
+    assert done["summary"]["trials"] == 3

@@ -8,7 +8,6 @@ a recording console 80 columns wide, with every registered metric (the test plug
 
 from __future__ import annotations
 
-import inspect
 import io
 import math
 import re
@@ -272,15 +271,6 @@ def driver_report(index: int, epochs: int) -> dict[str, Any]:
 
 
 SAMPLED = {"distill.method": "xd", "distill.temperature": 4.0, "distill.beta": 1.2, "student.ae_depth": 2}
-
-
-def test_the_worker_report_this_test_models_is_the_real_one():
-    """``worker_report`` copies ``worker_loop``: fail here if the worker stops reporting ``epoch``."""
-    from xkd_ray.ray_train import worker_loop
-
-    source = inspect.getsource(worker_loop)
-    assert re.search(r'record\.update\(\{"epoch": epoch, "start_epoch": start_epoch, "workers": world', source)
-    assert "ray.train.report(record" in source
 
 
 def test_live_table_shows_each_trials_epoch_out_of_its_total():

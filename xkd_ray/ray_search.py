@@ -39,6 +39,7 @@ from xkd_ray.space import Constraint, Parameter, SearchSpec
 from xkd_ray.tables import live_trials_table
 
 STUDY_NAME = "xkd"
+GAUGE_REFRESH_S = 5.0
 DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
 
 
@@ -235,6 +236,8 @@ class RegistryCallback(tune.Callback):
         self.objectives = Objectives.of(spec.search)
         self._data: DistillData | None = None
         self._gauges: dict[str, Any] = {}
+        self._summary: dict[str, Any] = {}
+        self._gauges_set_at = 0.0
 
     def setup(self, **info: Any) -> None:
         from ray.util.metrics import Gauge
@@ -259,12 +262,22 @@ class RegistryCallback(tune.Callback):
 
     def _finish(self, row: dict[str, Any]) -> None:
         record_trial(self.experiment, {**row, "finished_at": time.time()})
-        summary = update_registry(self.experiment, self._evaluate_test, self.objectives)
+        self._summary = update_registry(self.experiment, self._evaluate_test, self.objectives)
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
         tags = {"experiment": Path(self.experiment).name}
         for key, gauge in self._gauges.items():
-            value = summary.get("trials" if key == "trials_finished" else key)
+            value = self._summary.get("trials" if key == "trials_finished" else key)
             if value is not None:
                 gauge.set(float(value), tags=tags)
+        self._gauges_set_at = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """Ray 2.60 exports a gauge's value only for ~15 s after it was set (measured), so a
+        dashboard would go blank between finished trials: set them again every few seconds."""
+        if self._gauges and self._summary and time.monotonic() - self._gauges_set_at > GAUGE_REFRESH_S:
+            self._set_gauges()
 
     def _is_reference(self, trial: Any) -> bool:
         reference = self.spec.reference_point()
