@@ -47,6 +47,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/paper_claim.py --seeds 5
 	$(BIN)/python bench/paper_claim.py --seeds 5 --explainer integrated_gradients
 	$(BIN)/python bench/search_quality.py
+	$(BIN)/python bench/trial_overhead.py --trials 6
+	$(BIN)/python bench/search_efficiency.py --budget-minutes 3 --seeds 3
+	$(BIN)/python bench/gpu_path.py  # measures the CPU alone where there is no GPU
 	$(BIN)/python bench/faithfulness.py  # with XKD_QUANTUS_PATH=DIR (Quantus installed there) it also compares with Quantus
 
 bench-smoke: $(STAMP)

@@ -82,12 +82,20 @@ def plain_optuna(spec: SearchSpec, budget_s: float) -> tuple[Curve, tuple[float,
 
 
 def xkd_search(spec: SearchSpec, folder: Path, budget_s: float) -> tuple[Curve, tuple[float, ...] | None]:
-    """Arms (b) and (c): the real search, ended by Tune's time budget."""
+    """Arms (b) and (c): the real search, ended by Tune's time budget, each on a fresh local Ray:
+    trials cut off by the budget (and MO-ASHA's stops) leave Ray Train placement groups that Ray
+    frees only later, and in one shared session they starved the next arms of CPUs."""
+    import ray
+
     from xkd_ray.ray_search import run_search
 
     objectives = Objectives.of(spec.search)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     started = time.time()
-    run_search(spec, folder, live=False, time_budget_s=budget_s)
+    try:
+        run_search(spec, folder, live=False, time_budget_s=budget_s)
+    finally:
+        ray.shutdown()
     rows = read_trials(folder)
     curve = [
         (row["finished_at"] - started, objectives.point(row))
@@ -146,9 +154,6 @@ def main() -> None:
     if args.smoke:
         args.space, args.budget_minutes, args.seeds = Path("search_spaces/smoke.yaml"), 40 / 60, 1
     budget_s = 60 * args.budget_minutes
-    import ray
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     curves: dict[str, list[Curve]] = {"plain_optuna": [], "xkd_fifo": [], "xkd_mo_asha": []}
     references: list[tuple[float, ...]] = []
     started = time.perf_counter()
@@ -171,7 +176,6 @@ def main() -> None:
                     references.append(reference)
                 final = hv_at(curve, budget_s, Objectives.of(fifo.search))
                 print(f"seed {seed} {arm:12s}: {len(curve)} feasible trials, hypervolume {final:.4f}", flush=True)
-    ray.shutdown()
     objectives = Objectives.of(base.search)
     final = {arm: [hv_at(c, budget_s, objectives) for c in runs] for arm, runs in curves.items()}
     reference_hv = [hypervolume([p], objectives.reference_point, objectives.directions) for p in references]
