@@ -44,7 +44,9 @@ def test_objectives_constraints_reference_and_mo_asha(ray_local, cache_dir, tmp_
     # MO-ASHA stopped some trials early: recorded with their last metrics, never on the front.
     stopped = [r for r in rows.values() if r["status"] == "stopped"]
     assert stopped, [r["status"] for r in rows.values()]
-    assert all(r["epochs_trained"] < 4 and r["val_accuracy"] is not None for r in stopped)
+    assert all(r["epochs_trained"] < 4 and r["val_accuracy"] is not None for r in stopped), [
+        {k: r[k] for k in ("trial_id", "epochs_trained", "val_accuracy")} for r in stopped
+    ]
     assert all(r["epochs_trained"] == 4 for r in rows.values() if r["status"] == "ok")
     # ... and Optuna was told PRUNED for them, COMPLETE with values for the finished ones.
     storage = optuna.storages.JournalStorage(

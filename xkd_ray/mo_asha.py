@@ -97,8 +97,9 @@ class MOASHAScheduler(FIFOScheduler):
     """Ray Tune scheduler: MO-ASHA over ``objectives`` = [(metric name as reported, "max" | "min"), ...].
 
     ``stopped`` maps each trial this scheduler stopped early to ``{"rung", "time", "metrics"}``, so a caller
-    can mark it ``status: stopped``; trials that reach ``max_t`` are stopped there too (as ASHA does) but
-    finished normally, so they are not in it."""
+    can mark it ``status: stopped``. Rungs lie strictly below ``max_t`` (the trial's last epoch): stopping a
+    trial that has trained every epoch saves nothing and loses its final report, so past the last rung a
+    trial always runs to its own end (unlike Ray's ASHA, which stops trials at ``max_t``)."""
 
     def __init__(
         self,
@@ -148,8 +149,6 @@ class MOASHAScheduler(FIFOScheduler):
         time = result.get(self._time_attr)
         if time is None:
             return TrialScheduler.CONTINUE
-        if time >= self._max_t:
-            return TrialScheduler.STOP
         if self._record(trial.trial_id, time, result) is False:
             level = max(lv for lv in self._rungs if lv <= time)
             metrics = {m: result.get(m) for m, _ in self._objectives}
