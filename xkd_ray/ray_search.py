@@ -132,8 +132,8 @@ def make_searcher(spec: SearchSpec, experiment: Path, stopped: Callable[[], Cont
 def make_scheduler(spec: SearchSpec) -> FIFOScheduler:
     """``search.scheduler``: FIFO (every trial to its last epoch) or MO-ASHA. A trial reports
     once per epoch (Tune's ``training_iteration`` = epochs done) and once more when its student is
-    saved, so the last rung is below ``epochs + 1`` and a trial that ran every epoch always
-    reaches its final report."""
+    saved; rungs lie below ``epochs`` (a trial stopped after its last epoch would save no training,
+    only lose its final report), so a trial past the last rung always finishes."""
     settings = spec.search.scheduler
     if settings.name == "fifo":
         return FIFOScheduler()
@@ -142,7 +142,7 @@ def make_scheduler(spec: SearchSpec) -> FIFOScheduler:
         time_attr="training_iteration",
         grace_period=settings.grace_epochs,
         reduction_factor=settings.reduction_factor,
-        max_t=spec.base.distill.epochs + 1,
+        max_t=spec.base.distill.epochs,
     )
 
 
