@@ -11,9 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -25,6 +36,20 @@ os.environ["XKD_PLUGINS"] = "tests.registry_plugin"
 os.environ["XKD_FAULTS"] = str(FAULTS_FILE)
 # The per-user key that signs experiment folders (xkd_ray.experiment_folder): one per session.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="xkd-config-")
+# Staging copies of s3:// experiments (xkd_ray.storage): one per session.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="xkd-cache-home-")
+# Object storage: a real S3 server process (moto's server mode) on this port, started by the
+# `s3_server` fixture. Set before Ray starts, so its workers see the same endpoint; it accepts any
+# credentials (tests/test_storage.py starts a second, credential-checking one).
+S3_PORT = _free_port()
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "AWS_ACCESS_KEY_ID": "xkd-test",
+        "AWS_SECRET_ACCESS_KEY": "xkd-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 import pytest  # noqa: E402
@@ -81,6 +106,45 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def start_s3_server(port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:port, once it answers."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        if server.poll() is not None:
+            raise RuntimeError(f"moto server exited with {server.returncode}")
+        time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("moto server did not start within 60 s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 endpoint (the AWS_* variables above point at it) with an empty bucket ``xkd``."""
+    import pyarrow.fs as pafs
+
+    from xkd_ray.storage import s3_filesystem
+
+    server = start_s3_server(S3_PORT)
+    filesystem = s3_filesystem()
+    pafs.S3FileSystem(**{**_s3_options(), "allow_bucket_creation": True}).create_dir("xkd")
+    yield filesystem
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _s3_options() -> dict[str, str]:
+    return {"endpoint_override": f"127.0.0.1:{S3_PORT}", "scheme": "http", "region": "us-east-1"}
 
 
 def smoke_space(tmp_path: Path, cache_dir: str, **search: object) -> Path:

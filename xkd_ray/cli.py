@@ -185,17 +185,18 @@ def command_search(args: argparse.Namespace) -> int:
 
 def command_pareto(args: argparse.Namespace) -> int:
     """Print the front of a finished or running experiment (reads only its files)."""
-    from xkd_ray.pareto import list_pareto_students, read_objectives, summary, write_front_plot
+    from xkd_ray.pareto import list_pareto_students, read_objectives, readable, summary, write_front_plot
     from xkd_ray.tables import front_table
 
-    rows = list_pareto_students(args.experiment).to_pylist()
+    experiment = readable(args.experiment)  # one local copy of an s3:// front for every read below
+    rows = list_pareto_students(experiment).to_pylist()
     title = f"Pareto front of {args.experiment} ({len(rows)} students)"
-    recorded = summary(args.experiment)
+    recorded = summary(experiment)
     if recorded is not None:
         title += f", hypervolume {recorded['hypervolume']:.4f} after {recorded['trials']} trials"
-    console.print(front_table(rows, title, read_objectives(args.experiment).names))
+    console.print(front_table(rows, title, read_objectives(experiment).names))
     if args.plot:
-        console.print(f"plot: {write_front_plot(args.experiment, args.plot)}")
+        console.print(f"plot: {write_front_plot(experiment, args.plot)}")
     return 0
 
 
@@ -240,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("val", "test"), default="test")
     evaluate.set_defaults(handler=command_evaluate)
 
+    from xkd_ray.storage import experiment_location
+
     pareto = commands.add_parser("pareto", help="print the Pareto front of an experiment")
-    pareto.add_argument("experiment", type=Path)
+    pareto.add_argument("experiment", type=experiment_location, help="experiment folder or s3://bucket/prefix")
     pareto.add_argument("--plot", type=Path, help="also write the accuracy vs fidelity plot (PNG)")
     pareto.set_defaults(handler=command_pareto)
     return parser

@@ -129,38 +129,43 @@ def _foreign_writable(folder: Path) -> Path | None:
     return None
 
 
-def check_trusted(out: Path, manifest: dict[str, Any]) -> None:
+def check_trusted(out: Path, manifest: dict[str, Any], label: str | None = None) -> None:
     """Refuse to unpickle Ray's resume state from a folder this user did not create."""
+    where = label or out
     flag = "pass --trust-folder if you trust its origin"
     if not hmac.compare_digest(manifest["signature"], _signature(manifest)):
         raise XKDConfigError(
-            f"--resume {out}: {MANIFEST} was not written by this user on this installation (or was edited); "
-            f"resuming unpickles {out}/tune/, so {flag}"
+            f"--resume {where}: {MANIFEST} was not written by this user on this installation (or was edited); "
+            f"resuming unpickles {where}/tune/, so {flag}"
         )
     exposed = _foreign_writable(out / "tune")
     if exposed is not None:
-        raise XKDConfigError(f"--resume {out}: {exposed} is owned or writable by another user; {flag}")
+        raise XKDConfigError(f"--resume {where}: {exposed} is owned or writable by another user; {flag}")
 
 
-def open_experiment(out: Path, spec: SearchSpec, *, resume: bool, allow_space_change: bool, trust: bool) -> None:
-    """Check (and on first use, create) the folder's manifest before any trial runs."""
+def open_experiment(
+    out: Path, spec: SearchSpec, *, resume: bool, allow_space_change: bool, trust: bool, label: str | None = None
+) -> None:
+    """Check (and on first use, create) the folder's manifest before any trial runs. ``label``: how
+    errors name the experiment (an ``s3://`` URL whose staging folder ``out`` is)."""
+    where = label or out
     manifest = read_manifest(out)
     if manifest is None:
         if resume and (out / "tune").exists():
-            raise XKDConfigError(f"--resume {out}: no {MANIFEST}, so nothing says which search this folder holds")
+            raise XKDConfigError(f"--resume {where}: no {MANIFEST}, so nothing says which search this folder holds")
         atomic_write_json(out / MANIFEST, new_manifest(spec))
         return
     if not resume:
         problem = "already holds a search; pass --resume to continue it, or use another folder"
-        raise XKDConfigError(f"--out {out}: {problem}")
+        raise XKDConfigError(f"--out {where}: {problem}")
     if not trust:
-        check_trusted(out, manifest)
+        check_trusted(out, manifest, label)
     record = spec_record(spec)
     changed = differing_keys(manifest["spec"], record)
     if changed and not allow_space_change:
         shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise XKDConfigError(
-            f"--resume {out}: the space differs from the one this search started with ({shown}); "
+            f"--resume {where}: the space differs from the one this search started with ({shown}); "
             "pass --allow-space-change to continue anyway (recorded in experiment.json)"
         )
     if changed:

@@ -54,6 +54,7 @@ from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.explain import explain_maps
 from xkd_ray.metrics import METRICS, dominates, hypervolume, non_dominated
 from xkd_ray.space import parse_constraint
+from xkd_ray.storage import is_remote, registry_snapshot
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def trial_columns() -> dict[str, pa.DataType]:
         "student_dir": pa.string(),
         "error": pa.string(),
         "resumed_from_checkpoint": pa.int64(),
+        "nodes": pa.string(),  # JSON {"driver": node id, "workers": [node ids of every attempt]}
         "epochs_trained": pa.int64(),
         "feasible": pa.bool_(),  # satisfies search.constraints (never on the front otherwise)
         "reference": pa.bool_(),  # the space's reference configuration
@@ -291,10 +293,16 @@ def _reference_summary(
     }
 
 
+def readable(experiment: str | Path) -> Path:
+    """The experiment folder to read: itself, or a fresh local copy of an ``s3://`` experiment's front."""
+    return registry_snapshot(experiment) if isinstance(experiment, str) and is_remote(experiment) else Path(experiment)
+
+
 def list_pareto_students(experiment: str | Path) -> pa.Table:
     """The current front as an Arrow table (``.to_pandas()`` for a DataFrame); each row checked:
-    its ``path`` stays inside the experiment folder and its objectives are finite numbers."""
-    experiment = Path(experiment)
+    its ``path`` stays inside the experiment folder and its objectives are finite numbers.
+    ``experiment``: a folder or ``s3://bucket/prefix``."""
+    experiment = readable(experiment)
     path = experiment / "pareto" / "front.parquet"
     if not path.exists():
         raise XKDCheckpointError(f"{path}: no Pareto front yet (has any trial finished?)")
@@ -314,7 +322,7 @@ def list_pareto_students(experiment: str | Path) -> pa.Table:
 
 def summary(experiment: str | Path) -> dict[str, Any] | None:
     """``summary.json`` of an experiment (None before the first trial finished)."""
-    path = Path(experiment) / "summary.json"
+    path = readable(experiment) / "summary.json"
     if not path.exists():
         return None
     payload = read_json_mapping(path)
@@ -394,9 +402,9 @@ READ_ATTEMPTS = 20  # a writer changes the front at most once per finished trial
 
 
 def load_pareto_student(experiment: str | Path, prefer: str | dict[str, float] = "knee") -> ParetoStudent:
-    """Load one student of an experiment's front; needs no Ray and no running cluster. Safe
-    while a search is updating the front (see the module docstring)."""
-    experiment = Path(experiment)
+    """Load one student of an experiment's front (a folder or ``s3://bucket/prefix``); needs no
+    Ray and no running cluster. Safe while a search is updating the front (see the module docstring)."""
+    experiment = readable(experiment)
     front_file = experiment / "pareto" / "front.parquet"
     for attempt in range(READ_ATTEMPTS):
         before = _file_version(front_file)

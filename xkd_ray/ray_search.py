@@ -9,7 +9,9 @@ before any trial, and shared through the object store.
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Container
@@ -36,6 +38,7 @@ from xkd_ray.pareto import summary as registry_summary
 from xkd_ray.prepared import DistillData, prepare
 from xkd_ray.ray_train import make_trainer, student_from_checkpoint
 from xkd_ray.space import Constraint, Parameter, SearchSpec
+from xkd_ray.storage import Storage, pull_cache, push_cache, upload_registry
 from xkd_ray.tables import live_trials_table
 
 STUDY_NAME = "xkd"
@@ -166,13 +169,15 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         raise RuntimeError("injected fault: fail_driver (XKD_FAULTS), so this trial's driver fails on purpose")
     data: DistillData = ray.get(shared["data_ref"])
     trial_id = tune.get_context().get_trial_id()
+    storage: Storage | None = shared.get("storage")
     trainer = make_trainer(
         config,
         shared["data_ref"],
         name=f"trial-{trial_id}",
-        storage_path=experiment / "train",
+        storage_path=experiment / "train" if storage is None else storage.path("train"),
         callbacks=[TuneReportCallback()],
         objectives=objectives,
+        storage_filesystem=None if storage is None else storage.filesystem,
     )
     fit_called = time.time()
     with quick_polling():  # Ray Train moves one report per poll: poll every 0.25 s, not every 2 s
@@ -186,14 +191,24 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
     resumed = len({int(record["start_epoch"]) for record in history}) - 1
     val = final_metrics(history)
-    student_dir = experiment / "students" / trial_id
-    save_student(student_dir, config, student, data, {"val": val, "teacher": data.teacher_metrics})
+    metrics = {"val": val, "teacher": data.teacher_metrics}
+    if storage is None:
+        student_dir = str(experiment / "students" / trial_id)
+        save_student(student_dir, config, student, data, metrics)
+    else:  # this node's disk is not the search driver's: the student goes to storage, named relative to it
+        student_dir = f"students/{trial_id}"
+        with tempfile.TemporaryDirectory(prefix="xkd-student-") as local:
+            storage.upload(save_student(Path(local) / trial_id, config, student, data, metrics), student_dir)
     tune.report(
         {
             **val,
             "status": "ok",
             "epochs_trained": len({int(record["epoch"]) for record in history}),
-            "student_dir": str(student_dir),
+            "nodes": {
+                "driver": ray.get_runtime_context().get_node_id(),
+                "workers": sorted({node for record in history for node in record.get("node_ids", [])}),
+            },
+            "student_dir": student_dir,
             "resumed_from_checkpoint": resumed,
             "experiment_config": config.to_dict(),
             "timings": {
@@ -230,14 +245,16 @@ class RegistryCallback(tune.Callback):
     read back from the explanation cache on first use, in the search's driver process.
     """
 
-    def __init__(self, experiment: str, spec: SearchSpec) -> None:
+    def __init__(self, experiment: str, spec: SearchSpec, storage: Storage | None = None) -> None:
         self.experiment = experiment
         self.spec = spec
+        self.storage = storage
         self.objectives = Objectives.of(spec.search)
         self._data: DistillData | None = None
         self._gauges: dict[str, Any] = {}
         self._summary: dict[str, Any] = {}
         self._gauges_set_at = 0.0
+        self._journal_uploaded = 0
 
     def setup(self, **info: Any) -> None:
         from ray.util.metrics import Gauge
@@ -261,8 +278,14 @@ class RegistryCallback(tune.Callback):
         return evaluate(student, self._data, "test", ExperimentConfig.from_dict(record["experiment"]))
 
     def _finish(self, row: dict[str, Any]) -> None:
+        if self.storage is not None and row.get("student_dir"):  # fetch the student a trial put on storage
+            local = Path(self.experiment) / row["student_dir"]
+            self.storage.download(local, row["student_dir"])
+            row = {**row, "student_dir": str(local)}
         record_trial(self.experiment, {**row, "finished_at": time.time()})
         self._summary = update_registry(self.experiment, self._evaluate_test, self.objectives)
+        if self.storage is not None:
+            upload_registry(self.storage, Path(self.experiment))
         self._set_gauges()
 
     def _set_gauges(self) -> None:
@@ -275,7 +298,16 @@ class RegistryCallback(tune.Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Ray 2.60 exports a gauge's value only for ~15 s after it was set (measured), so a
-        dashboard would go blank between finished trials: set them again every few seconds."""
+        dashboard would go blank between finished trials: set them again every few seconds.
+        On object storage, the Optuna journal is uploaded whenever it grew: Tune's saved state holds
+        the searcher, which reads the journal from the byte offset it had reached, so the journal on
+        storage must never be older than that state."""
+        if self.storage is not None:
+            journal = Path(self.experiment) / "optuna.journal"
+            size = journal.stat().st_size if journal.exists() else 0
+            if size != self._journal_uploaded:
+                self.storage.upload(journal, journal.name)
+                self._journal_uploaded = size
         if self._gauges and self._summary and time.monotonic() - self._gauges_set_at > GAUGE_REFRESH_S:
             self._set_gauges()
 
@@ -299,6 +331,7 @@ class RegistryCallback(tune.Callback):
             "config": config,
             "student_dir": result.get("student_dir"),
             "resumed_from_checkpoint": result.get("resumed_from_checkpoint"),
+            "nodes": json.dumps(result["nodes"]) if result.get("nodes") else None,
             "epochs_trained": result.get("epochs_trained", int(result.get("epoch", -1)) + 1),
             "reference": self._is_reference(trial),
             **{f"val_{name}": result.get(name) if measured else None for name in METRICS},
@@ -407,6 +440,12 @@ def concurrent_trials(spec: SearchSpec) -> int:
     return max(1, fitting)
 
 
+def teacher_files(config: ExperimentConfig, data: DistillData) -> list[Path]:
+    """The cached teacher's folder (none for a user-supplied ``teacher.checkpoint``)."""
+    folder = Path(config.explain.cache_dir) / "teachers" / f"teacher-{data.teacher_id}"
+    return [folder] if folder.is_dir() else []
+
+
 def build_trainable(shared: dict[str, Any]) -> Any:
     return tune.with_resources(tune.with_parameters(trial_driver, shared=shared), {"cpu": DRIVER_CPU})
 
@@ -432,9 +471,12 @@ def run_search(
     resume: bool = False,
     live: bool = True,
     time_budget_s: float | None = None,
+    storage: Storage | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a search; returns the registry summary. Ray must already be initialised.
-    ``time_budget_s`` ends it after that many seconds (Tune's own budget; bench/search_efficiency.py)."""
+    ``time_budget_s`` ends it after that many seconds (Tune's own budget; bench/search_efficiency.py).
+    With ``storage`` (object storage), ``experiment`` is its local staging folder (xkd_ray.storage):
+    Tune and Train write to storage, the registry is mirrored there after every trial."""
     experiment = Path(experiment).resolve()
     if not state_api_reachable():
         problem = "Ray's dashboard (state API) is not reachable"
@@ -446,15 +488,25 @@ def run_search(
         warnings.warn(f"{problem}: a trial whose node is lost may wait for its old run's CPUs", stacklevel=2)
     experiment.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = prepare(spec.trial_config({}), progress=True)
-    shared = {"experiment": str(experiment), "spec": spec, "data_ref": ray.put(data)}
+    base = spec.trial_config({})
+    cache_dir = Path(base.explain.cache_dir)
+    if storage is not None:
+        pull_cache(storage, cache_dir)
+    data = prepare(base, progress=True)
+    if storage is not None:
+        push_cache(storage, cache_dir, [*map(Path, data.cache_files.values()), *teacher_files(base, data)])
+    shared = {"experiment": str(experiment), "spec": spec, "data_ref": ray.put(data), "storage": storage}
     trainable = build_trainable(shared)
-    tune_path = experiment / "tune"
-    if resume and tune.Tuner.can_restore(str(tune_path)):
-        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    tune_path, filesystem = (
+        (str(experiment / "tune"), None) if storage is None else (storage.path("tune"), storage.filesystem)
+    )
+    if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
+        tuner = tune.Tuner.restore(
+            tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
+        )
     else:
         scheduler = make_scheduler(spec)
-        callbacks: list[tune.Callback] = [RegistryCallback(str(experiment), spec)]
+        callbacks: list[tune.Callback] = [RegistryCallback(str(experiment), spec, storage)]
         if live:
             callbacks.append(LiveTableCallback(str(experiment), Objectives.of(spec.search)))
         tuner = tune.Tuner(
@@ -469,13 +521,18 @@ def run_search(
             ),
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=str(experiment),
+                storage_path=str(experiment) if storage is None else storage.path(),
+                storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 callbacks=callbacks,
                 verbose=0,
             ),
         )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:  # also after Ctrl-C: what the resume state on storage refers to must be there too
+        if storage is not None:
+            upload_registry(storage, experiment)
     summary = registry_summary(experiment) or {}
     summary["wall_seconds"] = time.perf_counter() - started
     summary["explanations_from_cache"] = data.cache_hits

@@ -161,6 +161,16 @@ def _maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str) ->
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _worker_node_ids() -> list[str]:
+    """The Ray node of every rank, in rank order: where this attempt trains (trials.parquet's ``nodes``)."""
+    own = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized():
+        return [own]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return [str(node) for node in gathered]
+
+
 def _any_rank_diverged(loss: float, device: torch.device) -> bool:
     """Each rank sees only its shard's loss; all ranks must agree to stop, or DDP deadlocks."""
     flag = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
@@ -231,6 +241,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         DataLoader(dataset, batch_size=settings.batch_size // world, sampler=sampler), add_dist_sampler=False
     )
     amp_dtype = _amp_dtype(config, device)
+    node_ids = _worker_node_ids()
     for epoch in range(start_epoch, settings.epochs):
         _maybe_kill_worker(config, epoch, loop_config["run_folder"])
         sampler.set_epoch(epoch)
@@ -251,6 +262,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         if timings:
             timings["first_evaluated"] = time.time()
         record.update({"epoch": epoch, "start_epoch": start_epoch, "workers": world, "diverged": False})
+        record["node_ids"] = node_ids
         record["wall_time"] = time.time()
         history.append(record)
         with tempfile.TemporaryDirectory() as directory:
@@ -307,9 +319,11 @@ def make_trainer(
     storage_path: str | Path,
     callbacks: list[Any] | None = None,
     objectives: tuple[str, ...] = (),
+    storage_filesystem: Any = None,
 ) -> DataParallelTrainer:
     """A Ray Train run of ``worker_loop``. ``objectives``: metrics a diverged run still reports
-    (as NaN), because Tune checks every report for the search's objectives.
+    (as NaN), because Tune checks every report for the search's objectives. With
+    ``storage_filesystem`` (object storage, ``xkd_ray.storage``), ``storage_path`` is a path in it.
 
     Several workers train with DDP (``TorchTrainer``: a gloo / nccl process group). One worker
     needs no process group (``prepare_model`` wraps nothing at world size 1, and the loop's
@@ -318,6 +332,12 @@ def make_trainer(
     ``TorchConfig`` does) and the worker skips the process group's set-up and tear-down round
     trips. Checkpoints, restarts (``FailureConfig``) and reports are the same Ray Train run."""
     ray_settings = config.ray
+    if storage_filesystem is None:
+        storage_path = str(Path(storage_path).resolve())
+        run_folder = str(Path(storage_path) / name)
+    else:  # the fault hook's once-per-run marker needs a file every local worker sees
+        storage_path = str(storage_path)
+        run_folder = str(Path(tempfile.gettempdir()) / "xkd-runs" / name)
     resources = {"CPU": ray_settings.cpus_per_worker}
     if ray_settings.use_gpu:
         resources["GPU"] = 1
@@ -325,7 +345,7 @@ def make_trainer(
         "train_loop_config": {
             "config": config.to_dict(),
             "data_ref": data_ref,
-            "run_folder": str(Path(storage_path).resolve() / name),
+            "run_folder": run_folder,
             "objectives": list(objectives),
         },
         "scaling_config": ScalingConfig(
@@ -333,7 +353,8 @@ def make_trainer(
         ),
         "run_config": RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=ray_settings.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=ray_settings.max_failures),
             callbacks=callbacks or [],
@@ -366,10 +387,21 @@ def student_from_checkpoint(
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Join ``address`` (or a running cluster) or start a local Ray; never start a second one."""
+    """Join ``address`` (or a running cluster) or start a local Ray; never start a second one.
+
+    The driver's ``AWS_*`` variables (object storage, xkd_ray.storage) go to every worker of this
+    job through its runtime environment, so trial drivers on any node reach the same endpoint
+    with the same credentials, and no credential is pickled into Tune's state on storage."""
     if ray.is_initialized():
         return
-    ray.init(address=address, ignore_reinit_error=True, logging_level="WARNING", log_to_driver=False)
+    aws = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+    ray.init(
+        address=address,
+        ignore_reinit_error=True,
+        logging_level="WARNING",
+        log_to_driver=False,
+        runtime_env={"env_vars": aws} if aws else None,
+    )
 
 
 def distill_with_ray(

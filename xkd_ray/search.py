@@ -28,13 +28,19 @@ from rich.console import Console
 
 from xkd_ray.errors import XKDConfigError, XKDError
 from xkd_ray.space import SAMPLERS, SearchSpec, load_search_space
+from xkd_ray.storage import experiment_location, is_remote
 
 console = Console()
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", type=Path, required=True, help="search space YAML (see search_spaces/)")
-    parser.add_argument("--out", type=Path, required=True, help="experiment folder (shared storage on a cluster)")
+    parser.add_argument(
+        "--out",
+        type=experiment_location,
+        required=True,
+        help="experiment folder (shared storage on a cluster) or s3://bucket/prefix (AWS_* variables)",
+    )
     parser.add_argument("--trials", type=int, help="override search.trials")
     parser.add_argument("--workers-per-trial", type=int, help="override search.workers_per_trial")
     parser.add_argument("--sampler", choices=SAMPLERS, help="override search.sampler")
@@ -103,6 +109,8 @@ def exit_code_for_interrupt() -> int:
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    if is_remote(args.out):
+        return _run_on_object_storage(args, spec)
     check_experiment_folder(args.out)
     from xkd_ray.experiment_folder import FolderLock, open_experiment
 
@@ -111,10 +119,43 @@ def run(args: argparse.Namespace) -> int:
             args.out, spec, resume=args.resume, allow_space_change=args.allow_space_change, trust=args.trust_folder
         )
         lock.claim()
-        return _search(args, spec)
+        return _search(args, spec, args.out)
 
 
-def _search(args: argparse.Namespace, spec: SearchSpec) -> int:
+def _run_on_object_storage(args: argparse.Namespace, spec: SearchSpec) -> int:
+    """``--out s3://...``: the same checks and search, in a local staging copy of the registry
+    (xkd_ray.storage) that is mirrored to storage; Tune and Train write to storage directly. The
+    lock is the staging folder's, so it guards one machine: run one search per prefix."""
+    from xkd_ray.experiment_folder import MANIFEST, FolderLock, open_experiment
+    from xkd_ray.storage import RAY_OWNED, download_experiment, open_storage, staging_folder
+
+    storage = open_storage(args.out)
+    found = storage.files()
+    if found and MANIFEST not in found:
+        raise XKDConfigError(
+            f"--out {storage.url}: holds {len(found)} files that are not an xkd search (no {MANIFEST}), "
+            f"e.g. {found[0]}; choose another prefix"
+        )
+    staging = staging_folder(storage.url)
+    check_experiment_folder(staging)
+    with FolderLock(staging) as lock:
+        download_experiment(storage, staging)
+        if not (staging / MANIFEST).exists() and any(p.split("/", 1)[0] in RAY_OWNED for p in found):
+            raise XKDConfigError(f"--out {storage.url}: has Ray state but no {MANIFEST}; choose another prefix")
+        open_experiment(
+            staging,
+            spec,
+            resume=args.resume,
+            allow_space_change=args.allow_space_change,
+            trust=args.trust_folder,
+            label=storage.url,
+        )
+        lock.claim()
+        storage.upload(staging / MANIFEST, MANIFEST)
+        return _search(args, spec, staging, storage)
+
+
+def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any = None) -> int:
     from xkd_ray.pareto import (
         list_pareto_students,
         load_pareto_student,
@@ -129,16 +170,20 @@ def _search(args: argparse.Namespace, spec: SearchSpec) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     ensure_ray(args.address)
-    summary = run_search(spec, args.out, resume=args.resume, live=not args.no_live)
-    finished = len(read_trials(args.out))
+    summary = run_search(spec, out, resume=args.resume, live=not args.no_live, storage=storage)
+    finished = len(read_trials(out))
     if finished < spec.search.trials:
         # Tune returns normally after SIGINT; only the count of recorded trials tells.
         raise Interrupted(f"interrupted after {finished} of {spec.search.trials} trials; resume with --resume")
-    front = list_pareto_students(args.out)
-    write_front_plot(args.out, args.out / "pareto" / "front.png")
+    front = list_pareto_students(out)
+    write_front_plot(out, out / "pareto" / "front.png")
+    if storage is not None:
+        from xkd_ray.storage import upload_registry
+
+        upload_registry(storage, out)
     title = f"Pareto front ({summary.get('front_size', 0)} students)"
-    console.print(front_table(front.to_pylist(), title, read_objectives(args.out).names))
-    statuses = Counter(row["status"] for row in read_trials(args.out))
+    console.print(front_table(front.to_pylist(), title, read_objectives(out).names))
+    statuses = Counter(row["status"] for row in read_trials(out))
     console.print(
         f"hypervolume {summary.get('hypervolume', 0):.4f} over {summary.get('trials', 0)} trials "
         f"({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}) in {summary['wall_seconds']:.0f} s"
@@ -152,8 +197,9 @@ def _search(args: argparse.Namespace, spec: SearchSpec) -> int:
             f"front hypervolume / reference's = {'-' if ratio is None else f'{ratio:.3f}'}"
         )
     if front.num_rows == 0:
-        raise XKDError(f"{args.out}: no trial finished ok, so the Pareto front is empty; see trials.parquet")
-    console.print(f"knee student: {load_pareto_student(args.out, prefer='knee').path}")
+        raise XKDError(f"{out}: no trial finished ok, so the Pareto front is empty; see trials.parquet")
+    knee = load_pareto_student(out, prefer="knee").path
+    console.print(f"knee student: {knee if storage is None else storage.url_of(knee.relative_to(out).as_posix())}")
     return 0
 
 

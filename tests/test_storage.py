@@ -1,0 +1,182 @@
+"""``--out s3://bucket/prefix`` against a real S3-compatible server process (moto's server mode on
+127.0.0.1, started by the suite): bad endpoints, credentials, buckets and prefixes refused before
+any trial; a search that writes there, resumes there, and whose student loads in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import REPO, _free_port, smoke_space, start_s3_server
+from xkd_ray.errors import XKDConfigError
+from xkd_ray.experiment_folder import MANIFEST
+from xkd_ray.search import main as search_main
+from xkd_ray.storage import Storage, open_storage, registry_snapshot, staging_folder
+
+
+def _refused(capsys, space, url: str) -> str:
+    """Run `xkd search` on ``url``; it must exit 2 with exactly one error line, before any Ray work."""
+    assert search_main(["--space", str(space), "--out", url, "--no-live"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert not staging_folder(url).exists() or not any(staging_folder(url).iterdir())
+    return error
+
+
+def _objects(filesystem: pafs.FileSystem, prefix: str) -> list[str]:
+    if filesystem.get_file_info(prefix).type == pafs.FileType.NotFound:
+        return []
+    found = filesystem.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    return sorted(info.path for info in found if info.type == pafs.FileType.File)
+
+
+def test_unreachable_endpoint_missing_bucket_and_bad_names_are_refused(s3_server, tmp_path, cache_dir, capsys):
+    space = smoke_space(tmp_path, cache_dir)
+    assert "the bucket 'no-such-bucket' does not exist" in _refused(capsys, space, "s3://no-such-bucket/run")
+    assert "not a valid S3 bucket name" in _refused(capsys, space, "s3://Bad_Bucket/run")
+    assert "give a prefix inside the bucket" in _refused(capsys, space, "s3://xkd")
+    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    env = {**os.environ, "AWS_ENDPOINT_URL": closed}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(space), "--out", "s3://xkd/x"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().count("\n") == 0
+    assert f"cannot reach the S3 endpoint {closed}" in run.stderr
+    assert _objects(s3_server, "xkd") == []  # nothing half-written on storage
+
+
+def test_credentials_the_server_refuses_are_refused(tmp_path, cache_dir, monkeypatch):
+    """A second server that checks signatures (moto's IAM mode): a made-up key and a wrong secret for
+    a real key are both refused in one line; the real key works."""
+    port = _free_port()
+    server = start_s3_server(port, {"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+        iam.create_user(UserName="xkd")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="xkd", PolicyName="all", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="xkd")["AccessKey"]
+        good = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id=good["AWS_ACCESS_KEY_ID"], aws_secret_access_key=good["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket="locked")  # fmt: skip
+        for name, value in good.items():  # the AWS SDK reads credentials from the process environment
+            monkeypatch.setenv(name, value)
+        assert open_storage("s3://locked/run").url == "s3://locked/run"
+        for name, wrong in (("AWS_ACCESS_KEY_ID", "AKIAMADEUP0000000000"), ("AWS_SECRET_ACCESS_KEY", "not-it")):
+            monkeypatch.setenv(name, wrong)
+            with pytest.raises(XKDConfigError) as refused:
+                open_storage("s3://locked/run")
+            assert "refused the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)" in str(refused.value)
+            monkeypatch.setenv(name, good[name])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_prefix_holding_other_files_or_another_search_is_refused(s3_server, tmp_path, cache_dir, capsys):
+    space = smoke_space(tmp_path, cache_dir)
+    with s3_server.open_output_stream("xkd/not-a-search/notes.txt") as stream:
+        stream.write(b"someone else's")
+    error = _refused(capsys, space, "s3://xkd/not-a-search")
+    assert "holds 1 files that are not an xkd search (no experiment.json), e.g. notes.txt" in error
+    # A prefix with another search's manifest: refused without --resume, and with --resume for another space.
+    storage = open_storage("s3://xkd/other-search")
+    staging = staging_folder(storage.url)
+    staging.mkdir(parents=True, exist_ok=True)
+    from xkd_ray.experiment_folder import FolderLock, open_experiment
+    from xkd_ray.space import load_search_space
+
+    with FolderLock(staging) as lock:
+        open_experiment(staging, load_search_space(space), resume=False, allow_space_change=False, trust=False)
+        lock.claim()
+    storage.upload(staging / MANIFEST, MANIFEST)
+    assert "already holds a search; pass --resume" in _refused_after_download(capsys, space, storage.url, [])
+    other = yaml.safe_load(space.read_text())
+    other["base"]["distill"]["epochs"] = 1
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(other))
+    error = _refused_after_download(capsys, changed, storage.url, ["--resume"])
+    assert "space differs" in error and "base.distill.epochs" in error
+    assert _objects(s3_server, "xkd/other-search") == ["xkd/other-search/experiment.json"]
+
+
+def _refused_after_download(capsys, space, url: str, extra: list[str]) -> str:
+    assert search_main(["--space", str(space), "--out", url, "--no-live", *extra]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    return error
+
+
+@pytest.mark.slow
+def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_local, tmp_path, capsys):
+    """A search on s3 interrupted after its first trial, resumed from another staging folder (as on
+    another machine) to its 3 trials: Tune's state, Train's checkpoints, the registry and the teacher /
+    explanation cache are all on storage; the knee student loads from s3 in a fresh process."""
+    space = smoke_space(tmp_path, str(tmp_path / "cache"), trials=3, max_concurrent_trials=1)
+    url = "s3://xkd/search-1"
+    storage = Storage(url=url, filesystem=s3_server, root="xkd/search-1")
+    log = open(tmp_path / "search.log", "w")
+    search = subprocess.Popen(
+        [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(space), "--out", url, "--no-live",
+         "--address", "local"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not storage.exists("summary.json") and time.monotonic() < deadline:
+            time.sleep(1.0)
+        search.send_signal(signal.SIGINT)
+        code = search.wait(timeout=300)
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+        log.close()
+    output = (tmp_path / "search.log").read_text()
+    assert code == 130, output[-3000:]
+    objects = storage.files()
+    for expected in ("experiment.json", "trials.parquet", "summary.json", "optuna.journal", "pareto/front.parquet"):
+        assert expected in objects, objects
+    for folder in ("tune/", "train/trial-", "students/", "cache/explanations/", "cache/teachers/teacher-"):
+        assert any(p.startswith(folder) for p in objects), (folder, objects)
+    before = len(pq.read_table(s3_server.open_input_file(storage.path("trials.parquet"))))
+    assert 1 <= before < 3
+
+    shutil.rmtree(staging_folder(url))
+    assert search_main(["--space", str(space), "--out", url, "--no-live", "--resume"]) == 0
+    assert f"knee student: {url}/pareto/" in capsys.readouterr().out
+    trials = pq.read_table(s3_server.open_input_file(storage.path("trials.parquet"))).to_pylist()
+    assert len({row["trial_id"] for row in trials}) == 3
+    summary = json.loads(registry_snapshot(url).joinpath("summary.json").read_text())
+    assert summary["trials"] == 3
+
+    # A fresh process with no staging folder and no Ray loads the knee student from s3 and runs it.
+    shutil.rmtree(staging_folder(url))
+    code = (
+        "import torch, sys; from xkd_ray.pareto import load_pareto_student; "
+        f"s = load_pareto_student({url!r}); x = torch.zeros(2, 1, 16, 16); "
+        "print('logits', tuple(s.model(x).shape)); assert 'ray' not in sys.modules"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "logits (2, 10)" in loaded.stdout
+    # `xkd pareto s3://...` prints the same front.
+    shown = subprocess.run([sys.executable, "-m", "xkd_ray.cli", "pareto", url], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert f"hypervolume {summary['hypervolume']:.4f} after 3 trials" in " ".join(shown.stdout.split())
