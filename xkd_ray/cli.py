@@ -69,12 +69,26 @@ def check_cache_folder(config: ExperimentConfig) -> None:
 
 
 def command_teacher(args: argparse.Namespace) -> int:
-    from xkd_ray.prepared import prepare
-
+    """Train (or reuse) the teacher and cache its explanations: in this process (``--workers 0``,
+    the default), or with Ray Train and Ray actors over ``--workers N`` workers, writing the same
+    cache files either way."""
     config = config_from_args(args)
+    if args.workers is not None and args.workers < 0:
+        raise XKDConfigError(f"--workers: got {args.workers}; must be >= 0 (0: this process, no Ray)")
+    if (args.gpu or args.address) and not args.workers:
+        raise XKDConfigError("--gpu and --address need --workers N >= 1 (they configure the Ray workers)")
     check_cache_folder(config)
     started = time.perf_counter()
-    data = prepare(config, progress=True)
+    if args.workers:
+        from xkd_ray.ray_teacher import prepare_on_workers
+        from xkd_ray.ray_train import ensure_ray
+
+        ensure_ray(args.address)
+        data = prepare_on_workers(config, workers=args.workers, use_gpu=args.gpu, progress=True)
+    else:
+        from xkd_ray.prepared import prepare
+
+        data = prepare(config, progress=True)
     items: dict[str, Any] = dict(data.teacher_metrics)
     for split, path in data.cache_files.items():
         items[f"explanations[{split}]"] = f"{path} ({'cached' if data.cache_hits[split] else 'computed'})"
@@ -205,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     teacher = commands.add_parser("teacher", help="train (or reuse) the teacher and cache its explanations")
+    teacher.add_argument(
+        "--workers", type=int, help="Ray workers for training and explaining (default 0: this process, no Ray)"
+    )
+    teacher.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (bf16 autocast in training)")
+    teacher.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     _add_config_arguments(teacher)
     teacher.set_defaults(handler=command_teacher)
 

@@ -214,6 +214,59 @@ def read_teacher_outputs(path: Path) -> TeacherOutputs:
     return TeacherOutputs(torch.from_numpy(logits.copy()), maps_tensor, int(info["degenerate_maps"]), **aucs)
 
 
+def explain_settings(explainer: str, layer: str | None, ig_steps: int, blur_sigma: float) -> dict[str, Any]:
+    """The ``explain.*`` values that key the cache: the explainer, its layer, and only the settings
+    that explainer reads (so a setting it ignores never splits the cache)."""
+    if explainer not in EXPLAINERS:
+        raise XKDConfigError(f"explain.explainer: got {explainer!r}; allowed values are {', '.join(EXPLAINERS)}")
+    every = {"ig_steps": ig_steps, "blur_sigma": blur_sigma}
+    return {"explainer": explainer, "layer": layer, **{k: every[k] for k in EXPLAINERS[explainer].settings}}
+
+
+def teacher_cache_file(
+    cache_dir: str | Path, teacher_id: str, settings: dict[str, Any], data_fingerprint: str, split: str
+) -> Path:
+    """The cache file of one split's teacher outputs (``cache_path`` of ``cache_key``)."""
+    return cache_path(cache_dir, split, cache_key(teacher_id, settings, data_fingerprint, split))
+
+
+def read_cached_teacher_outputs(path: Path, images: torch.Tensor, split: str) -> TeacherOutputs:
+    """Read a cache file and check it still fits the split it claims to describe."""
+    outputs = read_teacher_outputs(path)
+    if len(outputs.logits) != len(images) or outputs.maps.shape[-2:] != images.shape[-2:]:
+        raise XKDDataError(f"{path}: cached explanations do not match the {split} split; delete the file")
+    return outputs
+
+
+def explain_batch(
+    teacher: nn.Module, images: torch.Tensor, settings: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The teacher's logits and its maps for its own top-1 class on one batch (CPU float32).
+
+    The unit of work of the distributed explanation job (``xkd_ray.ray_teacher``): each map
+    depends only on its own image, so any split into batches gives the same maps."""
+    logits = predict_logits(teacher, images, len(images))
+    maps = explain_maps(
+        teacher,
+        images,
+        logits.argmax(dim=1),
+        explainer=settings["explainer"],
+        layer=settings["layer"],
+        ig_steps=settings.get("ig_steps", 32),
+        blur_sigma=settings.get("blur_sigma", 1.0),
+        batch_size=max(1, len(images)),
+    )
+    return logits, maps.maps, maps.degenerate_maps
+
+
+def teacher_faithfulness(teacher: nn.Module, images: torch.Tensor, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Deletion / insertion AUCs of the teacher with its maps on the split's first ``IMAGES``
+    images (the same images as the students', so the numbers compare)."""
+    subset = images[:IMAGES].to(next(teacher.parameters()).device)
+    curves = perturbation_curves(teacher, subset, maps[:IMAGES])
+    return {"deletion_auc": curve_auc(curves[0]).cpu(), "insertion_auc": curve_auc(curves[1]).cpu()}
+
+
 def cached_teacher_outputs(
     teacher: nn.Module,
     teacher_id: str,
@@ -233,15 +286,10 @@ def cached_teacher_outputs(
 
     Returns the outputs, the cache file and whether it was a cache hit.
     """
-    every = {"ig_steps": ig_steps, "blur_sigma": blur_sigma}
-    settings = {"explainer": explainer, "layer": layer, **{k: every[k] for k in EXPLAINERS[explainer].settings}}
-    key = cache_key(teacher_id, settings, data_fingerprint, split)
-    path = cache_path(cache_dir, split, key)
+    settings = explain_settings(explainer, layer, ig_steps, blur_sigma)
+    path = teacher_cache_file(cache_dir, teacher_id, settings, data_fingerprint, split)
     if path.exists():
-        outputs = read_teacher_outputs(path)
-        if len(outputs.logits) != len(images) or outputs.maps.shape[-2:] != images.shape[-2:]:
-            raise XKDDataError(f"{path}: cached explanations do not match the {split} split; delete the file")
-        return outputs, path, True
+        return read_cached_teacher_outputs(path, images, split), path, True
     logits = predict_logits(teacher, images, batch_size)
     explained = explain_maps(
         teacher,
@@ -255,11 +303,8 @@ def cached_teacher_outputs(
         progress=progress,
         description=f"teacher {explainer} ({split})",
     )
-    aucs = {}
-    if split != "train":  # metrics read val and test only; the first IMAGES images, as for students
-        subset = images[:IMAGES].to(next(teacher.parameters()).device)
-        curves = perturbation_curves(teacher, subset, explained.maps[:IMAGES])
-        aucs = {"deletion_auc": curve_auc(curves[0]).cpu(), "insertion_auc": curve_auc(curves[1]).cpu()}
+    # Metrics read val and test only; the first IMAGES images, as for students.
+    aucs = teacher_faithfulness(teacher, images, explained.maps) if split != "train" else {}
     outputs = TeacherOutputs(logits, explained.maps, explained.degenerate_maps, **aucs)
     write_teacher_outputs(path, outputs, {"split": split, "teacher": teacher_id, **settings})
     return outputs, path, False

@@ -52,7 +52,12 @@ class DistillData:
 
 def prepare(config: ExperimentConfig, progress: bool = True) -> DistillData:
     """Load the data, get the teacher, and read (or compute once) its cached explanations."""
-    splits = load_splits(config.data)
+    return prepare_splits(config, load_splits(config.data), progress=progress)
+
+
+def prepare_splits(config: ExperimentConfig, splits: Splits, progress: bool = True) -> DistillData:
+    """``prepare`` on splits already loaded (``ray_teacher.prepare_on_workers`` loads them once to
+    find what is missing from the caches, then assembles the bundle here)."""
     teacher = load_or_train_teacher(config, splits, progress=progress)
     outputs: dict[str, TeacherOutputs] = {}
     files: dict[str, str] = {}

@@ -17,7 +17,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -321,8 +321,27 @@ def make_trainer(
     objectives: tuple[str, ...] = (),
     storage_filesystem: Any = None,
 ) -> DataParallelTrainer:
-    """A Ray Train run of ``worker_loop``. ``objectives``: metrics a diverged run still reports
-    (as NaN), because Tune checks every report for the search's objectives. With
+    """A Ray Train run of the students' ``worker_loop``. ``objectives``: metrics a diverged run
+    still reports (as NaN), because Tune checks every report for the search's objectives."""
+    extra = {"data_ref": data_ref, "objectives": list(objectives)}
+    return build_trainer(
+        worker_loop, config, extra, name=name, storage_path=storage_path,
+        storage_filesystem=storage_filesystem, callbacks=callbacks,
+    )  # fmt: skip
+
+
+def build_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    config: ExperimentConfig,
+    loop_config: dict[str, Any],
+    *,
+    name: str,
+    storage_path: str | Path,
+    storage_filesystem: Any = None,
+    callbacks: list[Any] | None = None,
+) -> DataParallelTrainer:
+    """A Ray Train run of ``loop`` (students' and teacher's alike) over ``config.ray``'s workers;
+    ``loop`` gets ``loop_config`` plus ``config`` (as a dict) and ``run_folder``. With
     ``storage_filesystem`` (object storage, ``xkd_ray.storage``), ``storage_path`` is a path in it.
 
     Several workers train with DDP (``TorchTrainer``: a gloo / nccl process group). One worker
@@ -342,12 +361,7 @@ def make_trainer(
     if ray_settings.use_gpu:
         resources["GPU"] = 1
     common: dict[str, Any] = {
-        "train_loop_config": {
-            "config": config.to_dict(),
-            "data_ref": data_ref,
-            "run_folder": run_folder,
-            "objectives": list(objectives),
-        },
+        "train_loop_config": {**loop_config, "config": config.to_dict(), "run_folder": run_folder},
         "scaling_config": ScalingConfig(
             num_workers=ray_settings.num_workers, use_gpu=ray_settings.use_gpu, resources_per_worker=resources
         ),
@@ -361,10 +375,8 @@ def make_trainer(
         ),
     }
     if ray_settings.num_workers == 1:
-        return DataParallelTrainer(worker_loop, backend_config=BackendConfig(), **common)
-    return TorchTrainer(
-        worker_loop, torch_config=TorchConfig(backend="nccl" if ray_settings.use_gpu else "gloo"), **common
-    )
+        return DataParallelTrainer(loop, backend_config=BackendConfig(), **common)
+    return TorchTrainer(loop, torch_config=TorchConfig(backend="nccl" if ray_settings.use_gpu else "gloo"), **common)
 
 
 def read_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:

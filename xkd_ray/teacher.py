@@ -3,6 +3,8 @@ hash of its training config and the exact data, so every later run and trial reu
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,33 +45,68 @@ def teacher_architecture(config: ExperimentConfig, splits: Splits) -> dict[str, 
     }
 
 
+def make_teacher_optimizer(
+    config: ExperimentConfig, model: nn.Module
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW + a per-epoch cosine schedule: one definition for the plain loop and the Ray loop,
+    so a teacher trained either way follows the same recipe."""
+    settings = config.teacher
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+
+
+def train_teacher_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """One pass of cross-entropy training over ``loader``.
+
+    Returns the *sum* of per-image losses (a tensor on ``device``, never synced to the host inside
+    the loop) and the number of images, so DDP workers can all-reduce both before dividing: the
+    mean over shards of per-shard means would weigh a short last shard wrongly."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), device=device)
+    count = 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        autocast = (
+            torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            loss = loss_fn(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(labels)
+        count += len(labels)
+    return loss_sum, count
+
+
 def train_teacher(config: ExperimentConfig, splits: Splits, progress: bool = True) -> nn.Module:
-    """Plain supervised training (AdamW + cosine schedule); the teacher is then frozen."""
+    """Plain single-process supervised training (AdamW + cosine schedule); the teacher is then frozen."""
     settings = config.teacher
     torch.manual_seed(settings.seed)
     model = build_teacher(**teacher_architecture(config, splits))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    optimizer, scheduler = make_teacher_optimizer(config, model)
     dataset = TensorDataset(splits.train.images, splits.train.labels)
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
-    loss_fn = nn.CrossEntropyLoss()
     with track("teacher epochs", settings.epochs, progress) as bar:
         for _ in range(settings.epochs):
-            model.train()
-            loss_sum: torch.Tensor | float = 0.0
-            for images, labels in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(images), labels)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * len(labels)
+            loss_sum, count = train_teacher_epoch(model, loader, optimizer)
             scheduler.step()
-            bar.advance(loss=float(loss_sum) / len(dataset))
+            bar.advance(loss=float(loss_sum) / count)
     return model.eval()
 
 
-def _split_accuracies(model: nn.Module, splits: Splits, names: tuple[str, ...]) -> dict[str, float]:
+def split_accuracies(model: nn.Module, splits: Splits, names: tuple[str, ...]) -> dict[str, float]:
     return {
         f"{name}_accuracy": accuracy(predict_logits(model, splits.split(name).images), splits.split(name).labels)
         for name in names
@@ -89,21 +126,58 @@ def _load_checkpoint(config: ExperimentConfig, splits: Splits) -> Teacher:
         )
     model = load_weights_into(build_teacher(**architecture), weights).eval()
     identity = stable_hash({"checkpoint": file_hash(weights), "data": splits.fingerprint()})
-    return Teacher(model, identity, _split_accuracies(model, splits, ("test",)))
+    return Teacher(model, identity, split_accuracies(model, splits, ("test",)))
+
+
+def teacher_directory(config: ExperimentConfig, splits: Splits) -> Path:
+    """Where the trained teacher is cached: the one folder every path (plain loop, Ray Train) writes
+    and ``load_or_train_teacher`` reads."""
+    return Path(config.explain.cache_dir) / "teachers" / f"teacher-{teacher_id(config, splits)}"
+
+
+def cached_teacher(config: ExperimentConfig, splits: Splits) -> Teacher | None:
+    """The teacher ``load_or_train_teacher`` would return without training, or None if it must train."""
+    if config.teacher.checkpoint:
+        return _load_checkpoint(config, splits)
+    directory = teacher_directory(config, splits)
+    if not (directory / "model.pt").exists():
+        return None
+    model = load_weights_into(build_teacher(**teacher_architecture(config, splits)), directory / "model.pt").eval()
+    return Teacher(model, teacher_id(config, splits), read_json(directory / "metrics.json"))
+
+
+def save_teacher(
+    config: ExperimentConfig,
+    splits: Splits,
+    model: nn.Module,
+    *,
+    training: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+) -> Teacher:
+    """Write a freshly trained teacher into its cache folder (model.pt, config.json, metrics.json).
+
+    ``training`` says how it was trained (``{"backend": "plain", "workers": 0}``, or Ray Train's
+    worker count and node ids) and is kept in config.json, next to the architecture, so a cached
+    teacher can be traced to the machines that made it. ``metrics``: the val/test accuracies when
+    the caller already measured them (Ray workers do, to keep the driver light); else measured here.
+    """
+    model = model.eval()
+    if metrics is None:
+        metrics = split_accuracies(model, splits, ("val", "test"))
+    saved_config = {
+        "architecture": teacher_architecture(config, splits),
+        "teacher": config.to_dict()["teacher"],
+        "data": splits.describe(),
+        "training": training,
+    }
+    write_model_folder(teacher_directory(config, splits), model, saved_config, metrics)
+    return Teacher(model, teacher_id(config, splits), dict(metrics))
 
 
 def load_or_train_teacher(config: ExperimentConfig, splits: Splits, progress: bool = True) -> Teacher:
     """Reuse the teacher saved under its config hash (or ``teacher.checkpoint``); train it otherwise."""
-    if config.teacher.checkpoint:
-        return _load_checkpoint(config, splits)
-    architecture = teacher_architecture(config, splits)
-    identity = teacher_id(config, splits)
-    directory = Path(config.explain.cache_dir) / "teachers" / f"teacher-{identity}"
-    if (directory / "model.pt").exists():
-        model = load_weights_into(build_teacher(**architecture), directory / "model.pt").eval()
-        return Teacher(model, identity, read_json(directory / "metrics.json"))
+    cached = cached_teacher(config, splits)
+    if cached is not None:
+        return cached
     model = train_teacher(config, splits, progress=progress)
-    metrics = _split_accuracies(model, splits, ("val", "test"))
-    saved_config = {"architecture": architecture, "teacher": config.to_dict()["teacher"], "data": splits.describe()}
-    write_model_folder(directory, model, saved_config, metrics)
-    return Teacher(model, identity, metrics)
+    return save_teacher(config, splits, model, training={"backend": "plain", "workers": 0})

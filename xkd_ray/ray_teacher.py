@@ -1,0 +1,459 @@
+"""The teacher on the cluster: its training as a Ray Train run, its explanations as a Ray job.
+
+``prepare`` (xkd_ray/prepared.py) does both in the calling process; ``prepare_on_workers`` gives
+the same ``DistillData`` but trains the teacher (only if it is not cached) with DDP over Ray Train
+workers and computes the explanation caches (only the splits not cached) on Ray actors, so the
+head node's driver only loads the data, dispatches, and writes the files every later run reads.
+
+* Training: ``teacher_worker_loop`` is ``teacher.train_teacher_epoch`` (the plain loop's math)
+  under DDP, with a ``DistributedSampler``, bf16 autocast on GPUs (``ray_train._amp_dtype``, the
+  students' rule), a checkpoint per epoch and Ray Train's restart from the last one when a worker
+  dies (``FailureConfig``). The result goes into the same cache folder, under the same teacher id,
+  as the plain loop's (``teacher.save_teacher``), with the worker count and the Ray node ids of
+  the workers in its config.json. On CPU the teacher's BatchNorm uses per-shard statistics (DDP
+  broadcasts rank 0's running stats each step); on GPUs it is converted to SyncBatchNorm.
+* Explanations: Ray actors over batches (``ray.util.ActorPool``; each actor loads the teacher
+  once), not Ray Data ``map_batches``. Measured (IG, 32 steps, digits train split, 1,168 16x16
+  images, width-8 teacher, 2-core machine shared with other jobs, load ~10): actors 9.2 s on 1
+  worker / 18.1 s on 2, Ray Data's actor pool of 2 33.2 s (batch 128) / 46.9 s (batch 306): the
+  dataset's start-up and streaming executor cost more than a small node has to spare, and actors
+  return batches in order without a sort. (2 workers beat 1 only where there are idle cores.)
+  Maps are computed in float32 (no autocast), batch by batch with ``explain.explain_batch``: each
+  map depends only on its own image, so they equal the single-process ones up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+from ray.util import ActorPool
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from xkd_ray.config import ExperimentConfig
+from xkd_ray.data import load_splits
+from xkd_ray.errors import XKDConfigError
+from xkd_ray.explain import (
+    TeacherOutputs,
+    explain_batch,
+    explain_settings,
+    teacher_cache_file,
+    teacher_faithfulness,
+    write_teacher_outputs,
+)
+from xkd_ray.faithfulness import IMAGES
+from xkd_ray.faults import fault_rule
+from xkd_ray.models import build_teacher
+from xkd_ray.prepared import DistillData, prepare_splits
+from xkd_ray.progress import track
+from xkd_ray.ray_train import (
+    DEFAULT_POLL_INTERVAL_S,
+    FAULT_MARKER,
+    POLL_INTERVAL_ENV,
+    _amp_dtype,
+    _rng_state,
+    _set_rng_state,
+    build_trainer,
+    ensure_ray,
+    quick_polling,
+)
+from xkd_ray.splits import SPLIT_NAMES, Splits
+from xkd_ray.storage import Storage
+from xkd_ray.teacher import (
+    Teacher,
+    cached_teacher,
+    make_teacher_optimizer,
+    save_teacher,
+    split_accuracies,
+    teacher_architecture,
+    teacher_id,
+    train_teacher_epoch,
+)
+
+TEACHER_CHECKPOINT_FILE = "teacher.pt"
+# Fault rules (xkd_ray.faults) fire in a teacher run only when their ``when`` names this stage, so
+# a rule written for students never kills a teacher run and vice versa:
+#   {"fault": "kill_worker", "epoch": 1, "when": {"stage.name": "teacher"}}
+STAGE = {"stage": {"name": "teacher"}}
+
+
+# ----------------------------------------------------------------------------- progress relay
+
+
+@ray.remote(num_cpus=0)
+class _ProgressBox:
+    """Where rank 0 drops (units, fields) as it goes; the driver drains it into ``track``.
+
+    Workers' stdout does not reach the driver (``ensure_ray`` starts Ray with
+    ``log_to_driver=False``) and Ray Train's callbacks run in its controller actor, so an actor
+    is the one place both sides can reach, on any node. Zero CPUs: it must never wait for the
+    workers' CPUs to be freed."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, dict[str, Any]]] = []
+
+    def push(self, units: int, fields: dict[str, Any]) -> None:
+        self.events.append((units, fields))
+
+    def drain(self) -> list[tuple[int, dict[str, Any]]]:
+        events, self.events = self.events, []
+        return events
+
+
+@contextlib.contextmanager
+def _relayed_progress(box: ray.actor.ActorHandle, description: str, total: int, enabled: bool) -> Iterator[None]:
+    """Show ``box``'s events through ``track`` from a background thread while the block runs
+    (``fit()`` blocks the calling thread)."""
+    stop = threading.Event()
+
+    def relay(bar: track) -> None:
+        while True:
+            stopping = stop.wait(0.5)
+            for units, fields in ray.get(box.drain.remote()):
+                bar.advance(units, **fields)
+            if stopping:
+                return
+
+    with track(description, total, enabled) as bar:
+        thread = threading.Thread(target=relay, args=(bar,), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _world() -> tuple[int, int]:
+    context = ray.train.get_context()
+    return context.get_world_size(), context.get_world_rank()
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _node_ids_by_rank() -> list[str]:
+    """The Ray node id of every worker, in rank order (one collective; no process group when a
+    single worker trains)."""
+    mine = ray.get_runtime_context().get_node_id()
+    if not _distributed():
+        return [mine]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return [str(node) for node in gathered]
+
+
+def _maybe_kill_teacher_worker(config: ExperimentConfig, epoch: int, run_folder: str) -> None:
+    """Test hook, the students' ``ray_train._maybe_kill_worker`` for the teacher: the last worker
+    SIGKILLs itself at the start of the rule's epoch, once per run, after three of the
+    controller's poll intervals so the previous epoch's checkpoint has been collected (the fault
+    under test is "a worker dies after a checkpoint")."""
+    rule = fault_rule("kill_worker", {**config.to_dict(), **STAGE})
+    if rule is None or epoch != rule.get("epoch") or rule.get("when", {}).get("stage.name") != "teacher":
+        return
+    world, rank = _world()
+    marker = Path(run_folder) / FAULT_MARKER
+    if marker.exists() or rank != world - 1:
+        return
+    interval = float(os.environ.get(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_S))
+    time.sleep(3 * max(interval, DEFAULT_POLL_INTERVAL_S))
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _read_state(checkpoint: Checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / TEACHER_CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def _report(report: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """Report an epoch; rank 0 (the only one passing ``state``) attaches the checkpoint."""
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if state is not None:
+            torch.save(state, Path(directory) / TEACHER_CHECKPOINT_FILE)
+            checkpoint = Checkpoint.from_directory(directory)
+        ray.train.report(report, checkpoint=checkpoint)
+
+
+def teacher_worker_loop(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: resume from the last checkpoint, train the teacher one
+    epoch at a time with DDP, checkpoint every epoch; the last checkpoint also holds the val/test
+    accuracies (measured on rank 0, so the driver never runs the model)."""
+    config = ExperimentConfig.from_dict(loop_config["config"])
+    splits: Splits = ray.get(loop_config["splits_ref"])
+    box = loop_config["progress"]
+    world, rank = _world()
+    device = ray.train.torch.get_device()
+    settings = config.teacher
+    if config.ray.threads_per_worker:
+        torch.set_num_threads(config.ray.threads_per_worker)
+    torch.manual_seed(settings.seed)
+    model: nn.Module = build_teacher(**teacher_architecture(config, splits))
+    if device.type == "cuda" and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state_dict keys
+    optimizer, scheduler = make_teacher_optimizer(config, model)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] | None = None
+    if checkpoint is not None:
+        state = _read_state(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+    node_ids = _node_ids_by_rank()
+    model = ray.train.torch.prepare_model(model)
+    dataset = TensorDataset(splits.train.images, splits.train.labels)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
+    loader = DataLoader(dataset, batch_size=max(1, settings.batch_size // world), sampler=sampler)
+    amp_dtype = _amp_dtype(config, device)
+    if start_epoch >= settings.epochs and state is not None:
+        # A finished run restored from storage (its driver died before saving the teacher): hand
+        # the final state back unchanged.
+        _report({"epoch": state["epoch"], "restored": True}, state if rank == 0 else None)
+        return
+    for epoch in range(start_epoch, settings.epochs):
+        _maybe_kill_teacher_worker(config, epoch, loop_config["run_folder"])
+        sampler.set_epoch(epoch)
+        loss_sum, count = train_teacher_epoch(model, loader, optimizer, device=device, amp_dtype=amp_dtype)
+        scheduler.step()
+        totals = torch.stack([loss_sum.float(), torch.tensor(float(count), device=device)])
+        if _distributed():
+            dist.all_reduce(totals)
+        record = {
+            "epoch": epoch,
+            "loss": float(totals[0] / totals[1]),
+            "start_epoch": start_epoch,
+            "workers": world,
+            "node_ids": node_ids,
+            "amp": None if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+            "wall_time": time.time(),
+        }
+        history.append(record)
+        epoch_state = None
+        if rank == 0:
+            bare = model.module if hasattr(model, "module") else model
+            epoch_state = {
+                "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "rng": _rng_state(),
+                "history": history,
+            }
+            if epoch == settings.epochs - 1:
+                epoch_state["metrics"] = split_accuracies(bare.eval(), splits, ("val", "test"))
+            box.push.remote(1, {"loss": record["loss"]})
+        _report({key: value for key, value in record.items() if key != "node_ids"}, epoch_state)
+
+
+def train_teacher_with_ray(
+    config: ExperimentConfig,
+    splits: Splits,
+    *,
+    workers: int,
+    use_gpu: bool = False,
+    progress: bool = True,
+    storage_path: str | Path | None = None,
+    storage_filesystem: Any = None,
+) -> Teacher:
+    """Train the teacher as a Ray Train run over ``workers`` workers and save it into the teacher
+    cache (``teacher.teacher_directory``), where ``load_or_train_teacher`` finds it.
+
+    The run is named after the teacher id, under ``storage_path`` (default
+    ``<explain.cache_dir>/ray_train``): a driver that dies mid-run and is started again resumes
+    the same run from its last checkpoint. Ray must be initialised (``ensure_ray``)."""
+    if workers < 1:
+        raise XKDConfigError(f"--workers: got {workers}; Ray Train needs >= 1 worker (0 = the plain loop)")
+    config = config.with_overrides({"ray.num_workers": workers, "ray.use_gpu": use_gpu})
+    name = f"teacher-{teacher_id(config, splits)}"
+    storage = storage_path or Path(config.explain.cache_dir) / "ray_train"
+    box = _ProgressBox.remote()
+    try:
+        trainer = build_trainer(
+            teacher_worker_loop, config, {"splits_ref": ray.put(splits), "progress": box},
+            name=name, storage_path=storage, storage_filesystem=storage_filesystem,
+        )  # fmt: skip
+        with quick_polling(), _relayed_progress(box, "teacher epochs (Ray Train)", config.teacher.epochs, progress):
+            result = trainer.fit()
+    finally:
+        ray.kill(box)
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    state = _read_state(result.checkpoint)
+    model = build_teacher(**teacher_architecture(config, splits))
+    model.load_state_dict(state["model"])
+    history = list(state["history"])
+    training = {
+        "backend": "ray_train",
+        "workers": workers,
+        "use_gpu": use_gpu,
+        "amp": history[-1]["amp"],
+        "node_ids": sorted({node for record in history for node in record["node_ids"]}),
+        "worker_node_ids": history[-1]["node_ids"],  # by rank, the attempt that finished
+        "resumed_from_checkpoint": any(record["start_epoch"] > 0 for record in history),
+        "run": f"{storage}/{name}" if storage_filesystem is not None else str(Path(storage).resolve() / name),
+        "history": [{k: v for k, v in record.items() if k != "node_ids"} for record in history],
+    }
+    return save_teacher(config, splits, model, training=training, metrics=dict(state["metrics"]))
+
+
+# ----------------------------------------------------------------------------- explanations
+
+
+@ray.remote
+class TeacherExplainer:
+    """One explanation worker: loads the teacher once, then explains batch after batch."""
+
+    def __init__(self, architecture: dict[str, Any], state: dict[str, torch.Tensor], threads: int) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        model = build_teacher(**architecture)
+        model.load_state_dict(state)
+        self.teacher = model.to(device).eval()
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def explain(self, images: np.ndarray, settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int, str]:
+        logits, maps, degenerate = explain_batch(self.teacher, torch.tensor(images), settings)
+        return logits.numpy(), maps.numpy(), degenerate, self.node_id
+
+    def faithfulness(self, images: np.ndarray, maps: np.ndarray) -> dict[str, torch.Tensor]:
+        return teacher_faithfulness(self.teacher, torch.tensor(images), torch.tensor(maps))
+
+
+def _chunks(count: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
+    """Batches of at most ``batch_size`` images, at least two per worker when the split allows,
+    so a small split still keeps every worker busy (maps do not depend on the batching)."""
+    size = max(1, min(batch_size, math.ceil(count / (2 * workers))))
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def explain_on_workers(
+    teacher: Teacher,
+    splits: Splits,
+    names: list[str],
+    config: ExperimentConfig,
+    *,
+    workers: int,
+    use_gpu: bool = False,
+    progress: bool = True,
+) -> dict[str, tuple[TeacherOutputs, list[str]]]:
+    """The teacher's outputs for the splits ``names``, computed by ``workers`` Ray actors (one
+    GPU each when ``use_gpu``), with the Ray node ids that computed each split. The batches of
+    all splits form one queue, so one split's tail overlaps the next split's head."""
+    if workers < 1:
+        raise XKDConfigError(f"--workers: got {workers}; the explanation job needs >= 1 worker")
+    explain = config.explain
+    settings = explain_settings(explain.explainer, explain.layer, explain.ig_steps, explain.blur_sigma)
+    state_ref = ray.put({k: v.detach().cpu() for k, v in teacher.model.state_dict().items()})
+    options = {"num_cpus": config.ray.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
+    architecture = teacher_architecture(config, splits)
+    actors = [
+        TeacherExplainer.options(**options).remote(architecture, state_ref, config.ray.threads_per_worker)
+        for _ in range(workers)
+    ]
+    try:
+        work = [
+            (name, start, stop)
+            for name in names
+            for start, stop in _chunks(len(splits.split(name)), explain.batch_size, workers)
+        ]
+        images = {name: splits.split(name).images.numpy() for name in names}
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray, int, str]]] = {name: [] for name in names}
+        total = sum(len(splits.split(name)) for name in names)
+        description = f"teacher {explain.explainer} on {workers} Ray workers ({', '.join(names)})"
+        pool = ActorPool(actors)
+        with track(description, total, progress) as bar:
+            batches = pool.map(
+                lambda actor, item: actor.explain.remote(images[item[0]][item[1] : item[2]], settings), work
+            )
+            for (name, start, stop), result in zip(work, batches, strict=True):
+                parts[name].append(result)
+                bar.advance(stop - start)
+        results: dict[str, tuple[TeacherOutputs, list[str]]] = {}
+        auc_refs = {}
+        for index, name in enumerate(names):
+            logits = torch.from_numpy(np.concatenate([part[0] for part in parts[name]]))
+            maps = torch.from_numpy(np.concatenate([part[1] for part in parts[name]]))
+            outputs = TeacherOutputs(logits, maps, sum(part[2] for part in parts[name]))
+            results[name] = (outputs, sorted({part[3] for part in parts[name]}))
+            if name != "train":  # as in explain.cached_teacher_outputs: val and test only
+                actor = actors[index % len(actors)]
+                auc_refs[name] = actor.faithfulness.remote(images[name][:IMAGES], maps[:IMAGES].numpy())
+        for name, ref in auc_refs.items():
+            outputs, nodes = results[name]
+            results[name] = (dataclasses.replace(outputs, **ray.get(ref)), nodes)
+        return results
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+# ----------------------------------------------------------------------------- the whole preparation
+
+
+def prepare_on_workers(
+    config: ExperimentConfig, *, workers: int, use_gpu: bool, progress: bool = True, storage: Storage | None = None
+) -> DistillData:
+    """``prepared.prepare(config)``, with the heavy parts on Ray workers: the teacher is trained by
+    Ray Train (only if it is not cached) and the explanation caches of the splits that are missing
+    are computed by Ray actors and written where ``prepare`` reads them. The bundle is then
+    assembled from the caches by ``prepare_splits``, so both paths return the same ``DistillData``
+    (``cache_hits`` saying which caches existed before this call). Joins the running Ray or
+    starts a local one (``ensure_ray``). With ``storage`` (a search on object storage), the
+    teacher's Ray Train run keeps its checkpoints there (``<out>/train/teacher-<id>``), where
+    workers on any node reach them."""
+    ensure_ray()
+    splits = load_splits(config.data)
+    teacher = cached_teacher(config, splits)
+    if teacher is None:
+        teacher = train_teacher_with_ray(
+            config, splits, workers=workers, use_gpu=use_gpu, progress=progress,
+            storage_path=None if storage is None else storage.path("train"),
+            storage_filesystem=None if storage is None else storage.filesystem,
+        )  # fmt: skip
+    explain = config.explain
+    settings = explain_settings(explain.explainer, explain.layer, explain.ig_steps, explain.blur_sigma)
+    fingerprint = splits.fingerprint()
+    files = {
+        name: teacher_cache_file(explain.cache_dir, teacher.teacher_id, settings, fingerprint, name)
+        for name in SPLIT_NAMES
+    }
+    hits = {name: path.exists() for name, path in files.items()}
+    missing = [name for name in SPLIT_NAMES if not hits[name]]
+    if missing:
+        computed = explain_on_workers(
+            teacher, splits, missing, config, workers=workers, use_gpu=use_gpu, progress=progress
+        )
+        for name, (outputs, nodes) in computed.items():
+            metadata = {"split": name, "teacher": teacher.teacher_id, **settings}
+            metadata["computed_on"] = {"backend": "ray_actors", "workers": workers, "node_ids": nodes}
+            write_teacher_outputs(files[name], outputs, metadata)
+    data = prepare_splits(config, splits, progress=False)
+    return dataclasses.replace(data, cache_hits=hits)
