@@ -46,12 +46,50 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _registered_checkpoint(run_folder: Path) -> dict[str, Any] | None:
+class Experiment:
+    """Reads the search's storage: a folder, or ``s3://bucket/prefix`` (xkd_ray.storage)."""
+
+    def __init__(self, out: str) -> None:
+        from xkd_ray.storage import is_remote, open_storage
+
+        self.storage = open_storage(out, check=False) if is_remote(out) else None
+        self.folder = None if self.storage else Path(out).resolve()
+
+    def run_snapshots(self) -> dict[str, bytes | None]:
+        """trial id -> its Ray Train run's checkpoint snapshot (None while it has none)."""
+        if self.storage is None:
+            folders = sorted((self.folder / "train").glob("trial-*"))
+            found = {f.name: (f / SNAPSHOT).read_bytes() if (f / SNAPSHOT).exists() else None for f in folders}
+        else:
+            files = self.storage.files("train")
+            runs = sorted({path.split("/")[1] for path in files if path.count("/") >= 2})
+            found = {
+                run: self.storage.read_bytes("train", run, SNAPSHOT) if f"train/{run}/{SNAPSHOT}" in files else None
+                for run in runs
+                if run.startswith("trial-")
+            }
+        return {run.removeprefix("trial-"): payload for run, payload in found.items()}
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from xkd_ray.pareto import read_trials
+
+        if self.storage is None:
+            return {row["trial_id"]: row for row in read_trials(self.folder)}
+        if not self.storage.exists("trials.parquet"):
+            return {}
+        table = pq.read_table(pa.BufferReader(self.storage.read_bytes("trials.parquet")))
+        return {row["trial_id"]: row for row in table.to_pylist()}
+
+
+def _registered_checkpoint(payload: bytes | None) -> dict[str, Any] | None:
     """The run's latest checkpoint (its folder name and epoch) once Ray Train's controller has
     registered it (a checkpoint folder alone may be a report the controller has not collected yet)."""
     try:
-        snapshot = json.loads((run_folder / SNAPSHOT).read_text())
-    except (OSError, ValueError):
+        snapshot = json.loads(payload or b"")
+    except ValueError:
         return None
     latest = snapshot.get("latest_checkpoint_result")
     if not latest:
@@ -69,14 +107,13 @@ def _alive_actors(cluster: Any) -> list[dict[str, Any]]:
 
 
 def _find_target(
-    cluster: Any, experiment: Path, finished: set[str], actor_class: str, last_epoch: int
+    cluster: Any, experiment: Experiment, finished: set[str], actor_class: str, last_epoch: int
 ) -> dict[str, Any] | None:
     """An unfinished trial with a registered checkpoint of an epoch up to ``last_epoch`` (so
     training is left to resume) and the worker node that runs its ``actor_class`` actor (its
     Ray Train worker, or its Tune driver)."""
-    for run_folder in sorted((experiment / "train").glob("trial-*")):
-        trial_id = run_folder.name.removeprefix("trial-")
-        checkpoint = _registered_checkpoint(run_folder)
+    for trial_id, payload in experiment.run_snapshots().items():
+        checkpoint = _registered_checkpoint(payload)
         if trial_id in finished or checkpoint is None or checkpoint["checkpoint_epoch"] > last_epoch:
             continue
         workers = sorted((a for a in _alive_actors(cluster) if a["class"] == actor_class), key=lambda a: a["start"])
@@ -86,12 +123,12 @@ def _find_target(
     return None
 
 
-def _remove_training_node(cluster: Any, experiment: Path, actor_class: str, last_epoch: int) -> dict[str, Any] | None:
+def _remove_training_node(
+    cluster: Any, experiment: Experiment, actor_class: str, last_epoch: int
+) -> dict[str, Any] | None:
     """Once a trial has finished, kill (SIGKILL, no graceful shutdown) the node of the next
     trial to have a checkpoint; returns what was removed and the trials finished before."""
-    from xkd_ray.pareto import read_trials
-
-    finished = {row["trial_id"]: row for row in read_trials(experiment)}
+    finished = experiment.finished()
     target = _find_target(cluster, experiment, set(finished), actor_class, last_epoch) if finished else None
     if target is None:
         return None
@@ -105,7 +142,8 @@ def _remove_training_node(cluster: Any, experiment: Path, actor_class: str, last
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", required=True, help="experiment folder or s3://bucket/prefix")
+    parser.add_argument("--log", type=Path, help="the search's output (default: <out>.search.log)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole search")
     parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument(
@@ -124,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     last_epoch = epochs - 3  # at least two epochs left to train after the node is lost
 
     started = time.monotonic()
-    experiment = args.out.resolve()
+    experiment = Experiment(args.out)
     summary: dict[str, Any] = {"removed": None}
     # The head's fixed default ports may be held by another Ray on this machine (the test
     # session's local Ray): give it free ones. The dashboard runs, as on a real cluster: Ray
@@ -146,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     cluster.wait_for_nodes()
     roles = {cluster.head_node.node_id: "head", **{node.node_id: f"worker{i}" for i, node in enumerate(workers)}}
     summary["cluster_seconds"] = round(time.monotonic() - started, 1)
-    log_path = experiment.parent / f"{experiment.name}.search.log"
+    summary["roles"] = roles
+    log_path = args.log or Path(f"{args.out}.search.log")
     command = [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(args.space)]
-    command += ["--out", str(experiment), "--no-live", "--address", cluster.address]
+    command += ["--out", args.out, "--no-live", "--address", cluster.address]
     search = None
     try:
         with open(log_path, "w") as log:

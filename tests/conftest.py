@@ -180,8 +180,11 @@ def smoke_experiment(ray_local, cache_dir, tmp_path_factory, request):
         writes.append(str(path))
         return original(path, outputs, metadata)
 
+    import xkd_ray.ray_teacher as ray_teacher_module
+
     patcher = pytest.MonkeyPatch()
-    patcher.setattr(explain_module, "write_teacher_outputs", counting_write)
+    patcher.setattr(explain_module, "write_teacher_outputs", counting_write)  # the single-process path
+    patcher.setattr(ray_teacher_module, "write_teacher_outputs", counting_write)  # the workers' job (the search's)
     try:
         summary = run_search(spec, tmp / "experiment", live=False)
     finally:

@@ -1,6 +1,8 @@
-"""Node loss on a simulated multi-node cluster (``ray.cluster_utils.Cluster``: a head and two
-worker nodes on this machine): a worker node is killed while it trains a trial, and the search
-finishes that trial on the remaining node from its last checkpoint.
+"""The whole pipeline on a simulated multi-node cluster (``ray.cluster_utils.Cluster``: a head
+with no CPUs and two worker nodes on this machine) with ``--out s3://`` on a local S3 server: the
+teacher is trained by Ray Train and explained by Ray actors on the worker nodes, a worker node is
+killed while it trains a trial, the search finishes that trial on the remaining node from its last
+checkpoint, and the front loads from s3 in a fresh process.
 
 The cluster lives in a subprocess (``tests/cluster_search.py``), never in the pytest process,
 which may hold the session's local Ray (``ray_local``). Ray places the trial's Tune driver and
@@ -19,12 +21,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from tests.conftest import REPO, smoke_space
 from xkd_ray.pareto import front_rows, read_trials
+from xkd_ray.storage import Storage
 
 TRIALS = 3
 EPOCHS = 6  # time to lose the node after a checkpoint, with epochs left to resume
@@ -49,17 +53,16 @@ LOAD_FRONT_IN_FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def _run_on_cluster(tmp_path: Path, cache_dir: str) -> tuple[Path, dict]:
+def _run_on_cluster(tmp_path: Path, cache_dir: str, out: str) -> dict:
     space = smoke_space(tmp_path, cache_dir, trials=TRIALS, max_concurrent_trials=1)
     raw = yaml.safe_load(space.read_text())
     raw["base"]["distill"]["epochs"] = EPOCHS
     space.write_text(yaml.safe_dump(raw))
-    experiment = tmp_path / "experiment"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("XKD_FAULTS", None)  # this test's fault is the lost node, nothing injected
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, str(REPO / "tests" / "cluster_search.py"), "--space", str(space)]
-    command += ["--out", str(experiment), "--timeout", "480"]
+    command += ["--out", out, "--log", str(tmp_path / "search.log"), "--timeout", "480"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     lines = result.stdout.strip().splitlines()
     assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
@@ -67,7 +70,7 @@ def _run_on_cluster(tmp_path: Path, cache_dir: str) -> tuple[Path, dict]:
     log = Path(summary["log"]).read_text()[-4000:] if Path(summary["log"]).exists() else ""
     assert summary["returncode"] == 0 and not summary["timed_out"], f"{summary}\n{log}"
     assert summary["removed"] is not None, f"no trial was caught training with a checkpoint: {summary}\n{log}"
-    return experiment, summary
+    return summary
 
 
 def _uninterrupted(config_json: str, storage: Path) -> dict:
@@ -82,8 +85,13 @@ def _uninterrupted(config_json: str, storage: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path, cache_dir, request):
-    experiment, summary = _run_on_cluster(tmp_path, cache_dir)
+def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path, s3_server, request):
+    url = "s3://xkd/cluster"
+    fresh_cache = tmp_path / "cache"  # no teacher yet: the search trains and explains it on the workers
+    summary = _run_on_cluster(tmp_path, str(fresh_cache), url)
+    storage = Storage(url=url, filesystem=s3_server, root="xkd/cluster")
+    experiment = tmp_path / "copy"  # everything but Tune's and Train's own state, read back from s3
+    storage.download(experiment, skip=("tune", "train"))
     removed = summary["removed"]
     print(
         f"cluster run: {summary['seconds']} s (cluster up in {summary['cluster_seconds']} s); removed "
@@ -91,11 +99,29 @@ def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path,
         f"{removed['trial_id']}, with {removed['actors_on_node']}"
     )
     rows = {row["trial_id"]: row for row in read_trials(experiment)}
+    workers = {node for node, role in summary["roles"].items() if role != "head"}
+
+    # The teacher was trained by Ray Train, and its explanations computed, on worker nodes only;
+    # both are cached on storage for the next search.
+    (teacher_config,) = [p for p in storage.files("cache/teachers") if p.endswith("/config.json")]
+    training = json.loads(storage.read_bytes(teacher_config))["training"]
+    assert training["backend"] == "ray_train" and set(training["node_ids"]) <= workers, training
+    explanations = storage.files("cache/explanations")
+    assert len(explanations) == 3
+    for path in explanations:
+        metadata = pq.read_schema(pa.BufferReader(storage.read_bytes(path))).metadata[b"xkd_ray"]
+        computed_on = json.loads(metadata)["computed_on"]
+        assert computed_on["backend"] == "ray_actors" and set(computed_on["node_ids"]) <= workers, computed_on
+    # Every trial's driver and Train workers ran on worker nodes; the interrupted one on both.
+    for row in rows.values():
+        nodes = json.loads(row["nodes"])
+        assert nodes["driver"] in workers and set(nodes["workers"]) <= workers, nodes
 
     # Every trial finished ok; the interrupted one resumed from a checkpoint, no other restarted.
     assert len(rows) == TRIALS and {row["status"] for row in rows.values()} == {"ok"}, rows
     interrupted = rows[removed["trial_id"]]
     assert interrupted["resumed_from_checkpoint"] >= 1
+    assert set(json.loads(interrupted["nodes"])["workers"]) == workers  # the lost node, then the other
     assert all(row["resumed_from_checkpoint"] == 0 for key, row in rows.items() if key != removed["trial_id"])
     # Resumed, not retrained: the model, optimizer, scheduler and RNG state came back, so the
     # result is exactly that of an uninterrupted run (the session's Ray only starts now, after
@@ -119,9 +145,9 @@ def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path,
     assert {p.name for p in (experiment / "pareto").iterdir() if p.is_dir()} == front
     assert json.loads((experiment / "summary.json").read_text())["trials"] == TRIALS
 
-    # Its students load without Ray in a fresh process.
+    # Its students load from s3 without Ray in a fresh process.
     loaded = subprocess.run(
-        [sys.executable, "-c", LOAD_FRONT_IN_FRESH_PROCESS, str(experiment)],
+        [sys.executable, "-c", LOAD_FRONT_IN_FRESH_PROCESS, url],
         cwd=REPO,
         capture_output=True,
         text=True,

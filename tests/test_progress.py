@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,3 +101,33 @@ def test_interval_from_the_environment(value, expected):
 def test_a_bad_interval_warns_and_keeps_the_default(value):
     with pytest.warns(UserWarning, match=INTERVAL_ENV):
         assert interval_from_env({INTERVAL_ENV: value}) == DEFAULT_INTERVAL_S
+
+
+@pytest.mark.slow
+def test_progress_reaches_ray_job_logs_from_a_job_on_ray_workers(ray_local, tmp_path):
+    """What a person following ``ray job logs`` sees: ``xkd teacher --workers 1`` submitted as a Ray
+    job to the session's Ray (the dashboard's job API): its teacher epochs (trained by Ray Train, relayed
+    to the job's driver) and explanation batches (Ray actors) arrive as plain lines, no bar codes."""
+    from ray._private.worker import get_dashboard_url
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(f"http://{get_dashboard_url()}")
+    sets = " ".join(f"--set {key}={value}" for key, value in TINY_OVERRIDES.items())
+    entrypoint = (
+        f"{sys.executable} -m xkd_ray.cli teacher --workers 1 --address auto {sets} "
+        f"--set explain.cache_dir={tmp_path / 'c'}"
+    )
+    env = {name: os.environ[name] for name in ("PYTHONPATH", "XKD_PLUGINS", "XDG_CONFIG_HOME") if name in os.environ}
+    job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {**env, INTERVAL_ENV: "0"}})
+    deadline = time.monotonic() + 300
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(1.0)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    epochs = TINY_OVERRIDES["teacher.epochs"]
+    lines = [line for line in logs.splitlines() if line.startswith("teacher epochs (Ray Train):")]
+    assert lines and lines[-1].startswith(f"teacher epochs (Ray Train): {epochs}/{epochs} (100%)"), logs[-3000:]
+    explained = rf"^teacher gradcam on 1 Ray workers \(train, val, test\): (\d+)/\1 \(100%\) {TIMING}"
+    assert re.search(explained, logs, re.MULTILINE), logs[-3000:]
+    assert "\x1b[" not in logs

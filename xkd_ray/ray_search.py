@@ -4,7 +4,7 @@ Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is not a Tune trainable: ea
 small *driver function* that builds its own ``TorchTrainer`` (named after the trial id, so a
 restored search resumes the inner run from its checkpoints) and forwards the workers' reports
 to Tune with ``TuneReportCallback``. The teacher and its explanation cache are prepared once,
-before any trial, and shared through the object store.
+before any trial, on the workers (xkd_ray.ray_teacher), and shared through the object store.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from xkd_ray.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
 from xkd_ray.pareto import Objectives, front_rows, read_trials, record_trial, update_registry
 from xkd_ray.pareto import summary as registry_summary
 from xkd_ray.prepared import DistillData, prepare
+from xkd_ray.ray_teacher import prepare_on_workers
 from xkd_ray.ray_train import make_trainer, student_from_checkpoint
 from xkd_ray.space import Constraint, Parameter, SearchSpec
 from xkd_ray.storage import Storage, pull_cache, push_cache, upload_registry
@@ -152,7 +153,28 @@ def make_scheduler(spec: SearchSpec) -> FIFOScheduler:
 def _report_diverged(config: ExperimentConfig, objectives: list[str]) -> None:
     """NaN objectives: the one divergence sentinel (Optuna records the trial as failed, never as a point)."""
     nan = float("nan")
+    _wait_for_forwarded_reports()
     tune.report({**dict.fromkeys(objectives, nan), "status": "diverged", "experiment_config": config.to_dict()})
+
+
+def _wait_for_forwarded_reports(timeout_s: float = 60.0) -> None:
+    """Wait until Tune has taken every epoch report ``TuneReportCallback`` forwarded, before the
+    driver's own final ``tune.report``. In Ray 2.60 both go through the trial's one-slot result
+    queue: a forwarded report still in flight when the final one is put deadlocks the trial (its
+    main thread blocks putting the forwarded report, its training thread putting the final one;
+    seen in a test run, both threads stuck in ``Queue.put``). Two quiet polls 0.1 s apart close
+    the window where the main thread has taken a forwarded report but not yet queued it."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    forwarded = getattr(session, "_inter_actor_queue", None) if session is not None else None
+    if session is None:
+        return
+    deadline, quiet = time.monotonic() + timeout_s, 0
+    while quiet < 2 and time.monotonic() < deadline:
+        busy = (forwarded is not None and not forwarded.empty()) or not session.result_queue.empty()
+        quiet = 0 if busy else quiet + 1
+        time.sleep(0.1)
 
 
 def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
@@ -199,6 +221,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         student_dir = f"students/{trial_id}"
         with tempfile.TemporaryDirectory(prefix="xkd-student-") as local:
             storage.upload(save_student(Path(local) / trial_id, config, student, data, metrics), student_dir)
+    _wait_for_forwarded_reports()
     tune.report(
         {
             **val,
@@ -492,7 +515,8 @@ def run_search(
     cache_dir = Path(base.explain.cache_dir)
     if storage is not None:
         pull_cache(storage, cache_dir)
-    data = prepare(base, progress=True)
+    # The teacher (if not cached) and its explanations (splits not cached) on the workers trials use.
+    data = prepare_on_workers(base, workers=spec.search.workers_per_trial, use_gpu=base.ray.use_gpu, storage=storage)
     if storage is not None:
         push_cache(storage, cache_dir, [*map(Path, data.cache_files.values()), *teacher_files(base, data)])
     shared = {"experiment": str(experiment), "spec": spec, "data_ref": ray.put(data), "storage": storage}
