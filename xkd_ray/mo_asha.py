@@ -2,7 +2,8 @@
 
 At each rung level ``grace * eta**k < max_t`` a trial goes on only if it is in the top ``floor(n / eta)`` of
 the ``n`` trials recorded at that rung so far, ranked by non-dominated sorting; ties within a rank go to the
-larger NSGA-II crowding distance, then to the earlier arrival. The math is pure functions (no Ray) below.
+larger NSGA-II crowding distance, then to the earlier arrival. The ranking math is pure (no Ray), in
+``xkd_ray.metrics`` beside the front's own non-dominated test, so both use one definition of dominance.
 
 What Ray's ``OptunaSearch`` tells Optuna about a trial this scheduler stops (ray 2.60,
 ``ray/tune/search/optuna/optuna_search.py``, ``on_trial_complete``): Tune's ``stop_trial`` calls
@@ -15,67 +16,16 @@ its truncated (rung-time) values, and the sampler learns them as final. (Multi-o
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections.abc import Callable, Container, Sequence
 from typing import Any
 
-import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-Point = Sequence[float | None]
+from xkd_ray.metrics import Point, crowding_distances, non_dominated_ranks
 
-
-def _losses(points: Sequence[Point], directions: Sequence[str]) -> np.ndarray:
-    """Rows to minimise: "max" columns negated; NaN, None and ±inf become +inf (the worst value)."""
-    sign = np.array([-1.0 if d == "max" else 1.0 for d in directions])
-    raw = np.array([[math.nan if v is None else float(v) for v in p] for p in points], dtype=float)
-    raw = raw.reshape(len(points), len(directions)) * sign
-    return np.where(np.isfinite(raw), raw, np.inf)
-
-
-def non_dominated_ranks(points: Sequence[Point], directions: Sequence[str]) -> list[int]:
-    """Front index of each point (0 = Pareto front). A point with any missing/non-finite objective ranks
-    after every complete point: a NaN usually means a diverged run, which should not survive on one good metric."""
-    loss = _losses(points, directions)
-    le, lt = loss[:, None, :] <= loss[None, :, :], loss[:, None, :] < loss[None, :, :]
-    dominates = le.all(axis=2) & lt.any(axis=2)  # [j, i]: j dominates i; one O(n^2 m) pass
-    complete = np.isfinite(loss).all(axis=1)
-    ranks, rank = np.zeros(len(loss), dtype=int), 0
-    for group in (complete, ~complete):
-        remaining = group.copy()
-        while remaining.any():
-            front = remaining & ~dominates[remaining].any(axis=0)
-            ranks[front] = rank
-            remaining &= ~front
-            rank += 1
-    return ranks.tolist()
-
-
-def crowding_distances(
-    points: Sequence[Point], directions: Sequence[str], ranks: Sequence[int] | None = None
-) -> list[float]:
-    """NSGA-II crowding distance of each point within its own front (the tie-break score; larger wins).
-
-    Chosen over hypervolume contribution (needs a reference point) and the epsilon-net (needs an epsilon):
-    it is scale-free per objective and gives both ends of a front infinite distance, so extremes survive."""
-    loss = _losses(points, directions)
-    ranks = np.array(non_dominated_ranks(points, directions) if ranks is None else ranks)
-    dist = np.zeros(len(loss))
-    for r in set(ranks.tolist()):
-        idx = np.flatnonzero(ranks == r)
-        if len(idx) <= 2:
-            dist[idx] = np.inf
-            continue
-        for col in loss[idx].T:
-            order = np.argsort(col, kind="stable")
-            finite = col[np.isfinite(col)]
-            span = float(finite.max() - finite.min()) if finite.size else 0.0
-            gaps = (col[order[2:]] - col[order[:-2]]) / span if span > 0 else np.zeros(len(idx) - 2)
-            dist[idx[order[1:-1]]] += np.nan_to_num(gaps, nan=0.0, posinf=0.0)  # inf-inf/inf neighbours: no info
-            dist[idx[order[[0, -1]]]] = np.inf
-    return dist.tolist()
+__all__ = ["MOASHAScheduler", "PruneAwareOptunaSearch", "crowding_distances", "non_dominated_ranks", "promotable"]
 
 
 def promotable(
