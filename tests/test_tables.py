@@ -336,7 +336,7 @@ def test_live_callback_keeps_the_epoch_when_the_driver_reports_last(tmp_path):
     distill.epochs comes from the experiment's manifest."""
     from xkd_ray.experiment_folder import open_experiment
     from xkd_ray.pareto import Objectives
-    from xkd_ray.ray_search import LiveTableCallback
+    from xkd_ray.search_callbacks import LiveTableCallback
     from xkd_ray.space import load_search_space
 
     spec = load_search_space(SMOKE)

@@ -9,7 +9,6 @@ before any trial, on the workers (xkd_ray.ray_teacher), and shared through the o
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -24,26 +23,22 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
-from rich.console import Console
-from rich.live import Live
 
 from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import evaluate, final_metrics, save_student
+from xkd_ray.distill import final_metrics, save_student
 from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
 from xkd_ray.faults import fault_rule
-from xkd_ray.metrics import METRICS
 from xkd_ray.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
-from xkd_ray.pareto import Objectives, front_rows, read_trials, record_trial, update_registry
+from xkd_ray.pareto import Objectives
 from xkd_ray.pareto import summary as registry_summary
-from xkd_ray.prepared import DistillData, prepare
+from xkd_ray.prepared import DistillData
 from xkd_ray.ray_teacher import prepare_on_workers
 from xkd_ray.ray_train import make_trainer, student_from_checkpoint
+from xkd_ray.search_callbacks import LiveTableCallback, RegistryCallback
 from xkd_ray.space import Constraint, Parameter, SearchSpec
 from xkd_ray.storage import Storage, pull_cache, push_cache, upload_registry
-from xkd_ray.tables import live_trials_table
 
 STUDY_NAME = "xkd"
-GAUGE_REFRESH_S = 5.0
 DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
 
 
@@ -243,209 +238,6 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
             },
         }
     )
-
-
-def _last_error_line(trial: Any) -> str:
-    """The exception line of the trial's traceback, for trials.parquet. Tune writes it to the
-    trial's local folder first and copies it to storage later (``get_error`` reads storage), so
-    under load only the local file has it when ``on_trial_error`` runs: read that first."""
-    text = ""
-    for read in (lambda: Path(trial.error_file).read_text(), lambda: str(trial.get_error() or "")):
-        try:
-            text = read()
-        except Exception:  # the record of an error must never become a second error
-            text = ""
-        if text.strip():
-            break
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:500]
-
-
-class RegistryCallback(tune.Callback):
-    """After every finished trial: record it, update the Pareto registry and the dashboard gauges.
-
-    Holds only paths and the search spec (callbacks are pickled with the Tuner); the data is
-    read back from the explanation cache on first use, in the search's driver process.
-    """
-
-    def __init__(self, experiment: str, spec: SearchSpec, storage: Storage | None = None) -> None:
-        self.experiment = experiment
-        self.spec = spec
-        self.storage = storage
-        self.objectives = Objectives.of(spec.search)
-        self._data: DistillData | None = None
-        self._gauges: dict[str, Any] = {}
-        self._summary: dict[str, Any] = {}
-        self._gauges_set_at = 0.0
-        self._journal_uploaded = 0
-
-    def setup(self, **info: Any) -> None:
-        from ray.util.metrics import Gauge
-
-        names = {
-            "trials_finished": "finished trials",
-            "front_size": "students on the Pareto front",
-            "hypervolume": "hypervolume of the front (val accuracy x fidelity)",
-            **{f"best_{name}": f"best val {name} on the front" for name in self.objectives.names},
-        }
-        try:
-            self._gauges = {
-                key: Gauge(f"xkd_{key}", description=text, tag_keys=("experiment",)) for key, text in names.items()
-            }
-        except Exception:  # metrics are a nicety: never let them stop a search
-            self._gauges = {}
-
-    def _evaluate_test(self, student: Any, record: dict[str, Any]) -> dict[str, float]:
-        if self._data is None:
-            self._data = prepare(self.spec.trial_config({}), progress=False)
-        return evaluate(student, self._data, "test", ExperimentConfig.from_dict(record["experiment"]))
-
-    def _finish(self, row: dict[str, Any]) -> None:
-        if self.storage is not None and row.get("student_dir"):  # fetch the student a trial put on storage
-            local = Path(self.experiment) / row["student_dir"]
-            self.storage.download(local, row["student_dir"])
-            row = {**row, "student_dir": str(local)}
-        record_trial(self.experiment, {**row, "finished_at": time.time()})
-        self._summary = update_registry(self.experiment, self._evaluate_test, self.objectives)
-        if self.storage is not None:
-            upload_registry(self.storage, Path(self.experiment))
-        self._set_gauges()
-
-    def _set_gauges(self) -> None:
-        tags = {"experiment": Path(self.experiment).name}
-        for key, gauge in self._gauges.items():
-            value = self._summary.get("trials" if key == "trials_finished" else key)
-            if value is not None:
-                gauge.set(float(value), tags=tags)
-        self._gauges_set_at = time.monotonic()
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        """Ray 2.60 exports a gauge's value only for ~15 s after it was set (measured), so a
-        dashboard would go blank between finished trials: set them again every few seconds.
-        On object storage, the Optuna journal is uploaded whenever it grew: Tune's saved state holds
-        the searcher, which reads the journal from the byte offset it had reached, so the journal on
-        storage must never be older than that state."""
-        if self.storage is not None:
-            journal = Path(self.experiment) / "optuna.journal"
-            size = journal.stat().st_size if journal.exists() else 0
-            if size != self._journal_uploaded:
-                self.storage.upload(journal, journal.name)
-                self._journal_uploaded = size
-        if self._gauges and self._summary and time.monotonic() - self._gauges_set_at > GAUGE_REFRESH_S:
-            self._set_gauges()
-
-    def _is_reference(self, trial: Any) -> bool:
-        reference = self.spec.reference_point()
-        return reference is not None and all(trial.config.get(key) == value for key, value in reference.items())
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """A trial ended without an error: it finished (status ok or diverged, from its final
-        report), or the scheduler stopped it early (no final report: its last epoch's metrics)."""
-        result = trial.last_result or {}
-        status = result.get("status", "stopped")
-        if status == "ok" and not all(math.isfinite(float(result.get(m, math.nan))) for m in self.objectives.names):
-            status = "diverged"
-        config = result.get("experiment_config") or self.spec.trial_config(trial.config).to_dict()
-        measured = status in ("ok", "stopped")
-        row = {
-            "trial_id": trial.trial_id,
-            "method": config["distill"]["method"],
-            "status": status,
-            "config": config,
-            "student_dir": result.get("student_dir"),
-            "resumed_from_checkpoint": result.get("resumed_from_checkpoint"),
-            "nodes": json.dumps(result["nodes"]) if result.get("nodes") else None,
-            "epochs_trained": result.get("epochs_trained", int(result.get("epoch", -1)) + 1),
-            "reference": self._is_reference(trial),
-            **{f"val_{name}": result.get(name) if measured else None for name in METRICS},
-        }
-        row["feasible"] = self.objectives.feasible(row) if measured else None
-        self._finish(row)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """Called once the trial's retries (``search.max_failures``) are used up."""
-        config = self.spec.trial_config(trial.config)
-        self._finish(
-            {
-                "trial_id": trial.trial_id,
-                "method": config.distill.method,
-                "status": "errored",
-                "config": config.to_dict(),
-                "error": f"failed {trial.num_failures} time(s): {_last_error_line(trial)}",
-                "reference": self._is_reference(trial),
-            }
-        )
-
-
-class LiveTableCallback(tune.Callback):
-    """A rich live table of trials and the current front, redrawn on every report.
-
-    A trial's row merges all its reports. Tune passes each Ray Train report on as a result
-    (``TuneReportCallback``): per epoch, the workers' record with ``epoch`` (0-based) and the
-    validation metrics (``ray_train.worker_loop``), plus Tune's ``training_iteration`` and
-    ``config`` (the sampled values); last, the driver's report (``status``, ``epochs_trained``,
-    ``experiment_config``) has no ``epoch``: kept alone, it blanked the epoch column of every
-    finished trial."""
-
-    def __init__(self, experiment: str, objectives: Objectives) -> None:
-        self.experiment = experiment
-        self.objectives = objectives
-        self._live: Live | None = None
-        self._latest: dict[str, dict[str, Any]] = {}
-        self._epochs: int | None = None
-
-    def _search_epochs(self) -> int | None:
-        """The search's ``distill.epochs`` (a fixed space value, else the base config's), from the
-        experiment's manifest; None when it cannot be read (the table then counts epochs only)."""
-        from xkd_ray.experiment_folder import read_manifest
-
-        try:
-            spec = (read_manifest(Path(self.experiment)) or {})["spec"]
-            fixed = spec.get("space", {}).get("distill.epochs") or {}
-            if fixed.get("kind") == "fixed":
-                return int(fixed["value"])
-            return None if fixed else int(spec["base"]["distill"]["epochs"])
-        except Exception:  # a display nicety must never stop a search
-            return None
-
-    def _render(self) -> Any:
-        front = {row["trial_id"] for row in front_rows(read_trials(self.experiment), self.objectives)}
-        return live_trials_table(
-            f"search {self.experiment}", self._latest, front, self.objectives.names, epochs=self._epochs
-        )
-
-    def _update(self, trial_id: str, result: dict[str, Any]) -> None:
-        self._latest[trial_id] = {**self._latest.get(trial_id, {}), **result}
-        if self._live is not None:
-            self._live.update(self._render())
-
-    def setup(self, **info: Any) -> None:
-        self._epochs = self._search_epochs()
-        self._live = Live(self._render(), console=Console(), refresh_per_second=2, transient=False)
-        self._live.start()
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._update(trial.trial_id, result)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """Without a final report (no ``status``), the scheduler stopped the trial early."""
-        self._update(trial.trial_id, {"status": (trial.last_result or {}).get("status", "stopped")})
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._update(trial.trial_id, {"status": "errored"})
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self._live is not None:
-            self._live.stop()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "experiment": self.experiment,
-            "objectives": self.objectives,
-            "_live": None,
-            "_latest": {},
-            "_epochs": None,
-        }
 
 
 def concurrent_trials(spec: SearchSpec) -> int:
