@@ -7,7 +7,6 @@ sharding differ. Which loss terms are on is the method's registry entry (``metho
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves, randomi
 from xkd_ray.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
 from xkd_ray.methods import METHODS
 from xkd_ray.metrics import METRICS, Evidence, compute_metrics
-from xkd_ray.models import StudentNet, parameter_count
+from xkd_ray.models import StudentNet, autocast, parameter_count
 from xkd_ray.prepared import DistillData
 from xkd_ray.progress import track
 from xkd_ray.splits import Split, Splits
@@ -93,12 +92,7 @@ def train_one_epoch(
         images, labels = images.to(device), labels.to(device)
         teacher_logits, teacher_maps = teacher_logits.to(device), teacher_maps.to(device)
         optimizer.zero_grad(set_to_none=True)
-        autocast = (
-            torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
-            if amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with autocast(device, amp_dtype):
             output = student(images, return_all=True)
             if warming_up:
                 parts = {"explanation": explanation_loss(output.maps, teacher_maps, settings.explanation_loss)}

@@ -6,6 +6,7 @@ to its weights so a checkpoint never needs the experiment config (or pickled cod
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import torch
@@ -227,3 +228,11 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256
         return torch.cat(
             [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
         )
+
+
+def autocast(device: torch.device | str, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision for a training step when ``amp_dtype`` is set (bf16 on GPUs), else nothing:
+    one rule for the student's and the teacher's loops."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)

@@ -69,11 +69,11 @@ from xkd_ray.ray_train import (
     FAULT_MARKER,
     POLL_INTERVAL_ENV,
     _amp_dtype,
-    _rng_state,
     _set_rng_state,
     build_trainer,
     ensure_ray,
     quick_polling,
+    training_state,
 )
 from xkd_ray.splits import SPLIT_NAMES, Splits
 from xkd_ray.storage import Storage
@@ -258,14 +258,7 @@ def teacher_worker_loop(loop_config: dict[str, Any]) -> None:
         epoch_state = None
         if rank == 0:
             bare = model.module if hasattr(model, "module") else model
-            epoch_state = {
-                "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "rng": _rng_state(),
-                "history": history,
-            }
+            epoch_state = training_state(bare, optimizer, scheduler, epoch, history)
             if epoch == settings.epochs - 1:
                 epoch_state["metrics"] = split_accuracies(bare.eval(), splits, ("val", "test"))
             box.push.remote(1, {"loss": record["loss"]})

@@ -80,6 +80,21 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
+def training_state(
+    model: torch.nn.Module, optimizer: Any, scheduler: Any, epoch: int, history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What a checkpoint holds to resume a run exactly (students' and teacher's runs alike): weights,
+    optimizer, schedule, RNG state and the per-epoch history."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "rng": _rng_state(),
+        "history": history,
+    }
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
@@ -268,14 +283,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
             if rank == 0:
-                state = {
-                    "model": {k: v.detach().cpu() for k, v in bare.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "rng": _rng_state(),
-                    "history": history,
-                }
+                state = training_state(bare, optimizer, scheduler, epoch, history)
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
                 report_checkpoint = Checkpoint.from_directory(directory)
             report = record

@@ -3,7 +3,6 @@ hash of its training config and the exact data, so every later run and trial reu
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from xkd_ray.checkpoints import file_hash, load_weights_into, read_json, stable_
 from xkd_ray.config import ExperimentConfig
 from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.metrics import accuracy
-from xkd_ray.models import build_teacher, predict_logits
+from xkd_ray.models import autocast, build_teacher, predict_logits
 from xkd_ray.progress import track
 from xkd_ray.splits import Splits
 
@@ -75,12 +74,7 @@ def train_teacher_epoch(
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
-        autocast = (
-            torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
-            if amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with autocast(device, amp_dtype):
             loss = loss_fn(model(images).float(), labels)
         loss.backward()
         optimizer.step()
