@@ -55,7 +55,7 @@ def test_unreachable_endpoint_missing_bucket_and_bad_names_are_refused(s3_server
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().count("\n") == 0
     assert f"cannot reach the S3 endpoint {closed}" in run.stderr
-    assert _objects(s3_server, "xkd") == []  # nothing half-written on storage
+    assert _objects(s3_server, "xkd/x") == []  # nothing half-written on storage
 
 
 def test_credentials_the_server_refuses_are_refused(tmp_path, cache_dir, monkeypatch):
