@@ -27,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import signal
 import tempfile
 import threading
 import time
@@ -60,20 +58,18 @@ from xkd_ray.explain import (
     write_teacher_outputs,
 )
 from xkd_ray.faithfulness import IMAGES
-from xkd_ray.faults import fault_rule
 from xkd_ray.models import build_teacher
 from xkd_ray.prepared import DistillData, prepare_splits
 from xkd_ray.progress import track
 from xkd_ray.ray_train import (
-    DEFAULT_POLL_INTERVAL_S,
-    FAULT_MARKER,
-    POLL_INTERVAL_ENV,
     _amp_dtype,
     _set_rng_state,
     build_trainer,
     ensure_ray,
+    maybe_kill_worker,
     quick_polling,
     training_state,
+    worker_node_ids,
 )
 from xkd_ray.splits import SPLIT_NAMES, Splits
 from xkd_ray.storage import Storage
@@ -92,7 +88,6 @@ TEACHER_CHECKPOINT_FILE = "teacher.pt"
 # Fault rules (xkd_ray.faults) fire in a teacher run only when their ``when`` names this stage, so
 # a rule written for students never kills a teacher run and vice versa:
 #   {"fault": "kill_worker", "epoch": 1, "when": {"stage.name": "teacher"}}
-STAGE = {"stage": {"name": "teacher"}}
 
 
 # ----------------------------------------------------------------------------- progress relay
@@ -154,36 +149,6 @@ def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _node_ids_by_rank() -> list[str]:
-    """The Ray node id of every worker, in rank order (one collective; no process group when a
-    single worker trains)."""
-    mine = ray.get_runtime_context().get_node_id()
-    if not _distributed():
-        return [mine]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return [str(node) for node in gathered]
-
-
-def _maybe_kill_teacher_worker(config: ExperimentConfig, epoch: int, run_folder: str) -> None:
-    """Test hook, the students' ``ray_train._maybe_kill_worker`` for the teacher: the last worker
-    SIGKILLs itself at the start of the rule's epoch, once per run, after three of the
-    controller's poll intervals so the previous epoch's checkpoint has been collected (the fault
-    under test is "a worker dies after a checkpoint")."""
-    rule = fault_rule("kill_worker", {**config.to_dict(), **STAGE})
-    if rule is None or epoch != rule.get("epoch") or rule.get("when", {}).get("stage.name") != "teacher":
-        return
-    world, rank = _world()
-    marker = Path(run_folder) / FAULT_MARKER
-    if marker.exists() or rank != world - 1:
-        return
-    interval = float(os.environ.get(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_S))
-    time.sleep(3 * max(interval, DEFAULT_POLL_INTERVAL_S))
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _read_state(checkpoint: Checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / TEACHER_CHECKPOINT_FILE, map_location="cpu", weights_only=True)
@@ -226,7 +191,7 @@ def teacher_worker_loop(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-    node_ids = _node_ids_by_rank()
+    node_ids = worker_node_ids()
     model = ray.train.torch.prepare_model(model)
     dataset = TensorDataset(splits.train.images, splits.train.labels)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
@@ -238,7 +203,7 @@ def teacher_worker_loop(loop_config: dict[str, Any]) -> None:
         _report({"epoch": state["epoch"], "restored": True}, state if rank == 0 else None)
         return
     for epoch in range(start_epoch, settings.epochs):
-        _maybe_kill_teacher_worker(config, epoch, loop_config["run_folder"])
+        maybe_kill_worker(config, epoch, loop_config["run_folder"], stage="teacher")
         sampler.set_epoch(epoch)
         loss_sum, count = train_teacher_epoch(model, loader, optimizer, device=device, amp_dtype=amp_dtype)
         scheduler.step()

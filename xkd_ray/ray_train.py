@@ -154,16 +154,21 @@ def _gather_evaluation(
 FAULT_MARKER = ".fault-injected"
 
 
-def _maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str) -> None:
+def maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str, stage: str | None = None) -> None:
     """Test hook (``xkd_ray.faults``): the last worker kills its own process (SIGKILL, a real
     crash) at the rule's epoch, once per run (a marker file in the run's folder says it happened).
+    ``stage``: a run other than a student's (the teacher's) fires only rules keyed on its
+    ``stage.name``, so a student's rule never kills a teacher worker.
 
     It first waits three of the controller's health-check intervals (at least three of Ray's
     default 2 s, also under ``quick_polling``: the same margin on a loaded machine), so the
     previous epoch's report and checkpoint have been collected: the fault under test is "a worker
     dies after a checkpoint", and a report still in flight when its worker dies is lost by design."""
-    rule = fault_rule("kill_worker", config.to_dict())
+    keys = config.to_dict() if stage is None else {**config.to_dict(), "stage": {"name": stage}}
+    rule = fault_rule("kill_worker", keys)
     if rule is None or epoch != rule.get("epoch"):
+        return
+    if stage is not None and rule.get("when", {}).get("stage.name") != stage:
         return
     marker = Path(run_folder) / FAULT_MARKER
     context = ray.train.get_context()
@@ -176,7 +181,7 @@ def _maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str) ->
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _worker_node_ids() -> list[str]:
+def worker_node_ids() -> list[str]:
     """The Ray node of every rank, in rank order: where this attempt trains (trials.parquet's ``nodes``)."""
     own = ray.get_runtime_context().get_node_id()
     if not dist.is_initialized():
@@ -256,9 +261,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         DataLoader(dataset, batch_size=settings.batch_size // world, sampler=sampler), add_dist_sampler=False
     )
     amp_dtype = _amp_dtype(config, device)
-    node_ids = _worker_node_ids()
+    node_ids = worker_node_ids()
     for epoch in range(start_epoch, settings.epochs):
-        _maybe_kill_worker(config, epoch, loop_config["run_folder"])
+        maybe_kill_worker(config, epoch, loop_config["run_folder"])
         sampler.set_epoch(epoch)
         if timings:
             timings["first_epoch_started"] = time.time()
