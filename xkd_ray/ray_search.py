@@ -37,6 +37,7 @@ from xkd_ray.ray_train import make_trainer, student_from_checkpoint
 from xkd_ray.search_callbacks import LiveTableCallback, RegistryCallback
 from xkd_ray.space import Constraint, Parameter, SearchSpec
 from xkd_ray.storage import Storage, pull_cache, push_cache, upload_registry
+from xkd_ray.teacher import teacher_directory
 
 STUDY_NAME = "xkd"
 DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
@@ -255,12 +256,6 @@ def concurrent_trials(spec: SearchSpec) -> int:
     return max(1, fitting)
 
 
-def teacher_files(config: ExperimentConfig, data: DistillData) -> list[Path]:
-    """The cached teacher's folder (none for a user-supplied ``teacher.checkpoint``)."""
-    folder = Path(config.explain.cache_dir) / "teachers" / f"teacher-{data.teacher_id}"
-    return [folder] if folder.is_dir() else []
-
-
 def build_trainable(shared: dict[str, Any]) -> Any:
     return tune.with_resources(tune.with_parameters(trial_driver, shared=shared), {"cpu": DRIVER_CPU})
 
@@ -310,7 +305,9 @@ def run_search(
     # The teacher (if not cached) and its explanations (splits not cached) on the workers trials use.
     data = prepare_on_workers(base, workers=spec.search.workers_per_trial, use_gpu=base.ray.use_gpu, storage=storage)
     if storage is not None:
-        push_cache(storage, cache_dir, [*map(Path, data.cache_files.values()), *teacher_files(base, data)])
+        teacher_folder = teacher_directory(base, data.splits)  # absent for a user's teacher.checkpoint
+        cached = [*map(Path, data.cache_files.values()), *([teacher_folder] if teacher_folder.is_dir() else [])]
+        push_cache(storage, cache_dir, cached)
     shared = {"experiment": str(experiment), "spec": spec, "data_ref": ray.put(data), "storage": storage}
     trainable = build_trainable(shared)
     tune_path, filesystem = (

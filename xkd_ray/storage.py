@@ -105,11 +105,11 @@ class Storage:
     def download(self, local: Path, *parts: str, skip: Iterable[str] = ()) -> list[str]:
         """Copy every file under the folder ``parts`` into the local folder ``local``; returns the
         paths copied (relative to ``parts``). ``skip``: top-level names left out."""
-        base = "/".join(p.strip("/") for p in parts if p)
+        base, skipped = "/".join(p.strip("/") for p in parts if p), set(skip)
         copied = []
         for relative in self.files(*parts):
             inside = relative.removeprefix(base).lstrip("/")
-            if inside.split("/", 1)[0] not in set(skip):
+            if inside.split("/", 1)[0] not in skipped:
                 self.download_file(relative, local / inside)
                 copied.append(inside)
         return copied
