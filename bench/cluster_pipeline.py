@@ -14,10 +14,17 @@ Config and budget (about 5-8 minutes on a 2-core CPU machine; ``--smoke``: under
       (2 workers) on digits "scaled x8": no dataset setting repeats images, so the images are
       enlarged from the default 32x32 to 92x92 (8.27x the pixels, hence of the tensors, the
       maps and the activations; 91 is refused: the student's autoencoder needs a multiple of 4),
-      teacher width 8, 2 epochs, Grad-CAM.
+      teacher width 8, 2 epochs, Grad-CAM;
+  (d) data to trials, before / after ``splits.ZeroCopyPickle``, on (c)'s data with warm caches, each
+      in a fresh driver: ``prepare_on_workers`` then ``ray.put`` of the bundle as a search does, the
+      bundle's tensors pickled as torch tensors (before: how ``DistillData`` was serialised) or as
+      NumPy arrays (after), the driver keeping (before) or dropping (after) its own bundle; then 2
+      trial-like Ray tasks on the node each ``ray.get`` it and report the private memory (USS) the
+      read added to their process. RESULT: the driver's peak RSS before/after and the per-trial
+      private copy before/after.
 The machine may be shared: each part prints the 1-minute load average when it ends, since
 timings on 2 cores are only comparable at a similar load.
-Each part prints a ``RESULT key=value ...`` line; the last line is part (c)'s.
+Each part prints a ``RESULT key=value ...`` line; the last line is part (d)'s.
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ def _rss_now_kb() -> float:
         if line.startswith("VmRSS:"):
             return float(line.split()[1])
     return float("nan")
+
+
+def _private_kb() -> float:
+    """This process's private memory (USS): pages no other process maps, unlike RSS, which also
+    counts the object store's shared pages a process reads."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    return sum(float(fields[name].split()[0]) for name in ("Private_Clean", "Private_Dirty"))
 
 
 def _load() -> None:
@@ -159,6 +173,86 @@ def memory_child(mode: str, cache: str, address: str, overrides: dict) -> None:
     print(json.dumps({"peak_mb": _mb(peak_kb), "imported_mb": _mb(imported_kb), "wall_s": wall, "maps_mb": maps_mb}))
 
 
+def _legacy_bundle(data):
+    """The same tensors as a plain structure, which pickles them as torch tensors: how the
+    ``DistillData`` bundle was serialised before ``ZeroCopyPickle`` (a private copy per read)."""
+    splits = {
+        name: (data.splits.split(name).images, data.splits.split(name).labels) for name in ("train", "val", "test")
+    }
+    outputs = {name: (o.logits, o.maps, o.deletion_auc, o.insertion_auc) for name, o in data.teacher_outputs.items()}
+    return {"splits": splits, "outputs": outputs, "state": data.teacher_state, "template": data.template_map}
+
+
+def transfer_child(mode: str, cache: str, address: str, overrides: dict) -> None:
+    """(d), one fresh driver: prepare, put the bundle (``mode``: before / after), read it from 2
+    trial-like tasks, print the driver's peak RSS and each reader's added private memory as JSON."""
+    import ray
+
+    from xkd_ray.ray_teacher import prepare_on_workers
+
+    config = _config(Path(cache), overrides)
+    imported_kb = _rss_now_kb()
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    data = prepare_on_workers(config, workers=2, use_gpu=False, progress=False)
+    bundle_mb = sum(
+        t.numel() * t.element_size()
+        for t in [*(s.images for s in (data.splits.train, data.splits.val, data.splits.test)),
+                  *(o.maps for o in data.teacher_outputs.values())]
+    ) / 2**20  # fmt: skip
+    if mode == "before":
+        ref = ray.put(_legacy_bundle(data))
+    else:
+        ref = ray.put(data)
+        del data  # as run_search does: the driver keeps the reference only
+
+    @ray.remote(num_cpus=0)
+    def read(box: list) -> float:
+        import xkd_ray.prepared  # noqa: F401  (what unpickling imports, so only the data is counted)
+
+        before = _private_kb()
+        value = ray.get(box[0])
+        added = _private_kb() - before
+        del value
+        return added / 1024
+
+    readers = [read.remote([ref]) for _ in range(2)]
+    added = ray.get(readers)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {"peak_mb": _mb(peak_kb), "imported_mb": _mb(imported_kb), "reader_mb": added, "bundle_mb": bundle_mb}
+        )
+    )
+
+
+def part_transfer(root: Path, address: str, overrides: dict) -> None:
+    """(d): data to trials before / after, in fresh drivers sharing one warm cache."""
+    cache = root / "transfer"
+    measured = {}
+    for mode in ("warm-up", "before", "after"):
+        command = [sys.executable, __file__, "--transfer-child", "after" if mode == "warm-up" else mode]
+        command += ["--cache", str(cache), "--address", address, "--overrides", json.dumps(overrides)]
+        child = subprocess.run(command, capture_output=True, text=True, cwd=os.getcwd())
+        if child.returncode != 0:
+            raise RuntimeError(f"transfer child {mode} failed:\n{child.stderr[-3000:]}")
+        measured[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+    before, after = measured["before"], measured["after"]
+    print(
+        f"(d) data to trials, {overrides}: bundle {after['bundle_mb']:.0f} MB (images + maps); driver peak RSS "
+        f"before {before['peak_mb']:.0f} MB, after {after['peak_mb']:.0f} MB (imports {after['imported_mb']:.0f} MB); "
+        f"private memory a trial's read adds: before {before['reader_mb']}, after {after['reader_mb']} MB"
+    )
+    reader_before = max(before["reader_mb"])
+    reader_after = max(after["reader_mb"])
+    _load()
+    print(
+        f"RESULT driver_peak_before_mb={before['peak_mb']:.1f} driver_peak_after_mb={after['peak_mb']:.1f} "
+        f"driver_peak_ratio={after['peak_mb'] / before['peak_mb']:.3f} bundle_mb={after['bundle_mb']:.1f} "
+        f"trial_copy_before_mb={reader_before:.1f} trial_copy_after_mb={reader_after:.1f}",
+        flush=True,
+    )
+
+
 def part_memory(root: Path, address: str, overrides: dict) -> None:
     """(c): ``prepare`` vs ``prepare_on_workers``, each in a fresh driver, fresh caches."""
     measured = {}
@@ -191,12 +285,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny configs, each part once")
     parser.add_argument("--memory-child", choices=("plain", "workers"), help=argparse.SUPPRESS)
+    parser.add_argument("--transfer-child", choices=("before", "after"), help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.cache, args.address, json.loads(args.overrides))
+        return
+    if args.transfer_child:
+        transfer_child(args.transfer_child, args.cache, args.address, json.loads(args.overrides))
         return
     import ray
 
@@ -212,6 +310,7 @@ def main() -> None:
             teacher, splits = part_teacher(root, teacher_overrides)
             part_explain(root, teacher, splits, ig, teacher_overrides)
             part_memory(root, address, scaled)
+            part_transfer(root, address, scaled)
     finally:
         ray.shutdown()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import injected_faults
 from xkd_ray.distill import distill
@@ -70,3 +71,49 @@ def test_diverging_ray_run_stops_on_every_worker_with_a_clear_error(ray_local, t
         distill_with_ray(config, tiny_data, storage_path=tmp_path, name="diverges")
     with pytest.raises(XKDTrainingDiverged, match=r"NaN/inf at epoch \d"):
         distill_with_ray(config, tiny_data, storage_path=tmp_path, name="diverges")
+
+
+def test_trials_on_a_node_share_one_copy_of_the_prepared_data(ray_local, tiny_data):
+    """The search puts the prepared data into the object store once; every trial process reads
+    the node's copy in place (the same memory on every ``ray.get``), where a pickled torch tensor
+    would be a private copy per read. The content survives the trip exactly."""
+    import pickle
+
+    ray = ray_local
+    ref = ray.put(tiny_data)
+
+    @ray.remote(num_cpus=0)
+    def read_twice(box: list) -> dict:
+        first, second = ray.get(box[0]), ray.get(box[0])
+        pointers = [
+            (a.data_ptr(), b.data_ptr())
+            for a, b in [
+                (first.splits.train.images, second.splits.train.images),
+                (first.teacher_outputs["train"].maps, second.teacher_outputs["train"].maps),
+                (
+                    first.teacher_state[next(iter(first.teacher_state))],
+                    second.teacher_state[next(iter(second.teacher_state))],
+                ),
+            ]
+        ]
+        legacy = ray.get(box[1])
+        return {
+            "pointers": pointers,
+            "legacy": ray.get(box[1])["images"].data_ptr() == legacy["images"].data_ptr(),
+            "fingerprint": first.splits.fingerprint(),
+            "data": first,
+        }
+
+    legacy_ref = ray.put({"images": tiny_data.splits.train.images.clone()})
+    seen = ray.get(read_twice.remote([ref, legacy_ref]))
+    assert all(a == b for a, b in seen["pointers"]), "each read of the prepared data made a private copy"
+    assert not seen["legacy"], "control: a pickled torch tensor should be copied on every read"
+    assert seen["fingerprint"] == tiny_data.splits.fingerprint()
+    for copy in (seen["data"], pickle.loads(pickle.dumps(tiny_data))):
+        for name in ("train", "val", "test"):
+            assert torch.equal(copy.teacher_outputs[name].maps, tiny_data.teacher_outputs[name].maps)
+            assert torch.equal(copy.splits.split(name).labels, tiny_data.splits.split(name).labels)
+        assert torch.equal(copy.template_map, tiny_data.template_map)
+        assert copy.teacher_metrics == tiny_data.teacher_metrics
+        images = tiny_data.splits.val.images[:8]
+        assert torch.equal(copy.teacher()(images), tiny_data.teacher()(images))

@@ -28,6 +28,7 @@ from xkd_ray.errors import XKDConfigError, XKDDataError
 from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves
 from xkd_ray.models import find_layer, predict_logits
 from xkd_ray.progress import track
+from xkd_ray.splits import ZeroCopyPickle
 
 # TeacherOutputs fields stored in the cache file's metadata (they cover only a split's first images).
 _AUCS = ("deletion_auc", "insertion_auc")
@@ -148,7 +149,7 @@ def explain_maps(
 
 
 @dataclass(frozen=True)
-class TeacherOutputs:
+class TeacherOutputs(ZeroCopyPickle):
     """What distillation needs from the teacher for one split, aligned with the split's order."""
 
     logits: torch.Tensor  # float32 [N, classes]

@@ -18,13 +18,14 @@ from xkd_ray.data import load_splits
 from xkd_ray.explain import TeacherOutputs, cached_teacher_outputs
 from xkd_ray.methods import METHODS
 from xkd_ray.models import build_teacher
-from xkd_ray.splits import SPLIT_NAMES, Splits
+from xkd_ray.splits import SPLIT_NAMES, Splits, ZeroCopyPickle
 from xkd_ray.teacher import load_or_train_teacher, teacher_architecture
 
 
 @dataclass
-class DistillData:
-    """Everything a student run needs, as CPU tensors: picklable, so Ray can share it once."""
+class DistillData(ZeroCopyPickle):
+    """Everything a student run needs, as CPU tensors: put into Ray's object store once per search,
+    and read by every trial process on a node from that node's one shared copy (``ZeroCopyPickle``)."""
 
     splits: Splits
     teacher_outputs: dict[str, TeacherOutputs]

@@ -308,7 +308,11 @@ def run_search(
         teacher_folder = teacher_directory(base, data.splits)  # absent for a user's teacher.checkpoint
         cached = [*map(Path, data.cache_files.values()), *([teacher_folder] if teacher_folder.is_dir() else [])]
         push_cache(storage, cache_dir, cached)
+    # Into the object store once; the driver keeps only the reference and what it reports. Trials
+    # on a node read that node's one copy without copying it (``splits.ZeroCopyPickle``).
     shared = {"experiment": str(experiment), "spec": spec, "data_ref": ray.put(data), "storage": storage}
+    cache_hits = data.cache_hits
+    del data
     trainable = build_trainable(shared)
     tune_path, filesystem = (
         (str(experiment / "tune"), None) if storage is None else (storage.path("tune"), storage.filesystem)
@@ -348,5 +352,5 @@ def run_search(
             upload_registry(storage, experiment)
     summary = registry_summary(experiment) or {}
     summary["wall_seconds"] = time.perf_counter() - started
-    summary["explanations_from_cache"] = data.cache_hits
+    summary["explanations_from_cache"] = cache_hits
     return summary

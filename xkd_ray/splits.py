@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,8 +31,45 @@ SPLIT_NAMES = ("train", "val", "test")
 _CHUNK = 8192
 
 
+class ZeroCopyPickle:
+    """Mixin for the dataclasses of tensors that trials share (``Split``, ``TeacherOutputs``,
+    ``DistillData``): they pickle their tensors as NumPy arrays. Ray's object store keeps NumPy
+    arrays out of band and hands every process on a node a read-only view of the node's one copy
+    (zero-copy), where a pickled torch tensor is copied into each process that reads it: with
+    this, a search's prepared data costs one copy per node, not one per trial process, and
+    ``ray.put`` writes the arrays straight into the store instead of pickling them to bytes first.
+    Ray's own switch for torch tensors (``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``) is experimental,
+    job-wide and read when ``ray`` is imported, so these few classes opt in themselves."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {item.name: _to_arrays(getattr(self, item.name)) for item in fields(self) if item.init}  # type: ignore[arg-type]
+        return (_rebuild, (type(self), state))
+
+
+def _to_arrays(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().contiguous().numpy()
+    if isinstance(value, dict):
+        return {key: _to_arrays(item) for key, item in value.items()}
+    return value
+
+
+def _to_tensors(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        with warnings.catch_warnings():  # a read-only view of the object store: nothing writes prepared data in place
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(value)
+    if isinstance(value, dict):
+        return {key: _to_tensors(item) for key, item in value.items()}
+    return value
+
+
+def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+    return cls(**{name: _to_tensors(value) for name, value in state.items()})
+
+
 @dataclass(frozen=True, eq=False)
-class Split:
+class Split(ZeroCopyPickle):
     """One split as tensors, so training and evaluation never decode images again.
 
     ``eq=False``: comparing tensors element-wise inside a generated ``__eq__`` is ambiguous;
