@@ -337,7 +337,19 @@ def test_imagefolder_refuses_train_test_duplicates(tmp_path: Path) -> None:
     root = _image_tree(tmp_path / "pets")
     (root / "test" / "dog" / "copy.png").write_bytes((root / "train" / "dog" / "3.png").read_bytes())
     os.link(root / "train" / "cat" / "1.png", root / "test" / "cat" / "hardlink.png")
-    pattern = r"2 test images are byte-identical to train images \(e\.g\. .*hardlink\.png = .*train/cat/1\.png\)"
+    pattern = r"2 test images are byte-identical to train/ images \(e\.g\. .*hardlink\.png = .*train/cat/1\.png\)"
+    with pytest.raises(XKDDataError, match=pattern) as info:
+        _load_folder(root)
+    assert "\n" not in str(info.value)
+
+
+def test_imagefolder_refuses_copies_inside_train_that_land_in_train_and_val(tmp_path: Path) -> None:
+    """Val is carved from train/: a file copied inside train/ can put one image on both sides,
+    and the search ranks students on val. Every image copied once: some copy pair straddles."""
+    root = _image_tree(tmp_path / "pets")
+    for path in sorted((root / "train").glob("*/*.png")):
+        (path.parent / f"copy-{path.name}").write_bytes(path.read_bytes())
+    pattern = r"val images? (is|are) \(carved from train/\) byte-identical to train images \(e\.g\. .*\.png = .*\.png\)"
     with pytest.raises(XKDDataError, match=pattern) as info:
         _load_folder(root)
     assert "\n" not in str(info.value)

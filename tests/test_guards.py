@@ -122,9 +122,11 @@ def test_resume_refuses_resume_state_that_another_user_can_write(tmp_path, cache
 
 
 @pytest.mark.slow
-def test_sigint_ends_the_search_as_interrupted_not_finished(tmp_path, cache_dir):
-    """Ctrl-C (and SIGTERM) stop the trials, leave a readable registry, say how far it got and
-    exit 130 (143); before, the search exited 0 and printed a front as if the budget had run."""
+def test_sigterm_ends_the_search_as_interrupted_not_finished(tmp_path, cache_dir):
+    """SIGTERM (``kill``, ``ray job stop``) stops the trials like Ctrl-C, leaves a readable
+    registry, says how far it got and exits 143; before, ``ray.init``'s own SIGTERM handler
+    replaced ours (exit 1, no line). Ctrl-C (exit 130) is the s3 test's interruption
+    (test_storage.py)."""
     space = smoke_space(tmp_path, cache_dir, trials=5, max_concurrent_trials=1)
     out = tmp_path / "experiment"
     log = open(tmp_path / "search.log", "w")
@@ -136,7 +138,7 @@ def test_sigint_ends_the_search_as_interrupted_not_finished(tmp_path, cache_dir)
         deadline = time.monotonic() + 600
         while len(read_trials(out)) < 1 and time.monotonic() < deadline:
             time.sleep(1.0)
-        search.send_signal(signal.SIGINT)
+        search.send_signal(signal.SIGTERM)
         code = search.wait(timeout=300)
     finally:
         if search.poll() is None:
@@ -144,7 +146,7 @@ def test_sigint_ends_the_search_as_interrupted_not_finished(tmp_path, cache_dir)
         log.close()
     output = (tmp_path / "search.log").read_text()
     finished = len(read_trials(out))
-    assert code == 130, output[-3000:]
+    assert code == 143, output[-3000:]
     assert f"interrupted after {finished} of 5 trials; resume with --resume" in output
     assert 1 <= finished < 5
     assert list_pareto_students(out).num_rows >= 1  # the registry is whole and loadable

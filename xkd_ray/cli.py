@@ -202,6 +202,10 @@ def command_pareto(args: argparse.Namespace) -> int:
     from xkd_ray.pareto import list_pareto_students, read_objectives, readable, summary, write_front_plot
     from xkd_ray.tables import front_table
 
+    if args.plot is not None:  # before reading anything, like every command's output
+        check_output_folder("--plot", args.plot.parent)
+        if args.plot.is_dir():
+            raise XKDConfigError(f"--plot {args.plot}: is a folder; name the PNG file to write")
     experiment = readable(args.experiment)  # one local copy of an s3:// front for every read below
     rows = list_pareto_students(experiment).to_pylist()
     title = f"Pareto front of {args.experiment} ({len(rows)} students)"

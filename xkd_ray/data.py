@@ -184,28 +184,41 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _refuse_duplicates(root: Path, train_paths: Sequence[str], test_paths: Sequence[str]) -> None:
-    """A test image that is also a train image inflates the test score without anyone noticing.
+def _refuse_duplicates(root: Path, paths: dict[str, list[str]]) -> None:
+    """An image in two splits inflates the held-out score without anyone noticing: a test image
+    that is also a train image, or a file copied twice inside ``train/`` whose copies the val
+    carve put on both sides (the search ranks students on val).
 
     Compared by sha256 of the file bytes, not of decoded pixels: it runs before any decoding (a
-    bad folder fails in seconds) and, as only files whose byte size occurs in both splits can
+    bad folder fails in seconds) and, as only files whose byte size occurs in two splits can
     match, reads just those. It catches copies, hard links and re-downloads; a re-encoded copy
     (same pixels, other bytes) is not caught.
     """
-    size = {path: os.path.getsize(path) for path in [*train_paths, *test_paths]}
-    train_sizes = {size[path] for path in train_paths}
-    candidates = [path for path in test_paths if size[path] in train_sizes]
-    wanted = {size[path] for path in candidates}
-    train_hashes: dict[str, str] = {}
-    for path in train_paths:
-        if size[path] in wanted:
-            train_hashes.setdefault(_sha256(path), path)
-    pairs = [(path, train_hashes[digest]) for path in candidates if (digest := _sha256(path)) in train_hashes]
-    if pairs:
-        test_path, train_path = pairs[0]
+    size = {path: os.path.getsize(path) for files in paths.values() for path in files}
+    splits_of_size: dict[int, set[str]] = {}
+    for name, files in paths.items():
+        for path in files:
+            splits_of_size.setdefault(size[path], set()).add(name)
+    first_of: dict[str, tuple[str, str]] = {}  # digest -> (split, path) where it was first seen
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for name, files in paths.items():  # train, val, test: a pair is (later split's file, earlier one)
+        for path in files:
+            if len(splits_of_size[size[path]]) < 2:
+                continue
+            seen = first_of.setdefault(_sha256(path), (name, path))
+            if seen[0] != name:
+                pairs.setdefault(name, []).append((path, seen[1]))
+    for name, found in sorted(pairs.items(), key=lambda item: item[0] != "test"):
+        count = f"{len(found)} {name} image{'s are' if len(found) > 1 else ' is'}"
+        example = f"(e.g. {found[0][0]} = {found[0][1]})"
+        if name == "test":
+            raise XKDDataError(
+                f"{root}: {count} byte-identical to train/ images {example}; delete the copies from one "
+                "folder so test scores stay honest"
+            )
         raise XKDDataError(
-            f"{root}: {len(pairs)} test image{'s are' if len(pairs) > 1 else ' is'} byte-identical to train images "
-            f"(e.g. {test_path} = {train_path}); delete the copies from one split so test scores stay honest"
+            f"{root}: {count} (carved from train/) byte-identical to train images {example}; delete the "
+            "duplicates inside train/ so val scores stay honest"
         )
 
 
@@ -243,10 +256,13 @@ def _load_imagefolder(config: DataConfig) -> Splits:
         )
     train_paths = [path for path, _ in train_samples]
     test_paths = [path for path, _ in test_samples]
-    _refuse_duplicates(root, train_paths, test_paths)
     train_labels = np.asarray([label for _, label in train_samples], dtype=np.int64)
     test_labels = np.asarray([label for _, label in test_samples], dtype=np.int64)
     train_idx, val_idx = carve_val(train_labels, config.val_fraction, config.max_train_samples, config.seed)
+    _refuse_duplicates(
+        root,
+        {"train": [train_paths[i] for i in train_idx], "val": [train_paths[i] for i in val_idx], "test": test_paths},
+    )
     size = config.image_size
     return assemble(
         "imagefolder",

@@ -167,9 +167,10 @@ def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any 
     from xkd_ray.ray_train import ensure_ray
     from xkd_ray.tables import front_table
 
+    ensure_ray(args.address)
+    # After ray.init, which installs its own SIGTERM handler (exit 1, no Tune state saved).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    ensure_ray(args.address)
     summary = run_search(spec, out, resume=args.resume, live=not args.no_live, storage=storage)
     finished = len(read_trials(out))
     if finished < spec.search.trials:
