@@ -10,17 +10,23 @@ is a wall-clock stamp taken where it happens, all on this machine's clock:
     torch / xkd_ray imports done, loop entered, prepared data fetched, first epoch started,
     trained, evaluated, reported;
   * this process (Tune's driver): trial started, first result received, trial completed.
-Prints each phase's median over the trials, the import cost of a worker measured alone in a fresh
-interpreter, and a RESULT line: ``fixed_cost_s`` (driver entered -> first epoch starts),
-``trial_wall_s`` (the trial's driver process started, or with ``--reuse-actors`` the previous
-trial ended -> Tune sees it complete), their ratio, ``overhead_s`` (the wall time that is not
-epochs: start-up plus tail) and its share ``overhead_fraction``.
+Two arms, the same trials, one after the other on one Ray: ``ray_train`` (every trial a Ray Train
+run: trial driver, Train controller, worker process; ``search.one_worker_in_driver: false``) and
+``in_driver`` (the default for one-worker trials: the trial driver trains itself, and Tune reuses
+its process for the next trial, as ``xkd search`` does). Prints each phase's median over the
+trials per arm ("-" where a phase does not exist in that arm), the import cost of a worker
+measured alone in a fresh interpreter, and a RESULT line, per arm: ``fixed_cost_s`` (driver
+entered -> first epoch starts), ``trial_wall_s`` (the trial's driver process started, or for a
+reused process the previous trial ended -> Tune sees it complete), ``overhead_s`` (the wall time
+that is not epochs: start-up plus tail) and its share ``overhead_fraction``; unsuffixed keys are
+the in_driver arm, ``_ray_train`` the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -63,7 +69,7 @@ PHASES = (
 )
 
 
-def bench_spec(smoke: bool, trials: int, epochs: int | None = None) -> SearchSpec:
+def bench_spec(smoke: bool, trials: int, epochs: int | None = None, in_driver: bool = True) -> SearchSpec:
     """The default space's base (or a tiny one), nothing sampled, one worker, one trial at a time."""
     raw = yaml.safe_load(SPACE.read_text())
     if smoke:
@@ -78,6 +84,7 @@ def bench_spec(smoke: bool, trials: int, epochs: int | None = None) -> SearchSpe
         "workers_per_trial": 1,
         "cpus_per_worker": raw.get("search", {}).get("cpus_per_worker", 0.9),
         "max_concurrent_trials": 1,
+        "one_worker_in_driver": in_driver,
     }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(raw, handle)
@@ -138,6 +145,9 @@ def run_trials(spec: SearchSpec, trials: int, storage: Path, reuse_actors: bool 
     for run in runs:  # a reused driver process (--reuse-actors) starts its next trial when the last one ends
         run["trial_started"] = max(run["driver_process_started"], previous_end)
         previous_end = run["tune_complete"]
+        for stamp in ("worker_process_started", "worker_imports_done"):  # an earlier trial's, in a reused process
+            if run.get(stamp, run["trial_started"]) < run["trial_started"]:
+                del run[stamp]
     return runs
 
 
@@ -147,13 +157,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="distill.epochs (default: the config's)")
     parser.add_argument("--json", type=Path, help="also write every trial's raw stamps here")
-    parser.add_argument(
-        "--reuse-actors", action="store_true", help="Tune's reuse_actors: one trial driver process for all trials"
-    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     trials = 1 if args.smoke else args.trials
-    spec = bench_spec(args.smoke, trials, args.epochs)
     imports = import_seconds()
 
     import ray
@@ -170,45 +176,59 @@ def main() -> None:
         address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False
     )
     ray_start = time.perf_counter() - started
-    storage = Path(tempfile.mkdtemp(prefix="xkd-trial-overhead-"))
+    arms: dict[str, list[dict[str, float]]] = {}
     try:
-        runs = run_trials(spec, trials, storage, args.reuse_actors)
+        for arm in ("ray_train", "in_driver"):
+            in_driver = arm == "in_driver"
+            storage = Path(tempfile.mkdtemp(prefix="xkd-trial-overhead-"))
+            try:  # reuse_actors as the search sets it (ray_search.run_search)
+                spec = bench_spec(args.smoke, trials, args.epochs, in_driver=in_driver)
+                arms[arm] = run_trials(spec, trials, storage, reuse_actors=in_driver)
+            finally:
+                shutil.rmtree(storage, ignore_errors=True)
     finally:
         ray.shutdown()
-        shutil.rmtree(storage, ignore_errors=True)
 
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=1))
+        args.json.write_text(json.dumps(arms, indent=1))
 
-    def median(start: str, end: str) -> float:
+    def median(runs: list[dict[str, float]], start: str, end: str) -> float:
         values = [run[end] - run[start] for run in runs if start in run and end in run]
-        return statistics.median(values) if values else float("nan")
+        return statistics.median(values) if values and min(values) >= 0 else float("nan")
+
+    def shown(value: float) -> str:
+        return f"{value:10.2f}" if math.isfinite(value) else f"{'-':>10s}"
 
     config = spec.trial_config({})
     print(
-        f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {trials} trial(s) of "
+        f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {trials} trial(s) per arm of "
         f"{config.distill.method} on {config.data.dataset} {config.data.image_size}px, "
         f"{config.distill.epochs} epochs, {config.ray.num_workers} worker; Ray start {ray_start:.1f} s"
     )
-    print(f"{'phase (median over trials)':52s} {'seconds':>8s}")
+    print(f"{'phase (median over trials, seconds)':52s} {'ray_train':>10s} {'in_driver':>10s}")
     for label, start, end in PHASES:
-        print(f"{label:52s} {median(start, end):8.2f}")
-    print(f"{'  of which: import xkd_ray.ray_train, fresh process':52s} {imports:8.2f}")
-    fixed = median("driver_entered", "first_epoch_started")
-    wall = median("trial_started", "tune_complete")
-    compute = median("first_epoch_started", "last_epoch_report")
-    overhead = statistics.median(
-        run["tune_complete"] - run["trial_started"] - (run["last_epoch_report"] - run["first_epoch_started"])
-        for run in runs
-    )
-    print(f"{'fixed cost: driver entered -> first epoch starts':52s} {fixed:8.2f}")
-    print(f"{'epochs (train + validation + checkpoint)':52s} {compute:8.2f}")
-    print(f"{'trial wall: trial starts -> Tune: complete':52s} {wall:8.2f}")
-    print(f"{'overhead: trial wall - epochs':52s} {overhead:8.2f}")
-    print(
-        f"RESULT fixed_cost_s={fixed:.2f} trial_wall_s={wall:.2f} fixed_fraction={fixed / wall:.3f} "
-        f"overhead_s={overhead:.2f} overhead_fraction={overhead / wall:.3f}"
-    )
+        print(
+            f"{label:52s} {shown(median(arms['ray_train'], start, end))} {shown(median(arms['in_driver'], start, end))}"
+        )
+    print(f"{'  of which: import xkd_ray.ray_train, fresh process':52s} {imports:10.2f}")
+    result = {}
+    for arm, runs in arms.items():
+        fixed = median(runs, "driver_entered", "first_epoch_started")
+        wall = median(runs, "trial_started", "tune_complete")
+        overhead = statistics.median(
+            run["tune_complete"] - run["trial_started"] - (run["last_epoch_report"] - run["first_epoch_started"])
+            for run in runs
+        )
+        suffix = "" if arm == "in_driver" else "_ray_train"
+        result.update({f"fixed_cost_s{suffix}": fixed, f"trial_wall_s{suffix}": wall, f"overhead_s{suffix}": overhead})
+        result[f"overhead_fraction{suffix}"] = overhead / wall
+    for label, key in (
+        ("fixed cost: driver entered -> first epoch starts", "fixed_cost_s"),
+        ("trial wall: trial starts -> Tune: complete", "trial_wall_s"),
+        ("overhead: trial wall - epochs", "overhead_s"),
+    ):
+        print(f"{label:52s} {shown(result[key + '_ray_train'])} {shown(result[key])}")
+    print("RESULT " + " ".join(f"{key}={value:.3f}" for key, value in result.items()))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ RULES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def faulty_search(ray_local, cache_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["in_driver", "ray_train"])
+def faulty_search(ray_local, cache_dir, tmp_path_factory, request):
+    """Once with one-worker trials trained in their Tune driver (the default: a killed worker is
+    the trial's process, retried by Tune from its checkpoint), once as Ray Train runs (a killed
+    worker is restarted by Ray Train inside the trial)."""
     from xkd_ray.ray_search import run_search
 
     tmp = tmp_path_factory.mktemp("faults")
@@ -38,6 +41,7 @@ def faulty_search(ray_local, cache_dir, tmp_path_factory):
     raw["base"]["explain"]["cache_dir"] = cache_dir
     raw["space"].update({"distill.lr": {"choice": [0.005, 1e6]}})
     raw["search"].update({"trials": len(POINTS), "initial_points": list(POINTS.values()), "max_failures": 1})
+    raw["search"]["one_worker_in_driver"] = request.param
     path = tmp / "space.yaml"
     path.write_text(yaml.safe_dump(raw))
     experiment = tmp / "experiment"

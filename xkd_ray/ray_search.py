@@ -3,8 +3,12 @@
 Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is not a Tune trainable: each trial is a
 small *driver function* that builds its own ``TorchTrainer`` (named after the trial id, so a
 restored search resumes the inner run from its checkpoints) and forwards the workers' reports
-to Tune with ``TuneReportCallback``. The teacher and its explanation cache are prepared once,
-before any trial, on the workers (xkd_ray.ray_teacher), and shared through the object store.
+to Tune with ``TuneReportCallback``. A trial with one worker (``search.one_worker_in_driver``,
+the default) has nothing to shard: its driver runs the same training loop itself, with Tune's
+checkpoints and Tune's retry from the last one, and Tune reuses the driver process for the next
+trial, so such a trial starts no process at all (measured in bench/trial_overhead.py). The
+teacher and its explanation cache are prepared once, before any trial, on the workers
+(xkd_ray.ray_teacher), and shared through the object store.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from xkd_ray.pareto import Objectives
 from xkd_ray.pareto import summary as registry_summary
 from xkd_ray.prepared import DistillData
 from xkd_ray.ray_teacher import prepare_on_workers
-from xkd_ray.ray_train import make_trainer, student_from_checkpoint
+from xkd_ray.ray_train import LoopSession, make_trainer, student_from_checkpoint, train_student_loop
 from xkd_ray.search_callbacks import LiveTableCallback, RegistryCallback
 from xkd_ray.space import Constraint, Parameter, SearchSpec
 from xkd_ray.storage import Storage, pull_cache, push_cache, upload_registry
@@ -41,6 +45,32 @@ from xkd_ray.teacher import teacher_directory
 
 STUDY_NAME = "xkd"
 DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
+
+
+def trains_in_driver(spec: SearchSpec) -> bool:
+    """Whether trials train inside their Tune driver (one worker, ``search.one_worker_in_driver``)."""
+    return spec.search.workers_per_trial == 1 and spec.search.one_worker_in_driver
+
+
+def in_driver_session() -> LoopSession:
+    """The training loop's session inside a Tune trial: one rank, the trial's GPU if it has one,
+    Tune's checkpoint (a retried or resumed trial) and Tune's report."""
+    import torch
+
+    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        tune.report(metrics, checkpoint=None if folder is None else tune.Checkpoint.from_directory(folder))
+
+    return LoopSession(
+        world=1,
+        rank=0,
+        device=device,
+        checkpoint=tune.get_checkpoint(),
+        report=report,
+        prepare_model=lambda model: model.to(device),
+        prepare_loader=lambda loader: loader,
+    )
 
 
 def tune_domain(parameter: Parameter) -> Any:
@@ -188,24 +218,36 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     data: DistillData = ray.get(shared["data_ref"])
     trial_id = tune.get_context().get_trial_id()
     storage: Storage | None = shared.get("storage")
-    trainer = make_trainer(
-        config,
-        shared["data_ref"],
-        name=f"trial-{trial_id}",
-        storage_path=experiment / "train" if storage is None else storage.path("train"),
-        callbacks=[TuneReportCallback()],
-        objectives=objectives,
-        storage_filesystem=None if storage is None else storage.filesystem,
-    )
+    train_path = experiment / "train" if storage is None else storage.path("train")
     fit_called = time.time()
-    with quick_polling():  # Ray Train moves one report per poll: poll every 0.25 s, not every 2 s
-        result = trainer.fit()
-    fit_returned = time.time()
-    try:
-        student, history = student_from_checkpoint(config, data, result.checkpoint)
-    except XKDTrainingDiverged:
-        _report_diverged(config, objectives)
-        return
+    if trains_in_driver(spec):
+        # The fault hook's once-per-run marker needs a folder this node sees (as in build_trainer).
+        run_folder = Path(train_path if storage is None else Path(tempfile.gettempdir()) / "xkd-runs") / trial_id
+        loop_config = {"config": config.to_dict(), "run_folder": str(run_folder), "objectives": objectives}
+        trained = train_student_loop({**loop_config, "data_ref": shared["data_ref"]}, in_driver_session())
+        fit_returned = time.time()
+        if trained is None:
+            _report_diverged(config, objectives)
+            return
+        student, history = trained
+    else:
+        trainer = make_trainer(
+            config,
+            shared["data_ref"],
+            name=f"trial-{trial_id}",
+            storage_path=train_path,
+            callbacks=[TuneReportCallback()],
+            objectives=objectives,
+            storage_filesystem=None if storage is None else storage.filesystem,
+        )
+        with quick_polling():  # Ray Train moves one report per poll: poll every 0.25 s, not every 2 s
+            result = trainer.fit()
+        fit_returned = time.time()
+        try:
+            student, history = student_from_checkpoint(config, data, result.checkpoint)
+        except XKDTrainingDiverged:
+            _report_diverged(config, objectives)
+            return
     # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
     resumed = len({int(record["start_epoch"]) for record in history}) - 1
     val = final_metrics(history)
@@ -248,7 +290,8 @@ def concurrent_trials(spec: SearchSpec) -> int:
     if spec.search.max_concurrent_trials:
         return spec.search.max_concurrent_trials
     resources = ray.cluster_resources()
-    per_trial_cpu = spec.search.workers_per_trial * spec.search.cpus_per_worker + DRIVER_CPU
+    per_trial_cpu = spec.search.workers_per_trial * spec.search.cpus_per_worker
+    per_trial_cpu += 0 if trains_in_driver(spec) else DRIVER_CPU
     # The epsilon absorbs float error in the division (1.4 / 0.7 = 1.9999...), before the floor.
     fitting = math.floor(resources.get("CPU", 1) / per_trial_cpu + 1e-9)
     if spec.base.ray.use_gpu:
@@ -257,7 +300,13 @@ def concurrent_trials(spec: SearchSpec) -> int:
 
 
 def build_trainable(shared: dict[str, Any]) -> Any:
-    return tune.with_resources(tune.with_parameters(trial_driver, shared=shared), {"cpu": DRIVER_CPU})
+    """The Tune trainable: a small driver that waits on its Ray Train run, or, training in its
+    driver, a process with one worker's resources."""
+    spec: SearchSpec = shared["spec"]
+    resources: dict[str, float] = {"cpu": DRIVER_CPU}
+    if trains_in_driver(spec):
+        resources = {"cpu": spec.search.cpus_per_worker, "gpu": 1 if spec.base.ray.use_gpu else 0}
+    return tune.with_resources(tune.with_parameters(trial_driver, shared=shared), resources)
 
 
 def state_api_reachable() -> bool:
@@ -335,12 +384,17 @@ def run_search(
                 num_samples=spec.search.trials,
                 max_concurrent_trials=concurrent_trials(spec),
                 time_budget_s=time_budget_s,
+                # A trial trained in its driver leaves a process that has imported everything the
+                # next one needs; with Ray Train the driver is a thin waiter either way.
+                reuse_actors=trains_in_driver(spec),
             ),
             run_config=tune.RunConfig(
                 name="tune",
                 storage_path=str(experiment) if storage is None else storage.path(),
                 storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                # Checkpoints of trials trained in their driver (Ray Train runs keep their own).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.base.ray.checkpoints_to_keep),
                 callbacks=callbacks,
                 verbose=0,
             ),

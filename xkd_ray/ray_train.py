@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +155,14 @@ def _gather_evaluation(
 FAULT_MARKER = ".fault-injected"
 
 
-def maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str, stage: str | None = None) -> None:
+def maybe_kill_worker(
+    config: ExperimentConfig, epoch: int, run_folder: str, stage: str | None = None, last_rank: bool | None = None
+) -> None:
     """Test hook (``xkd_ray.faults``): the last worker kills its own process (SIGKILL, a real
     crash) at the rule's epoch, once per run (a marker file in the run's folder says it happened).
     ``stage``: a run other than a student's (the teacher's) fires only rules keyed on its
-    ``stage.name``, so a student's rule never kills a teacher worker.
+    ``stage.name``, so a student's rule never kills a teacher worker. ``last_rank``: whether this
+    process is the last rank (asked of Ray Train's context when not given).
 
     It first waits three of the controller's health-check intervals (at least three of Ray's
     default 2 s, also under ``quick_polling``: the same margin on a loaded machine), so the
@@ -171,8 +175,10 @@ def maybe_kill_worker(config: ExperimentConfig, epoch: int, run_folder: str, sta
     if stage is not None and rule.get("when", {}).get("stage.name") != stage:
         return
     marker = Path(run_folder) / FAULT_MARKER
-    context = ray.train.get_context()
-    if marker.exists() or context.get_world_rank() != context.get_world_size() - 1:
+    if last_rank is None:
+        context = ray.train.get_context()
+        last_rank = context.get_world_rank() == context.get_world_size() - 1
+    if marker.exists() or not last_rank:
         return
     interval = float(os.environ.get(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_S))
     time.sleep(3 * max(interval, DEFAULT_POLL_INTERVAL_S))
@@ -191,6 +197,41 @@ def worker_node_ids() -> list[str]:
     return [str(node) for node in gathered]
 
 
+@dataclass
+class LoopSession:
+    """Where a student's training loop runs, and the few calls that differ there: a rank of a Ray
+    Train run (``ray_train_session``), or a Tune trial's own process when the trial has one
+    worker (``ray_search.in_driver_session``: no Ray Train run to start). The loop is the same."""
+
+    world: int
+    rank: int
+    device: torch.device
+    checkpoint: Checkpoint | None  # the attempt's starting point (after a crash or a resume)
+    report: Callable[[dict[str, Any], str | None], None]  # (metrics, checkpoint folder or None)
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module]
+    prepare_loader: Callable[[DataLoader], DataLoader]
+
+
+def ray_train_session(find_unused_parameters: bool) -> LoopSession:
+    """This Ray Train worker's rank, device, checkpoint and reporting (DDP wrapping when world > 1)."""
+    context = ray.train.get_context()
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        ray.train.report(metrics, checkpoint=None if folder is None else Checkpoint.from_directory(folder))
+
+    return LoopSession(
+        world=context.get_world_size(),
+        rank=context.get_world_rank(),
+        device=ray.train.torch.get_device(),
+        checkpoint=ray.train.get_checkpoint(),
+        report=report,
+        prepare_model=lambda model: ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}
+        ),
+        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
+    )
+
+
 def _any_rank_diverged(loss: float, device: torch.device) -> bool:
     """Each rank sees only its shard's loss; all ranks must agree to stop, or DDP deadlocks."""
     flag = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
@@ -200,7 +241,7 @@ def _any_rank_diverged(loss: float, device: torch.device) -> bool:
 
 
 def _report_divergence(
-    record: dict[str, Any], epoch: int, history: list[dict[str, Any]], rank: int, objectives: list[str]
+    session: LoopSession, record: dict[str, Any], epoch: int, history: list[dict[str, Any]], objectives: list[str]
 ) -> None:
     """End a diverged run with a weights-free checkpoint that says so: Ray Train's result then
     carries the divergence, and a restarted run stops instead of training broken weights. Tune
@@ -208,19 +249,26 @@ def _report_divergence(
     nan = float("nan")
     report = {**record, "epoch": epoch, "diverged": True, **dict.fromkeys(objectives, nan)}
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
+        if session.rank == 0:
             torch.save({"diverged": True, "epoch": epoch, "history": history}, Path(directory) / CHECKPOINT_FILE)
-            checkpoint = Checkpoint.from_directory(directory)
-        ray.train.report(report, checkpoint=checkpoint)
+        session.report(report, directory if session.rank == 0 else None)
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: resume from the last checkpoint, train, report per epoch.
+    """What each Ray Train worker runs (``train_student_loop`` in a Ray Train session)."""
+    config = ExperimentConfig.from_dict(loop_config["config"])
+    train_student_loop(loop_config, ray_train_session(config.distill.head_warmup_epochs > 0))
+
+
+def train_student_loop(
+    loop_config: dict[str, Any], session: LoopSession
+) -> tuple[StudentNet, list[dict[str, Any]]] | None:
+    """Resume from the session's checkpoint, train, report every epoch with a checkpoint; return
+    the trained student (on the CPU) and the per-epoch history, or None when the run diverged.
 
     The first report of each run attempt carries ``timings``: wall-clock stamps of the worker's
-    start-up phases (process start, imports done, loop entered, data fetched, first epoch
-    started / trained / evaluated), so a trial's fixed cost can be measured (bench/trial_overhead.py)."""
+    start-up phases (process start, imports done, loop entered, data fetched, first epoch started
+    / trained / evaluated), so a trial's fixed cost can be measured (bench/trial_overhead.py)."""
     timings: dict[str, float] = {"worker_imports_done": _IMPORTED_AT, "worker_loop_entered": time.time()}
     started = process_started_at()
     if started is not None:
@@ -228,9 +276,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     config = ExperimentConfig.from_dict(loop_config["config"])
     data: DistillData = ray.get(loop_config["data_ref"])
     timings["data_ready"] = time.time()
-    context = ray.train.get_context()
-    world, rank = context.get_world_size(), context.get_world_rank()
-    device = ray.train.torch.get_device()
+    world, rank, device = session.world, session.rank, session.device
     settings = config.distill
     if config.ray.threads_per_worker:
         torch.set_num_threads(config.ray.threads_per_worker)
@@ -239,31 +285,27 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     optimizer, scheduler = make_optimizer(config, student)
     start_epoch = 0
     history: list[dict[str, Any]] = []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        state = read_checkpoint(checkpoint)
+    if session.checkpoint is not None:
+        state = read_checkpoint(session.checkpoint)
         if state.get("diverged"):
-            return  # a restarted run that had already diverged: nothing left to train
+            return None  # a restarted run that had already diverged: nothing left to train
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
         history = list(state["history"])
-    model = ray.train.torch.prepare_model(
-        student, parallel_strategy_kwargs={"find_unused_parameters": settings.head_warmup_epochs > 0}
-    )
+    model = session.prepare_model(student)
     teacher = data.live_teacher(config)
     teacher = teacher.to(device) if teacher is not None else None
     dataset = distill_dataset(data.splits.train, data.teacher_outputs["train"])
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    loader = ray.train.torch.prepare_data_loader(
-        DataLoader(dataset, batch_size=settings.batch_size // world, sampler=sampler), add_dist_sampler=False
-    )
+    loader = session.prepare_loader(DataLoader(dataset, batch_size=settings.batch_size // world, sampler=sampler))
     amp_dtype = _amp_dtype(config, device)
     node_ids = worker_node_ids()
+    bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, settings.epochs):
-        maybe_kill_worker(config, epoch, loop_config["run_folder"])
+        maybe_kill_worker(config, epoch, loop_config["run_folder"], last_rank=rank == world - 1)
         sampler.set_epoch(epoch)
         if timings:
             timings["first_epoch_started"] = time.time()
@@ -274,9 +316,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             timings["first_epoch_trained"] = time.time()
         scheduler.step()
         if _any_rank_diverged(record["train_total"], device):
-            _report_divergence(record, epoch, history, rank, loop_config["objectives"])
-            return
-        bare = model.module if hasattr(model, "module") else model
+            _report_divergence(session, record, epoch, history, loop_config["objectives"])
+            return None
         last = epoch == settings.epochs - 1
         record.update(_gather_evaluation(bare, "val", data, config, device, diagnostics=last))
         if timings:
@@ -286,16 +327,16 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         record["wall_time"] = time.time()
         history.append(record)
         with tempfile.TemporaryDirectory() as directory:
-            report_checkpoint = None
             if rank == 0:
-                state = training_state(bare, optimizer, scheduler, epoch, history)
-                torch.save(state, Path(directory) / CHECKPOINT_FILE)
-                report_checkpoint = Checkpoint.from_directory(directory)
+                torch.save(
+                    training_state(bare, optimizer, scheduler, epoch, history), Path(directory) / CHECKPOINT_FILE
+                )
             report = record
             if timings:  # only in this attempt's first report, never in the history
                 report = {**record, "timings": {**timings, "first_report": time.time()}}
                 timings = {}
-            ray.train.report(report, checkpoint=report_checkpoint)
+            session.report(report, directory if rank == 0 else None)
+    return bare.cpu().eval(), history
 
 
 @contextlib.contextmanager

@@ -138,6 +138,10 @@ class SearchSettings(Schema):
     cpus_per_worker: PositiveFloat = 1.0
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     max_failures: Annotated[int, Field(ge=0)] = 1
+    # A one-worker trial trains inside its Tune trial process (no Ray Train run: no controller,
+    # no worker process; Tune's checkpoints, retries from them, and reuses the process for the
+    # next trial). False: every trial is a Ray Train run, as trials of 2+ workers always are.
+    one_worker_in_driver: bool = True
     objectives: list[Objective] = Field(default_factory=lambda: [Objective(**o) for o in DEFAULT_OBJECTIVES])
     constraints: list[str] = Field(default=[])
     # One value per objective: the worst point the hypervolume counts from. Defaults to 0 for
