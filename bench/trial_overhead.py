@@ -1,7 +1,7 @@
 """Where does a search trial's fixed cost go, before its first epoch trains and after its last?
 
 Runs N sequential trials of the default digits config (search_spaces/default.yaml's base, one
-worker per trial, nothing sampled) through the search's own trainable (``ray_search.build_trainable``:
+worker per trial, nothing sampled) through the search's own trainable (``ray_trial.build_trainable``:
 the Tune driver function, its Ray Train run, ``TuneReportCallback``), one at a time. Every phase
 is a wall-clock stamp taken where it happens, all on this machine's clock:
   * the trial driver's final report (``timings``): process started, driver entered, fit called
@@ -107,7 +107,7 @@ def run_trials(spec: SearchSpec, trials: int, storage: Path, reuse_actors: bool 
     from ray import tune
 
     from xkd_ray.prepared import prepare
-    from xkd_ray.ray_search import build_trainable
+    from xkd_ray.ray_trial import build_trainable
 
     stamps: dict[str, dict[str, float]] = {}
 

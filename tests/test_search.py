@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from tests.conftest import REPO, SMOKE, smoke_space
 from tests.registry_plugin import PLUGIN_METHOD
@@ -297,7 +298,15 @@ def test_search_gauges_reach_the_prometheus_endpoint_while_it_runs(ray_local, ca
     from xkd_ray.ray_search import run_search
     from xkd_ray.space import load_search_space
 
-    spec = load_search_space(smoke_space(tmp_path, cache_dir, trials=3, max_concurrent_trials=1))
+    # Trials long enough to span the export interval: a 2-epoch smoke trial trained in its reused
+    # driver takes ~1 s, a 30-epoch one ~6 s.
+    trials = 4
+    path = smoke_space(tmp_path, cache_dir, trials=trials, max_concurrent_trials=1)
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["distill"]["epochs"] = 30
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_search_space(path)
+    assert spec.base.distill.epochs == 30
     name = "gauged"
     done: dict[str, object] = {}
     search = threading.Thread(target=lambda: done.update(summary=run_search(spec, tmp_path / name, live=False)))
@@ -313,9 +322,9 @@ def test_search_gauges_reach_the_prometheus_endpoint_while_it_runs(ray_local, ca
     # trial was recorded until the last one, every scrape holds the gauges, with the trials
     # finished so far (or one fewer, set before the newest was recorded).
     first = next(at for finished, _, at in seen if finished >= 1)
-    checked = [(finished, found) for finished, found, at in seen if at >= first + 12 and finished < 3]
-    assert checked, "the search ended within 12 s of its first trial: no scrape to check"
+    checked = [(finished, found) for finished, found, at in seen if at >= first + 12 and finished < trials]
+    assert checked, f"the search ended within 12 s of its first trial: no scrape to check; {seen}"
     for finished, found in checked:
         assert found.get("ray_xkd_trials_finished") in (finished - 1, finished), (finished, found)
         assert found.get("ray_xkd_front_size", 0) >= 1, found
-    assert done["summary"]["trials"] == 3
+    assert done["summary"]["trials"] == trials

@@ -258,7 +258,7 @@ def through_tune(report: dict[str, Any], trial_id: str, iteration: int, sampled:
 
 
 def driver_report(index: int, epochs: int) -> dict[str, Any]:
-    """What ``ray_search.trial_driver`` reports once the trial's Ray Train run has ended."""
+    """What ``ray_trial.trial_driver`` reports once the trial's Ray Train run has ended."""
     config = ExperimentConfig().with_overrides({"distill.epochs": epochs}).to_dict()
     return {
         **{name: value(index, name) for name in METRICS},

@@ -1,20 +1,13 @@
 """Ray Tune + Optuna multi-objective search over students, feeding the Pareto registry.
 
-Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is not a Tune trainable: each trial is a
-small *driver function* that builds its own ``TorchTrainer`` (named after the trial id, so a
-restored search resumes the inner run from its checkpoints) and forwards the workers' reports
-to Tune with ``TuneReportCallback``. A trial with one worker (``search.one_worker_in_driver``,
-the default) has nothing to shard: its driver runs the same training loop itself, with Tune's
-checkpoints and Tune's retry from the last one, and Tune reuses the driver process for the next
-trial, so such a trial starts no process at all (measured in bench/trial_overhead.py). The
-teacher and its explanation cache are prepared once, before any trial, on the workers
-(xkd_ray.ray_teacher), and shared through the object store.
+Each trial is ``ray_trial.trial_driver`` (a Tune function: one worker trains in it, two or more
+as a Ray Train run). The teacher and its explanation cache are prepared once, before any trial,
+on the workers (xkd_ray.ray_teacher), and shared through the object store.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Container
@@ -24,53 +17,21 @@ from typing import Any
 import optuna
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import final_metrics, save_student
-from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
-from xkd_ray.faults import fault_rule
+from xkd_ray.errors import XKDConfigError
 from xkd_ray.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
 from xkd_ray.pareto import Objectives
 from xkd_ray.pareto import summary as registry_summary
-from xkd_ray.prepared import DistillData
 from xkd_ray.ray_teacher import prepare_on_workers
-from xkd_ray.ray_train import LoopSession, make_trainer, student_from_checkpoint, train_student_loop
+from xkd_ray.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
 from xkd_ray.search_callbacks import LiveTableCallback, RegistryCallback
 from xkd_ray.space import Constraint, Parameter, SearchSpec
 from xkd_ray.storage import Storage, pull_cache, push_cache, upload_registry
 from xkd_ray.teacher import teacher_directory
 
 STUDY_NAME = "xkd"
-DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
-
-
-def trains_in_driver(spec: SearchSpec) -> bool:
-    """Whether trials train inside their Tune driver (one worker, ``search.one_worker_in_driver``)."""
-    return spec.search.workers_per_trial == 1 and spec.search.one_worker_in_driver
-
-
-def in_driver_session() -> LoopSession:
-    """The training loop's session inside a Tune trial: one rank, the trial's GPU if it has one,
-    Tune's checkpoint (a retried or resumed trial) and Tune's report."""
-    import torch
-
-    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-
-    def report(metrics: dict[str, Any], folder: str | None) -> None:
-        tune.report(metrics, checkpoint=None if folder is None else tune.Checkpoint.from_directory(folder))
-
-    return LoopSession(
-        world=1,
-        rank=0,
-        device=device,
-        checkpoint=tune.get_checkpoint(),
-        report=report,
-        prepare_model=lambda model: model.to(device),
-        prepare_loader=lambda loader: loader,
-    )
 
 
 def tune_domain(parameter: Parameter) -> Any:
@@ -176,113 +137,6 @@ def make_scheduler(spec: SearchSpec) -> FIFOScheduler:
     )
 
 
-def _report_diverged(config: ExperimentConfig, objectives: list[str]) -> None:
-    """NaN objectives: the one divergence sentinel (Optuna records the trial as failed, never as a point)."""
-    nan = float("nan")
-    _wait_for_forwarded_reports()
-    tune.report({**dict.fromkeys(objectives, nan), "status": "diverged", "experiment_config": config.to_dict()})
-
-
-def _wait_for_forwarded_reports(timeout_s: float = 60.0) -> None:
-    """Wait until Tune has taken every epoch report ``TuneReportCallback`` forwarded, before the
-    driver's own final ``tune.report``. In Ray 2.60 both go through the trial's one-slot result
-    queue: a forwarded report still in flight when the final one is put deadlocks the trial (its
-    main thread blocks putting the forwarded report, its training thread putting the final one;
-    seen in a test run, both threads stuck in ``Queue.put``). Two quiet polls 0.1 s apart close
-    the window where the main thread has taken a forwarded report but not yet queued it."""
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-    forwarded = getattr(session, "_inter_actor_queue", None) if session is not None else None
-    if session is None:
-        return
-    deadline, quiet = time.monotonic() + timeout_s, 0
-    while quiet < 2 and time.monotonic() < deadline:
-        busy = (forwarded is not None and not forwarded.empty()) or not session.result_queue.empty()
-        quiet = 0 if busy else quiet + 1
-        time.sleep(0.1)
-
-
-def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
-    """One trial: train a student with Ray Train, save it, report its final validation metrics.
-    The final report's ``timings`` stamps the driver's phases (bench/trial_overhead.py)."""
-    entered = time.time()
-    from xkd_ray.ray_train import process_started_at, quick_polling
-
-    experiment = Path(shared["experiment"])
-    spec: SearchSpec = shared["spec"]
-    config = spec.trial_config(sampled)
-    objectives = [name for name, _ in spec.search.objective_pairs()]
-    if fault_rule("fail_driver", config.to_dict()) is not None:
-        raise RuntimeError("injected fault: fail_driver (XKD_FAULTS), so this trial's driver fails on purpose")
-    data: DistillData = ray.get(shared["data_ref"])
-    trial_id = tune.get_context().get_trial_id()
-    storage: Storage | None = shared.get("storage")
-    train_path = experiment / "train" if storage is None else storage.path("train")
-    fit_called = time.time()
-    if trains_in_driver(spec):
-        # The fault hook's once-per-run marker needs a folder this node sees (as in build_trainer).
-        run_folder = Path(train_path if storage is None else Path(tempfile.gettempdir()) / "xkd-runs") / trial_id
-        loop_config = {"config": config.to_dict(), "run_folder": str(run_folder), "objectives": objectives}
-        trained = train_student_loop({**loop_config, "data_ref": shared["data_ref"]}, in_driver_session())
-        fit_returned = time.time()
-        if trained is None:
-            _report_diverged(config, objectives)
-            return
-        student, history = trained
-    else:
-        trainer = make_trainer(
-            config,
-            shared["data_ref"],
-            name=f"trial-{trial_id}",
-            storage_path=train_path,
-            callbacks=[TuneReportCallback()],
-            objectives=objectives,
-            storage_filesystem=None if storage is None else storage.filesystem,
-        )
-        with quick_polling():  # Ray Train moves one report per poll: poll every 0.25 s, not every 2 s
-            result = trainer.fit()
-        fit_returned = time.time()
-        try:
-            student, history = student_from_checkpoint(config, data, result.checkpoint)
-        except XKDTrainingDiverged:
-            _report_diverged(config, objectives)
-            return
-    # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
-    resumed = len({int(record["start_epoch"]) for record in history}) - 1
-    val = final_metrics(history)
-    metrics = {"val": val, "teacher": data.teacher_metrics}
-    if storage is None:
-        student_dir = str(experiment / "students" / trial_id)
-        save_student(student_dir, config, student, data, metrics)
-    else:  # this node's disk is not the search driver's: the student goes to storage, named relative to it
-        student_dir = f"students/{trial_id}"
-        with tempfile.TemporaryDirectory(prefix="xkd-student-") as local:
-            storage.upload(save_student(Path(local) / trial_id, config, student, data, metrics), student_dir)
-    _wait_for_forwarded_reports()
-    tune.report(
-        {
-            **val,
-            "status": "ok",
-            "epochs_trained": len({int(record["epoch"]) for record in history}),
-            "nodes": {
-                "driver": ray.get_runtime_context().get_node_id(),
-                "workers": sorted({node for record in history for node in record.get("node_ids", [])}),
-            },
-            "student_dir": student_dir,
-            "resumed_from_checkpoint": resumed,
-            "experiment_config": config.to_dict(),
-            "timings": {
-                "driver_process_started": process_started_at(),
-                "driver_entered": entered,
-                "fit_called": fit_called,
-                "fit_returned": fit_returned,
-                "driver_reported": time.time(),
-            },
-        }
-    )
-
-
 def concurrent_trials(spec: SearchSpec) -> int:
     """How many trials fit the cluster at once: each needs its workers' CPUs (or GPUs) + a
     small driver share. Counts what the cluster has *now*; on an autoscaling cluster set
@@ -297,16 +151,6 @@ def concurrent_trials(spec: SearchSpec) -> int:
     if spec.base.ray.use_gpu:
         fitting = min(fitting, int(resources.get("GPU", 0) // spec.search.workers_per_trial))
     return max(1, fitting)
-
-
-def build_trainable(shared: dict[str, Any]) -> Any:
-    """The Tune trainable: a small driver that waits on its Ray Train run, or, training in its
-    driver, a process with one worker's resources."""
-    spec: SearchSpec = shared["spec"]
-    resources: dict[str, float] = {"cpu": DRIVER_CPU}
-    if trains_in_driver(spec):
-        resources = {"cpu": spec.search.cpus_per_worker, "gpu": 1 if spec.base.ray.use_gpu else 0}
-    return tune.with_resources(tune.with_parameters(trial_driver, shared=shared), resources)
 
 
 def state_api_reachable() -> bool:

@@ -1,0 +1,198 @@
+"""One search trial: the Tune trainable that trains a student, saves it and reports its metrics.
+
+Ray 2.60 runs Ray Train V2, where a ``TorchTrainer`` is not a Tune trainable: a trial is a small
+*driver function* (``trial_driver``). With two or more workers it builds its own Ray Train run
+(named after the trial id, so a restored search resumes the inner run from its checkpoints) and
+forwards the workers' reports to Tune with ``TuneReportCallback``. A trial with one worker
+(``search.one_worker_in_driver``, the default) has nothing to shard: its driver runs the same
+training loop itself (``ray_train.train_student_loop`` over ``in_driver_session``), with Tune's
+checkpoints and Tune's retry from the last one, and Tune reuses the driver process for the next
+trial, so such a trial starts no process at all (bench/trial_overhead.py: 6.7 s of fixed cost
+per trial down to 0.005 s).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from xkd_ray.config import ExperimentConfig
+from xkd_ray.distill import final_metrics, save_student
+from xkd_ray.errors import XKDTrainingDiverged
+from xkd_ray.faults import fault_rule
+from xkd_ray.models import StudentNet
+from xkd_ray.prepared import DistillData
+from xkd_ray.ray_train import LoopSession, make_trainer, student_from_checkpoint, train_student_loop
+from xkd_ray.space import SearchSpec
+from xkd_ray.storage import Storage
+
+DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
+
+
+def trains_in_driver(spec: SearchSpec) -> bool:
+    """Whether trials train inside their Tune driver (one worker, ``search.one_worker_in_driver``)."""
+    return spec.search.workers_per_trial == 1 and spec.search.one_worker_in_driver
+
+
+def in_driver_session() -> LoopSession:
+    """The training loop's session inside a Tune trial: one rank, the trial's GPU if it has one,
+    Tune's checkpoint (a retried or resumed trial) and Tune's report."""
+    import torch
+
+    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        tune.report(metrics, checkpoint=None if folder is None else tune.Checkpoint.from_directory(folder))
+
+    return LoopSession(
+        world=1,
+        rank=0,
+        device=device,
+        checkpoint=tune.get_checkpoint(),
+        report=report,
+        prepare_model=lambda model: model.to(device),
+        prepare_loader=lambda loader: loader,
+    )
+
+
+def _report_diverged(config: ExperimentConfig, objectives: list[str]) -> None:
+    """NaN objectives: the one divergence sentinel (Optuna records the trial as failed, never as a point)."""
+    nan = float("nan")
+    _wait_for_forwarded_reports()
+    tune.report({**dict.fromkeys(objectives, nan), "status": "diverged", "experiment_config": config.to_dict()})
+
+
+def _wait_for_forwarded_reports(timeout_s: float = 60.0) -> None:
+    """Wait until Tune has taken every epoch report ``TuneReportCallback`` forwarded, before the
+    driver's own final ``tune.report``. In Ray 2.60 both go through the trial's one-slot result
+    queue: a forwarded report still in flight when the final one is put deadlocks the trial (its
+    main thread blocks putting the forwarded report, its training thread putting the final one;
+    seen in a test run, both threads stuck in ``Queue.put``). Two quiet polls 0.1 s apart close
+    the window where the main thread has taken a forwarded report but not yet queued it."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    forwarded = getattr(session, "_inter_actor_queue", None) if session is not None else None
+    if session is None:
+        return
+    deadline, quiet = time.monotonic() + timeout_s, 0
+    while quiet < 2 and time.monotonic() < deadline:
+        busy = (forwarded is not None and not forwarded.empty()) or not session.result_queue.empty()
+        quiet = 0 if busy else quiet + 1
+        time.sleep(0.1)
+
+
+def _train_path(shared: dict[str, Any]) -> str | Path:
+    storage: Storage | None = shared.get("storage")
+    return Path(shared["experiment"]) / "train" if storage is None else storage.path("train")
+
+
+def _train_in_driver(
+    config: ExperimentConfig, trial_id: str, shared: dict[str, Any], objectives: list[str]
+) -> tuple[StudentNet, list[dict[str, Any]]] | None:
+    """The training loop in this Tune trial's process; None if it diverged."""
+    # The fault hook's once-per-run marker needs a folder this node sees (as in build_trainer).
+    local = shared.get("storage") is None
+    run_folder = Path(_train_path(shared) if local else Path(tempfile.gettempdir()) / "xkd-runs") / trial_id
+    loop_config = {"config": config.to_dict(), "run_folder": str(run_folder), "objectives": objectives}
+    return train_student_loop({**loop_config, "data_ref": shared["data_ref"]}, in_driver_session())
+
+
+def _train_with_ray_train(
+    config: ExperimentConfig, trial_id: str, shared: dict[str, Any], objectives: list[str]
+) -> tuple[StudentNet, list[dict[str, Any]]] | None:
+    """A Ray Train run named after the trial (a restored search resumes it from its checkpoints),
+    its reports forwarded to Tune; None if it diverged."""
+    from xkd_ray.ray_train import quick_polling
+
+    storage: Storage | None = shared.get("storage")
+    trainer = make_trainer(
+        config,
+        shared["data_ref"],
+        name=f"trial-{trial_id}",
+        storage_path=_train_path(shared),
+        callbacks=[TuneReportCallback()],
+        objectives=objectives,
+        storage_filesystem=None if storage is None else storage.filesystem,
+    )
+    with quick_polling():  # Ray Train moves one report per poll: poll every 0.25 s, not every 2 s
+        result = trainer.fit()
+    try:
+        return student_from_checkpoint(config, ray.get(shared["data_ref"]), result.checkpoint)
+    except XKDTrainingDiverged:
+        return None
+
+
+def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
+    """One trial: train a student (in this process, or as a Ray Train run for 2+ workers), save
+    it, report its final validation metrics. The final report's ``timings`` stamps the driver's
+    phases (bench/trial_overhead.py)."""
+    entered = time.time()
+    from xkd_ray.ray_train import process_started_at
+
+    experiment = Path(shared["experiment"])
+    spec: SearchSpec = shared["spec"]
+    config = spec.trial_config(sampled)
+    objectives = [name for name, _ in spec.search.objective_pairs()]
+    if fault_rule("fail_driver", config.to_dict()) is not None:
+        raise RuntimeError("injected fault: fail_driver (XKD_FAULTS), so this trial's driver fails on purpose")
+    data: DistillData = ray.get(shared["data_ref"])
+    trial_id = tune.get_context().get_trial_id()
+    storage: Storage | None = shared.get("storage")
+    fit_called = time.time()
+    train = _train_in_driver if trains_in_driver(spec) else _train_with_ray_train
+    trained = train(config, trial_id, shared, objectives)
+    fit_returned = time.time()
+    if trained is None:
+        _report_diverged(config, objectives)
+        return
+    student, history = trained
+    # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
+    resumed = len({int(record["start_epoch"]) for record in history}) - 1
+    val = final_metrics(history)
+    metrics = {"val": val, "teacher": data.teacher_metrics}
+    if storage is None:
+        student_dir = str(experiment / "students" / trial_id)
+        save_student(student_dir, config, student, data, metrics)
+    else:  # this node's disk is not the search driver's: the student goes to storage, named relative to it
+        student_dir = f"students/{trial_id}"
+        with tempfile.TemporaryDirectory(prefix="xkd-student-") as local:
+            storage.upload(save_student(Path(local) / trial_id, config, student, data, metrics), student_dir)
+    _wait_for_forwarded_reports()
+    tune.report(
+        {
+            **val,
+            "status": "ok",
+            "epochs_trained": len({int(record["epoch"]) for record in history}),
+            "nodes": {
+                "driver": ray.get_runtime_context().get_node_id(),
+                "workers": sorted({node for record in history for node in record.get("node_ids", [])}),
+            },
+            "student_dir": student_dir,
+            "resumed_from_checkpoint": resumed,
+            "experiment_config": config.to_dict(),
+            "timings": {
+                "driver_process_started": process_started_at(),
+                "driver_entered": entered,
+                "fit_called": fit_called,
+                "fit_returned": fit_returned,
+                "driver_reported": time.time(),
+            },
+        }
+    )
+
+
+def build_trainable(shared: dict[str, Any]) -> Any:
+    """The Tune trainable: a small driver that waits on its Ray Train run, or, training in its
+    driver, a process with one worker's resources."""
+    spec: SearchSpec = shared["spec"]
+    resources: dict[str, float] = {"cpu": DRIVER_CPU}
+    if trains_in_driver(spec):
+        resources = {"cpu": spec.search.cpus_per_worker, "gpu": 1 if spec.base.ray.use_gpu else 0}
+    return tune.with_resources(tune.with_parameters(trial_driver, shared=shared), resources)
