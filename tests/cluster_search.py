@@ -9,9 +9,9 @@ driver runs there, so no trial can) and two worker nodes of one CPU each, so eve
 driver (0.1 CPU) and its Ray Train worker (0.9 CPU) run on a worker node and either node can
 hold a whole trial alone. It then runs the real search job (``xkd_ray/search.py --address``)
 as a subprocess, waits until one trial has finished and the next one has a checkpoint that
-Ray Train has registered, kills the worker node that trains it (SIGKILL, as a crashed or
-preempted machine), waits for the search to end and prints one JSON summary as the last line
-of stdout.
+Tune (a one-worker trial trained in its driver, the default) or Ray Train has registered, kills
+the worker node that trains it (SIGKILL, as a crashed or preempted machine), waits for the
+search to end and prints one JSON summary as the last line of stdout.
 """
 
 from __future__ import annotations
@@ -70,6 +70,21 @@ class Experiment:
             }
         return {run.removeprefix("trial-"): payload for run, payload in found.items()}
 
+    def trial_results(self) -> dict[str, bytes]:
+        """trial id -> Tune's ``result.json`` of the trial (the results Tune has processed)."""
+        prefix = "trial_driver_"
+        if self.storage is None:
+            folders = sorted((self.folder / "tune").glob(f"{prefix}*"))
+            found = {f.name: (f / "result.json").read_bytes() for f in folders if (f / "result.json").exists()}
+        else:
+            files = self.storage.files("tune")
+            found = {
+                path.split("/")[1]: self.storage.read_bytes(path)
+                for path in files
+                if path.count("/") == 2 and path.endswith("/result.json") and path.split("/")[1].startswith(prefix)
+            }
+        return {name.removeprefix(prefix).split("_")[0]: payload for name, payload in found.items()}
+
     def finished(self) -> dict[str, dict[str, Any]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -97,6 +112,20 @@ def _registered_checkpoint(payload: bytes | None) -> dict[str, Any] | None:
     return {"checkpoint": latest["checkpoint_dir_name"], "checkpoint_epoch": latest["metrics"]["epoch"]}
 
 
+def _tune_checkpoint(payload: bytes) -> dict[str, Any] | None:
+    """A trial's latest checkpoint that Tune has processed (a result line naming it), when the
+    trial trains in its driver."""
+    latest = None
+    for line in payload.decode(errors="replace").splitlines():
+        try:
+            result = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if result.get("checkpoint_dir_name") and "epoch" in result:
+            latest = {"checkpoint": result["checkpoint_dir_name"], "checkpoint_epoch": result["epoch"]}
+    return latest
+
+
 def _alive_actors(cluster: Any) -> list[dict[str, Any]]:
     table = cluster.global_state.actor_table(None)
     return [
@@ -112,8 +141,10 @@ def _find_target(
     """An unfinished trial with a registered checkpoint of an epoch up to ``last_epoch`` (so
     training is left to resume) and the worker node that runs its ``actor_class`` actor (its
     Ray Train worker, or its Tune driver)."""
-    for trial_id, payload in experiment.run_snapshots().items():
-        checkpoint = _registered_checkpoint(payload)
+    in_driver = actor_class == TARGETS["trial_driver"]
+    found = experiment.trial_results() if in_driver else experiment.run_snapshots()
+    for trial_id, payload in found.items():
+        checkpoint = _tune_checkpoint(payload) if in_driver else _registered_checkpoint(payload)
         if trial_id in finished or checkpoint is None or checkpoint["checkpoint_epoch"] > last_epoch:
             continue
         workers = sorted((a for a in _alive_actors(cluster) if a["class"] == actor_class), key=lambda a: a["start"])
@@ -150,15 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         "--target",
         choices=sorted(TARGETS),
         default="train_worker",
-        help="remove the node of the trial's Ray Train worker (default) or of its Tune driver",
+        help="with Ray Train trials: remove the node of the trial's Ray Train worker (default) or of its Tune driver",
     )
     args = parser.parse_args(argv)
 
     from ray.cluster_utils import Cluster
 
+    from xkd_ray.ray_trial import trains_in_driver
     from xkd_ray.space import load_search_space
 
-    epochs = load_search_space(args.space).base.distill.epochs
+    spec = load_search_space(args.space)
+    epochs = spec.base.distill.epochs
+    # A trial trained in its driver trains in the Tune driver's process: that is the node to lose.
+    target = TARGETS["trial_driver"] if trains_in_driver(spec) else TARGETS[args.target]
     last_epoch = epochs - 3  # at least two epochs left to train after the node is lost
 
     started = time.monotonic()
@@ -194,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             search = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             while search.poll() is None and time.monotonic() < started + args.timeout:
                 if summary["removed"] is None:
-                    summary["removed"] = _remove_training_node(cluster, experiment, TARGETS[args.target], last_epoch)
+                    summary["removed"] = _remove_training_node(cluster, experiment, target, last_epoch)
                     if summary["removed"] is not None:
                         summary["removed"].update(node=roles[summary["removed"].pop("node_id")])
                         summary["removed"]["at_seconds"] = round(time.monotonic() - started, 1)

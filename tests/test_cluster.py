@@ -5,11 +5,12 @@ killed while it trains a trial, the search finishes that trial on the remaining 
 checkpoint, and the front loads from s3 in a fresh process.
 
 The cluster lives in a subprocess (``tests/cluster_search.py``), never in the pytest process,
-which may hold the session's local Ray (``ray_local``). Ray places the trial's Tune driver and
-Train controller on either worker node, so the lost node holds the Train worker alone (Ray
-Train restarts its worker group, ``ray.max_failures``) or the whole trial (Tune retries the
-trial, ``search.max_failures``, and the new Train run restores the old run's checkpoints);
-both end the same way. ``cluster_search.py --target trial_driver`` removes the driver's node.
+which may hold the session's local Ray (``ray_local``). A one-worker trial trains in its Tune
+driver (the default), so the lost node holds the whole trial: Tune retries it on the other node
+(``search.max_failures``) from its last checkpoint on s3. With ``search.one_worker_in_driver:
+false`` Ray places the trial's Tune driver and Train controller on either worker node, and the
+lost node holds the Train worker alone (Ray Train restarts its worker group) or the whole trial;
+all end the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from xkd_ray.pareto import front_rows, read_trials
 from xkd_ray.storage import Storage
 
 TRIALS = 3
-EPOCHS = 6  # time to lose the node after a checkpoint, with epochs left to resume
+EPOCHS = 20  # time to lose the node after a checkpoint, with epochs left to resume (~0.3 s each)
 
 LOAD_FRONT_IN_FRESH_PROCESS = textwrap.dedent(
     """

@@ -8,6 +8,7 @@ on the workers (xkd_ray.ray_teacher), and shared through the object store.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Container
@@ -190,6 +191,10 @@ def run_search(
             )
         warnings.warn(f"{problem}: a trial whose node is lost may wait for its old run's CPUs", stacklevel=2)
     experiment.mkdir(parents=True, exist_ok=True)
+    # Trials trained in their driver checkpoint every epoch through Tune, which snapshots its state
+    # before it deletes an old checkpoint (checkpoints_to_keep) and warns each time this happens
+    # within 5 s: for epochs of a second or less that is a warning per epoch, by design here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = time.perf_counter()
     base = spec.trial_config({})
     cache_dir = Path(base.explain.cache_dir)
