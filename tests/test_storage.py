@@ -153,8 +153,10 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     objects = storage.files()
     for expected in ("experiment.json", "trials.parquet", "summary.json", "optuna.journal", "pareto/front.parquet"):
         assert expected in objects, objects
-    for folder in ("tune/", "train/trial-", "students/", "cache/explanations/", "cache/teachers/teacher-"):
+    for folder in ("tune/", "students/", "cache/explanations/", "cache/teachers/teacher-"):
         assert any(p.startswith(folder) for p in objects), (folder, objects)
+    # The trials' checkpoints (trained in their Tune drivers: Tune's trial folders) are on s3 too.
+    assert any(p.startswith("tune/trial_driver_") and "/checkpoint_" in p for p in objects), objects
     before = len(pq.read_table(s3_server.open_input_file(storage.path("trials.parquet"))))
     assert 1 <= before < 3
 
