@@ -225,17 +225,21 @@ def transfer_child(mode: str, cache: str, address: str, overrides: dict) -> None
     )
 
 
+def _child(flag: str, mode: str, cache: Path, address: str, overrides: dict) -> dict:
+    """Run this script as a fresh driver process in ``mode``; its last stdout line, as JSON."""
+    command = [sys.executable, __file__, flag, mode, "--cache", str(cache), "--address", address]
+    child = subprocess.run([*command, "--overrides", json.dumps(overrides)], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"{flag} {mode} failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def part_transfer(root: Path, address: str, overrides: dict) -> None:
     """(d): data to trials before / after, in fresh drivers sharing one warm cache."""
     cache = root / "transfer"
     measured = {}
     for mode in ("warm-up", "before", "after"):
-        command = [sys.executable, __file__, "--transfer-child", "after" if mode == "warm-up" else mode]
-        command += ["--cache", str(cache), "--address", address, "--overrides", json.dumps(overrides)]
-        child = subprocess.run(command, capture_output=True, text=True, cwd=os.getcwd())
-        if child.returncode != 0:
-            raise RuntimeError(f"transfer child {mode} failed:\n{child.stderr[-3000:]}")
-        measured[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+        measured[mode] = _child("--transfer-child", "after" if mode == "warm-up" else mode, cache, address, overrides)
     before, after = measured["before"], measured["after"]
     print(
         f"(d) data to trials, {overrides}: bundle {after['bundle_mb']:.0f} MB (images + maps); driver peak RSS "
@@ -257,12 +261,7 @@ def part_memory(root: Path, address: str, overrides: dict) -> None:
     """(c): ``prepare`` vs ``prepare_on_workers``, each in a fresh driver, fresh caches."""
     measured = {}
     for mode in ("plain", "workers"):
-        command = [sys.executable, __file__, "--memory-child", mode, "--cache", str(root / f"mem-{mode}")]
-        command += ["--address", address, "--overrides", json.dumps(overrides)]
-        child = subprocess.run(command, capture_output=True, text=True, cwd=os.getcwd())
-        if child.returncode != 0:
-            raise RuntimeError(f"memory child {mode} failed:\n{child.stderr[-3000:]}")
-        measured[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+        measured[mode] = _child("--memory-child", mode, root / f"mem-{mode}", address, overrides)
     plain, workers = measured["plain"], measured["workers"]
     print(
         f"(c) driver peak RSS, {overrides}: prepare {plain['peak_mb']:.0f} MB ({plain['wall_s']:.1f} s), "
