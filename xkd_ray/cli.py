@@ -168,8 +168,33 @@ def command_demo(args: argparse.Namespace) -> int:
         return code
     knee = load_pareto_student(experiment, prefer="knee")
     console.print(metrics_table(f"knee student from {knee.path} (loaded from disk)", {"knee": knee.metrics}))
+    _print_knee_vs_reference(experiment, knee.path.name)
     console.print(f"total {time.perf_counter() - started:.0f} s; front plot: {experiment / 'pareto' / 'front.png'}")
     return 0
+
+
+def _print_knee_vs_reference(experiment: Path, knee_trial: str) -> None:
+    """The knee student and the space's reference config (what a user would train by hand) on the
+    search's objectives: the search is worth running when the reference does not dominate the knee."""
+    from xkd_ray.metrics import dominates
+    from xkd_ray.pareto import read_objectives, read_trials, summary
+
+    reference = (summary(experiment) or {}).get("reference_config")
+    knee = next((row for row in read_trials(experiment) if row["trial_id"] == knee_trial), None)
+    if reference is None or knee is None:
+        return
+    objectives = read_objectives(experiment)
+    knee_point = objectives.point(knee)
+    reference_point = tuple(reference["values"][name] for name in objectives.names)
+    dominated = dominates(reference_point, knee_point, objectives.directions)
+
+    def shown(point: tuple[float, ...]) -> str:
+        return ", ".join(f"{value:.3f}" for value in point)
+
+    console.print(
+        f"val ({', '.join(objectives.names)}): knee {shown(knee_point)}, reference config "
+        f"{shown(reference_point)}: the knee is {'dominated' if dominated else 'not dominated'} by the reference"
+    )
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
