@@ -64,6 +64,7 @@ from xkd_ray.progress import track
 from xkd_ray.ray_train import (
     _amp_dtype,
     _set_rng_state,
+    assigned_device,
     build_trainer,
     ensure_ray,
     maybe_kill_worker,
@@ -291,7 +292,7 @@ class TeacherExplainer:
     def __init__(self, architecture: dict[str, Any], state: dict[str, torch.Tensor], threads: int) -> None:
         if threads:
             torch.set_num_threads(threads)
-        device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        device = assigned_device()
         model = build_teacher(**architecture)
         model.load_state_dict(state)
         self.teacher = model.to(device).eval()

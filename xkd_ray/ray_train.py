@@ -155,6 +155,19 @@ def _gather_evaluation(
 FAULT_MARKER = ".fault-injected"
 
 
+def fault_marker_folder(storage_path: str | Path, name: str, on_object_storage: bool) -> str:
+    """Where ``maybe_kill_worker`` leaves its once-per-run marker: the run's folder, or on object
+    storage (no local folder) a temporary folder every local worker of the run sees."""
+    if on_object_storage:
+        return str(Path(tempfile.gettempdir()) / "xkd-runs" / name)
+    return str(Path(storage_path) / name)
+
+
+def assigned_device() -> torch.device:
+    """The GPU Ray assigned this task or actor, else the CPU."""
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
 def maybe_kill_worker(
     config: ExperimentConfig, epoch: int, run_folder: str, stage: str | None = None, last_rank: bool | None = None
 ) -> None:
@@ -201,7 +214,7 @@ def worker_node_ids() -> list[str]:
 class LoopSession:
     """Where a student's training loop runs, and the few calls that differ there: a rank of a Ray
     Train run (``ray_train_session``), or a Tune trial's own process when the trial has one
-    worker (``ray_search.in_driver_session``: no Ray Train run to start). The loop is the same."""
+    worker (``ray_trial.in_driver_session``: no Ray Train run to start). The loop is the same."""
 
     world: int
     rank: int
@@ -407,10 +420,9 @@ def build_trainer(
     ray_settings = config.ray
     if storage_filesystem is None:
         storage_path = str(Path(storage_path).resolve())
-        run_folder = str(Path(storage_path) / name)
-    else:  # the fault hook's once-per-run marker needs a file every local worker sees
+    else:
         storage_path = str(storage_path)
-        run_folder = str(Path(tempfile.gettempdir()) / "xkd-runs" / name)
+    run_folder = fault_marker_folder(storage_path, name, on_object_storage=storage_filesystem is not None)
     resources = {"CPU": ray_settings.cpus_per_worker}
     if ray_settings.use_gpu:
         resources["GPU"] = 1

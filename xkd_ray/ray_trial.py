@@ -28,7 +28,14 @@ from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.faults import fault_rule
 from xkd_ray.models import StudentNet
 from xkd_ray.prepared import DistillData
-from xkd_ray.ray_train import LoopSession, make_trainer, student_from_checkpoint, train_student_loop
+from xkd_ray.ray_train import (
+    LoopSession,
+    assigned_device,
+    fault_marker_folder,
+    make_trainer,
+    student_from_checkpoint,
+    train_student_loop,
+)
 from xkd_ray.space import SearchSpec
 from xkd_ray.storage import Storage
 
@@ -43,9 +50,7 @@ def trains_in_driver(spec: SearchSpec) -> bool:
 def in_driver_session() -> LoopSession:
     """The training loop's session inside a Tune trial: one rank, the trial's GPU if it has one,
     Tune's checkpoint (a retried or resumed trial) and Tune's report."""
-    import torch
-
-    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    device = assigned_device()
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         tune.report(metrics, checkpoint=None if folder is None else tune.Checkpoint.from_directory(folder))
@@ -64,7 +69,6 @@ def in_driver_session() -> LoopSession:
 def _report_diverged(config: ExperimentConfig, objectives: list[str]) -> None:
     """NaN objectives: the one divergence sentinel (Optuna records the trial as failed, never as a point)."""
     nan = float("nan")
-    _wait_for_forwarded_reports()
     tune.report({**dict.fromkeys(objectives, nan), "status": "diverged", "experiment_config": config.to_dict()})
 
 
@@ -94,18 +98,17 @@ def _train_path(shared: dict[str, Any]) -> str | Path:
 
 
 def _train_in_driver(
-    config: ExperimentConfig, trial_id: str, shared: dict[str, Any], objectives: list[str]
+    config: ExperimentConfig, trial_id: str, shared: dict[str, Any], objectives: list[str], data: DistillData
 ) -> tuple[StudentNet, list[dict[str, Any]]] | None:
     """The training loop in this Tune trial's process; None if it diverged."""
-    # The fault hook's once-per-run marker needs a folder this node sees (as in build_trainer).
-    local = shared.get("storage") is None
-    run_folder = Path(_train_path(shared) if local else Path(tempfile.gettempdir()) / "xkd-runs") / trial_id
-    loop_config = {"config": config.to_dict(), "run_folder": str(run_folder), "objectives": objectives}
+    on_object_storage = shared.get("storage") is not None
+    run_folder = fault_marker_folder(_train_path(shared), trial_id, on_object_storage=on_object_storage)
+    loop_config = {"config": config.to_dict(), "run_folder": run_folder, "objectives": objectives}
     return train_student_loop({**loop_config, "data_ref": shared["data_ref"]}, in_driver_session())
 
 
 def _train_with_ray_train(
-    config: ExperimentConfig, trial_id: str, shared: dict[str, Any], objectives: list[str]
+    config: ExperimentConfig, trial_id: str, shared: dict[str, Any], objectives: list[str], data: DistillData
 ) -> tuple[StudentNet, list[dict[str, Any]]] | None:
     """A Ray Train run named after the trial (a restored search resumes it from its checkpoints),
     its reports forwarded to Tune; None if it diverged."""
@@ -124,9 +127,12 @@ def _train_with_ray_train(
     with quick_polling():  # Ray Train moves one report per poll: poll every 0.25 s, not every 2 s
         result = trainer.fit()
     try:
-        return student_from_checkpoint(config, ray.get(shared["data_ref"]), result.checkpoint)
+        student = student_from_checkpoint(config, data, result.checkpoint)
     except XKDTrainingDiverged:
-        return None
+        student = None
+    # Before the driver's own report: Ray 2.60 deadlocks when it meets a forwarded one in flight.
+    _wait_for_forwarded_reports()
+    return student
 
 
 def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
@@ -147,7 +153,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     storage: Storage | None = shared.get("storage")
     fit_called = time.time()
     train = _train_in_driver if trains_in_driver(spec) else _train_with_ray_train
-    trained = train(config, trial_id, shared, objectives)
+    trained = train(config, trial_id, shared, objectives, data)
     fit_returned = time.time()
     if trained is None:
         _report_diverged(config, objectives)
@@ -164,7 +170,6 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
         student_dir = f"students/{trial_id}"
         with tempfile.TemporaryDirectory(prefix="xkd-student-") as local:
             storage.upload(save_student(Path(local) / trial_id, config, student, data, metrics), student_dir)
-    _wait_for_forwarded_reports()
     tune.report(
         {
             **val,
