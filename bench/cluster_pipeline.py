@@ -1,4 +1,4 @@
-"""What does moving the teacher's pipeline onto Ray workers (xkd_ray/ray_teacher.py) cost and gain?
+"""What does moving the teacher's pipeline onto Ray workers (xkd_ray/cluster/ray_teacher.py) cost and gain?
 
 Config and budget (about 5-8 minutes on a 2-core CPU machine; ``--smoke``: under 2 minutes):
   (a) teacher: digits at 16x16, VGG width 16, 5 epochs (batch 64), trained by the plain loop
@@ -52,7 +52,7 @@ SMOKE_SCALED = {"data.image_size": 16, "teacher.width": 8, "teacher.epochs": 1, 
 
 
 def _config(cache: Path, overrides: dict):
-    from xkd_ray.config import ExperimentConfig
+    from xkd_ray.config.schema import ExperimentConfig
 
     return ExperimentConfig().with_overrides({**overrides, "explain.cache_dir": str(cache)})
 
@@ -81,9 +81,9 @@ def _load() -> None:
 
 def part_teacher(root: Path, overrides: dict):
     """(a): the plain loop vs Ray Train on 1 worker, same config, fresh caches."""
-    from xkd_ray.data import load_splits
-    from xkd_ray.ray_teacher import train_teacher_with_ray
-    from xkd_ray.teacher import save_teacher, teacher_directory, train_teacher
+    from xkd_ray.data.datasets import load_splits
+    from xkd_ray.cluster.ray_teacher import train_teacher_with_ray
+    from xkd_ray.core.teacher import save_teacher, teacher_directory, train_teacher
 
     plain_config = _config(root / "plain", overrides)
     splits = load_splits(plain_config.data)
@@ -112,9 +112,9 @@ def part_teacher(root: Path, overrides: dict):
 
 def part_explain(root: Path, teacher, splits, overrides: dict, teacher_overrides: dict) -> None:
     """(b): IG in this process, then as the Ray actor job on 1 and 2 workers."""
-    from xkd_ray.explain import cached_teacher_outputs
-    from xkd_ray.ray_teacher import explain_on_workers
-    from xkd_ray.splits import SPLIT_NAMES
+    from xkd_ray.core.explain import cached_teacher_outputs
+    from xkd_ray.cluster.ray_teacher import explain_on_workers
+    from xkd_ray.data.splits import SPLIT_NAMES
 
     config = _config(root / "ig", {**teacher_overrides, **overrides})
     explain = config.explain
@@ -156,8 +156,8 @@ def memory_child(mode: str, cache: str, address: str, overrides: dict) -> None:
     """One fresh driver process: import, run one path, print its peak RSS as JSON."""
     import ray
 
-    from xkd_ray.prepared import prepare
-    from xkd_ray.ray_teacher import prepare_on_workers
+    from xkd_ray.core.prepared import prepare
+    from xkd_ray.cluster.ray_teacher import prepare_on_workers
 
     config = _config(Path(cache), overrides)
     imported_kb = _rss_now_kb()
@@ -188,7 +188,7 @@ def transfer_child(mode: str, cache: str, address: str, overrides: dict) -> None
     trial-like tasks, print the driver's peak RSS and each reader's added private memory as JSON."""
     import ray
 
-    from xkd_ray.ray_teacher import prepare_on_workers
+    from xkd_ray.cluster.ray_teacher import prepare_on_workers
 
     config = _config(Path(cache), overrides)
     imported_kb = _rss_now_kb()
@@ -207,7 +207,7 @@ def transfer_child(mode: str, cache: str, address: str, overrides: dict) -> None
 
     @ray.remote(num_cpus=0)
     def read(box: list) -> float:
-        import xkd_ray.prepared  # noqa: F401  (what unpickling imports, so only the data is counted)
+        import xkd_ray.core.prepared  # noqa: F401  (what unpickling imports, so only the data is counted)
 
         before = _private_kb()
         value = ray.get(box[0])

@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import distill
-from xkd_ray.explain import EXPLAINERS
-from xkd_ray.prepared import prepare
-from xkd_ray.teacher import teacher_id
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.distill import distill
+from xkd_ray.core.explain import EXPLAINERS
+from xkd_ray.core.prepared import prepare
+from xkd_ray.core.teacher import teacher_id
 
 
 def trial_seconds(config: ExperimentConfig) -> tuple[float, float]:

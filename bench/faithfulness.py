@@ -1,6 +1,6 @@
-"""Our batched deletion curves (``xkd_ray.faithfulness``) against Quantus' PixelFlipping.
+"""Our batched deletion curves (``xkd_ray.core.faithfulness``) against Quantus' PixelFlipping.
 
-``xkd_ray/faithfulness.py`` is written by hand rather than taken from Quantus; this measures
+``xkd_ray/core/faithfulness.py`` is written by hand rather than taken from Quantus; this measures
 what that buys. On the teacher and its cached test maps (first --images test images) it times
 ``perturbation_curves`` (ours: deletion *and* insertion curves, 2 (k + 1) + 1 batched forward
 passes) and ``quantus.PixelFlipping`` (deletion only, k forward passes per batch of images),
@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.faithfulness import STEPS, curve_auc, perturbation_curves, pixel_order
-from xkd_ray.prepared import prepare
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.faithfulness import STEPS, curve_auc, perturbation_curves, pixel_order
+from xkd_ray.core.prepared import prepare
 
 # The distributions Quantus 0.6.0 needs that this project's environment does not (used for the
 # dependency weight when Quantus is importable without XKD_QUANTUS_PATH).

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import build_student, epoch_loader, evaluate, make_optimizer, train_one_epoch
-from xkd_ray.prepared import prepare
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.distill import build_student, epoch_loader, evaluate, make_optimizer, train_one_epoch
+from xkd_ray.core.prepared import prepare
 
 
 def train(config: ExperimentConfig, data, device: str) -> tuple[float, dict[str, float]]:

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from xkd_ray.checkpoints import atomic_write
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.data import DATASETS
-from xkd_ray.distill import StudentPredictions, distill, split_metrics, student_predictions
-from xkd_ray.explain import EXPLAINERS, explain_maps
-from xkd_ray.losses import explanation_loss
-from xkd_ray.methods import METHODS
-from xkd_ray.metrics import METRICS, fidelity, topk_iou
-from xkd_ray.models import ConvAutoencoder, StudentNet
-from xkd_ray.prepared import DistillData, prepare
+from xkd_ray.core.checkpoints import atomic_write
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.data.datasets import DATASETS
+from xkd_ray.core.distill import StudentPredictions, distill, split_metrics, student_predictions
+from xkd_ray.core.explain import EXPLAINERS, explain_maps
+from xkd_ray.core.losses import explanation_loss
+from xkd_ray.core.methods import METHODS
+from xkd_ray.core.metrics import METRICS, fidelity, topk_iou
+from xkd_ray.core.models import ConvAutoencoder, StudentNet
+from xkd_ray.core.prepared import DistillData, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Every registered metric is a column, except those that describe the teacher and its maps, the

@@ -1,7 +1,7 @@
 """Is `xkd search` worth its compute? The same wall-clock budget for three ways to search.
 
 (a) plain Optuna in one process, without Ray: the same training function (the plain loop,
-    ``xkd_ray.distill.distill``), the same sampler and settings, the same objectives and
+    ``xkd_ray.core.distill.distill``), the same sampler and settings, the same objectives and
     reference point, one trial after another; what a user would write instead;
 (b) ``xkd search`` with the FIFO scheduler (every trial trains all its epochs);
 (c) ``xkd search`` with MO-ASHA (the space's ``search.scheduler``).
@@ -32,12 +32,12 @@ from typing import Any
 
 import optuna
 
-from xkd_ray.distill import distill
-from xkd_ray.metrics import hypervolume
-from xkd_ray.pareto import Objectives, read_trials
-from xkd_ray.prepared import prepare
-from xkd_ray.ray_search import make_sampler
-from xkd_ray.space import Parameter, SearchSpec, load_search_space
+from xkd_ray.core.distill import distill
+from xkd_ray.core.metrics import hypervolume
+from xkd_ray.pareto.front import Objectives, read_trials
+from xkd_ray.core.prepared import prepare
+from xkd_ray.cluster.ray_search import make_sampler
+from xkd_ray.config.space import Parameter, SearchSpec, load_search_space
 
 Curve = list[tuple[float, tuple[float, ...]]]  # (seconds since start, val objective point)
 
@@ -87,7 +87,7 @@ def xkd_search(spec: SearchSpec, folder: Path, budget_s: float) -> tuple[Curve, 
     frees only later, and in one shared session they starved the next arms of CPUs."""
     import ray
 
-    from xkd_ray.ray_search import run_search
+    from xkd_ray.cluster.ray_search import run_search
 
     objectives = Objectives.of(spec.search)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, logging_level="ERROR", log_to_driver=False)

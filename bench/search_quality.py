@@ -16,8 +16,8 @@ from pathlib import Path
 
 import ray
 
-from xkd_ray.ray_search import run_search
-from xkd_ray.space import SAMPLERS, load_search_space
+from xkd_ray.cluster.ray_search import run_search
+from xkd_ray.config.space import SAMPLERS, load_search_space
 
 
 def main() -> None:

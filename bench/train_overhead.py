@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.data import Split
-from xkd_ray.distill import distill
-from xkd_ray.explain import TeacherOutputs
-from xkd_ray.prepared import DistillData, prepare
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.data.datasets import Split
+from xkd_ray.core.distill import distill
+from xkd_ray.core.explain import TeacherOutputs
+from xkd_ray.core.prepared import DistillData, prepare
 
 
 def repeat_train(data: DistillData, times: int) -> DistillData:
@@ -61,7 +61,7 @@ def main() -> None:
 
     import ray
 
-    from xkd_ray.ray_train import distill_with_ray
+    from xkd_ray.cluster.ray_train import distill_with_ray
 
     storage = tempfile.mkdtemp(prefix="xkd-bench-")
     plain_seconds = epoch_seconds(distill(config, data, progress=False, evaluate_every_epoch=True)[1]["history"])

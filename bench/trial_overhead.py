@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from xkd_ray.space import SearchSpec, load_search_space
+from xkd_ray.config.space import SearchSpec, load_search_space
 
 SPACE = Path("search_spaces/default.yaml")
 SMOKE = {
@@ -95,8 +95,8 @@ def bench_spec(smoke: bool, trials: int, epochs: int | None = None, in_driver: b
 
 
 def import_seconds() -> float:
-    """What a fresh worker pays to import the training code (``xkd_ray.ray_train``) alone."""
-    code = "import time; t = time.perf_counter(); import xkd_ray.ray_train; print(time.perf_counter() - t)"
+    """What a fresh worker pays to import the training code (``xkd_ray.cluster.ray_train``) alone."""
+    code = "import time; t = time.perf_counter(); import xkd_ray.cluster.ray_train; print(time.perf_counter() - t)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -106,8 +106,8 @@ def run_trials(spec: SearchSpec, trials: int, storage: Path, reuse_actors: bool 
     import ray
     from ray import tune
 
-    from xkd_ray.prepared import prepare
-    from xkd_ray.ray_trial import build_trainable
+    from xkd_ray.core.prepared import prepare
+    from xkd_ray.cluster.ray_trial import build_trainable
 
     stamps: dict[str, dict[str, float]] = {}
 
@@ -210,7 +210,7 @@ def main() -> None:
         print(
             f"{label:52s} {shown(median(arms['ray_train'], start, end))} {shown(median(arms['in_driver'], start, end))}"
         )
-    print(f"{'  of which: import xkd_ray.ray_train, fresh process':52s} {imports:10.2f}")
+    print(f"{'  of which: import xkd_ray.cluster.ray_train, fresh process':52s} {imports:10.2f}")
     result = {}
     for arm, runs in arms.items():
         fixed = median(runs, "driver_entered", "first_epoch_started")

@@ -18,14 +18,14 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.data import DATASETS
-from xkd_ray.explain import EXPLAINERS
-from xkd_ray.losses import EXPLANATION_LOSSES
-from xkd_ray.methods import METHODS, Method
-from xkd_ray.metrics import METRICS
-from xkd_ray.models import FUSIONS, TEACHERS, StudentNet
-from xkd_ray.space import Objective, SchedulerSettings, SearchSettings
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.data.datasets import DATASETS
+from xkd_ray.core.explain import EXPLAINERS
+from xkd_ray.core.losses import EXPLANATION_LOSSES
+from xkd_ray.core.methods import METHODS, Method
+from xkd_ray.core.metrics import METRICS
+from xkd_ray.core.models import FUSIONS, TEACHERS, StudentNet
+from xkd_ray.config.space import Objective, SchedulerSettings, SearchSettings
 
 HEADER = """\
 # Registries and configuration reference
@@ -88,9 +88,9 @@ def yes(flag: bool) -> str:
 def methods() -> list[str]:
     switches = [field.name for field in dataclasses.fields(Method) if field.type in (bool, "bool")]
     lines = [
-        "## Methods: `distill.method` (`xkd_ray.methods.METHODS`)",
+        "## Methods: `distill.method` (`xkd_ray.core.methods.METHODS`)",
         "",
-        "Every method is a set of switches over one joint loss (`xkd_ray.losses.distillation_loss`); "
+        "Every method is a set of switches over one joint loss (`xkd_ray.core.losses.distillation_loss`); "
         "cross-entropy on the labels is part of every method, and the weights come from the `distill` section.",
         "",
     ]
@@ -105,7 +105,7 @@ def methods() -> list[str]:
 
 def metrics() -> list[str]:
     lines = [
-        "## Metrics (`xkd_ray.metrics.METRICS`)",
+        "## Metrics (`xkd_ray.core.metrics.METRICS`)",
         "",
         "Every metric is a column of every metrics table, `metrics.json` and `trials.parquet`, "
         "computed on each evaluated split.",
@@ -120,7 +120,7 @@ def metrics() -> list[str]:
 
 def explainers() -> list[str]:
     lines = [
-        "## Explainers: `explain.explainer` (`xkd_ray.explain.EXPLAINERS`)",
+        "## Explainers: `explain.explainer` (`xkd_ray.core.explain.EXPLAINERS`)",
         "",
         "The teacher's cached maps are keyed on the teacher, the exact data, the split, "
         "`explain.explainer`, `explain.layer` and the explainer's own settings listed here; "
@@ -140,7 +140,7 @@ def explainers() -> list[str]:
 
 
 def datasets() -> list[str]:
-    lines = ["## Datasets: `data.dataset` (`xkd_ray.data.DATASETS`)", ""]
+    lines = ["## Datasets: `data.dataset` (`xkd_ray.data.datasets.DATASETS`)", ""]
     rows = [
         [code(name), dataset.description, yes(dataset.needs_root), yes(dataset.downloadable)]
         for name, dataset in DATASETS.items()
@@ -149,19 +149,19 @@ def datasets() -> list[str]:
 
 
 def explanation_losses() -> list[str]:
-    lines = ["## Explanation losses: `distill.explanation_loss` (`xkd_ray.losses.EXPLANATION_LOSSES`)", ""]
+    lines = ["## Explanation losses: `distill.explanation_loss` (`xkd_ray.core.losses.EXPLANATION_LOSSES`)", ""]
     rows = [[code(name), summary(function)] for name, function in EXPLANATION_LOSSES.items()]
     return lines + table(["loss", "description"], rows)
 
 
 def teachers() -> list[str]:
-    lines = ["## Teacher architectures: `teacher.arch` (`xkd_ray.models.TEACHERS`)", ""]
+    lines = ["## Teacher architectures: `teacher.arch` (`xkd_ray.core.models.TEACHERS`)", ""]
     rows = [[code(name), code(model.__name__), summary(model)] for name, model in TEACHERS.items()]
     return lines + table(["arch", "class", "description"], rows)
 
 
 def fusions() -> list[str]:
-    lines = ["## Fusions: `student.fusion` (`xkd_ray.models.FUSIONS`)", ""]
+    lines = ["## Fusions: `student.fusion` (`xkd_ray.core.models.FUSIONS`)", ""]
     lines += [", ".join(code(name) for name in FUSIONS), ""]
     return lines + paragraphs(StudentNet)
 
@@ -215,7 +215,7 @@ def config_table(model: type, section: str, where: str) -> list[str]:
 
 def configuration() -> list[str]:
     lines = [
-        "## Configuration (`xkd_ray.config`, `xkd_ray.space`)",
+        "## Configuration (`xkd_ray.config.schema`, `xkd_ray.config.space`)",
         "",
         'Every section is a pydantic model: strict types (no `true` for an integer, no `"4"` for a '
         "number; an integer is fine for a number), unknown keys refused, numbers finite. Rules between "

@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         # then asks the browser for the token, which ``chromium --screenshot`` cannot type in.
         # This head listens on 127.0.0.1 only and lives for minutes, so run it without a token.
         "RAY_AUTH_MODE": "disabled",
-        # the folder-signing key (xkd_ray.experiment_folder) of a throwaway experiment stays here
+        # the folder-signing key (xkd_ray.pareto.experiment_folder) of a throwaway experiment stays here
         "XDG_CONFIG_HOME": str(work / "config"),
     }
     os.environ["RAY_AUTH_MODE"] = "disabled"  # for this process's state-API calls

@@ -47,10 +47,10 @@ def _free_port() -> int:
 
 
 class Experiment:
-    """Reads the search's storage: a folder, or ``s3://bucket/prefix`` (xkd_ray.storage)."""
+    """Reads the search's storage: a folder, or ``s3://bucket/prefix`` (xkd_ray.pareto.storage)."""
 
     def __init__(self, out: str) -> None:
-        from xkd_ray.storage import is_remote, open_storage
+        from xkd_ray.pareto.storage import is_remote, open_storage
 
         self.storage = open_storage(out, check=False) if is_remote(out) else None
         self.folder = None if self.storage else Path(out).resolve()
@@ -89,7 +89,7 @@ class Experiment:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from xkd_ray.pareto import read_trials
+        from xkd_ray.pareto.front import read_trials
 
         if self.storage is None:
             return {row["trial_id"]: row for row in read_trials(self.folder)}
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray.cluster_utils import Cluster
 
-    from xkd_ray.ray_trial import trains_in_driver
-    from xkd_ray.space import load_search_space
+    from xkd_ray.cluster.ray_trial import trains_in_driver
+    from xkd_ray.config.space import load_search_space
 
     spec = load_search_space(args.space)
     epochs = spec.base.distill.epochs

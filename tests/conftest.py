@@ -4,7 +4,7 @@ Two environment variables are set before anything imports xkd_ray or starts Ray,
 process of the session (Ray workers, subprocesses, submitted jobs) inherits them:
 ``XKD_PLUGINS`` registers the test plugin's method, metric, explainer and dataset (proof that a
 registry entry is all an addition needs), and ``XKD_FAULTS`` names the file the fault tests
-write their rules to (``xkd_ray.faults``).
+write their rules to (``xkd_ray.testing.faults``).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ["XKD_PLUGINS"] = "tests.registry_plugin"
 os.environ["XKD_FAULTS"] = str(FAULTS_FILE)
-# The per-user key that signs experiment folders (xkd_ray.experiment_folder): one per session.
+# The per-user key that signs experiment folders (xkd_ray.pareto.experiment_folder): one per session.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="xkd-config-")
-# Staging copies of s3:// experiments (xkd_ray.storage): one per session.
+# Staging copies of s3:// experiments (xkd_ray.pareto.storage): one per session.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="xkd-cache-home-")
 # Object storage: a real S3 server process (moto's server mode) on this port, started by the
 # `s3_server` fixture. Set before Ray starts, so its workers see the same endpoint; it accepts any
@@ -55,7 +55,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from xkd_ray.config import ExperimentConfig  # noqa: E402
+from xkd_ray.config.schema import ExperimentConfig  # noqa: E402
 
 TINY_OVERRIDES = {
     "data.image_size": 16,
@@ -70,7 +70,7 @@ TINY_OVERRIDES = {
 
 @contextmanager
 def injected_faults(rules: list[dict]):
-    """Arm ``xkd_ray.faults`` rules for the duration of a block (read by every Ray process)."""
+    """Arm ``xkd_ray.testing.faults`` rules for the duration of a block (read by every Ray process)."""
     FAULTS_FILE.write_text(json.dumps(rules))
     try:
         yield
@@ -91,7 +91,7 @@ def tiny_config(cache_dir) -> ExperimentConfig:
 
 @pytest.fixture(scope="session")
 def tiny_data(tiny_config):
-    from xkd_ray.prepared import prepare
+    from xkd_ray.core.prepared import prepare
 
     return prepare(tiny_config, progress=False)
 
@@ -133,7 +133,7 @@ def s3_server():
     """A local S3 endpoint (the AWS_* variables above point at it) with an empty bucket ``xkd``."""
     import pyarrow.fs as pafs
 
-    from xkd_ray.storage import s3_filesystem
+    from xkd_ray.pareto.storage import s3_filesystem
 
     server = start_s3_server(S3_PORT)
     filesystem = s3_filesystem()
@@ -160,10 +160,10 @@ def smoke_space(tmp_path: Path, cache_dir: str, **search: object) -> Path:
 @pytest.fixture(scope="session")
 def smoke_experiment(ray_local, cache_dir, tmp_path_factory, request):
     """One smoke search (4 trials), run in this process on the session's local Ray."""
-    import xkd_ray.explain as explain_module
+    import xkd_ray.core.explain as explain_module
     from tests.registry_plugin import PLUGIN_METHOD
-    from xkd_ray.ray_search import run_search
-    from xkd_ray.space import load_search_space
+    from xkd_ray.cluster.ray_search import run_search
+    from xkd_ray.config.space import load_search_space
 
     tmp = tmp_path_factory.mktemp("search")
     fresh_cache = str(tmp / "cache")
@@ -180,7 +180,7 @@ def smoke_experiment(ray_local, cache_dir, tmp_path_factory, request):
         writes.append(str(path))
         return original(path, outputs, metadata)
 
-    import xkd_ray.ray_teacher as ray_teacher_module
+    import xkd_ray.cluster.ray_teacher as ray_teacher_module
 
     patcher = pytest.MonkeyPatch()
     patcher.setattr(explain_module, "write_teacher_outputs", counting_write)  # the single-process path

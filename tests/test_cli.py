@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_OVERRIDES
-from xkd_ray.cli import main
+from xkd_ray.ui.cli import main
 
 
 def _sets(overrides: dict) -> list[str]:
@@ -134,7 +134,7 @@ def test_malicious_pickle_never_runs(tiny_args, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def saved_student(tiny_config, tiny_data, tmp_path_factory):
-    from xkd_ray.distill import distill, save_student
+    from xkd_ray.core.distill import distill, save_student
 
     config = tiny_config.with_overrides({"distill.epochs": 1})
     student, metrics = distill(config, tiny_data, progress=False)
@@ -143,7 +143,7 @@ def saved_student(tiny_config, tiny_data, tmp_path_factory):
 
 def test_evaluate_remeasures_a_saved_student(saved_student, capsys):
     """The printed table holds, metric by metric, the test metrics stored when the student was saved."""
-    from xkd_ray.metrics import METRICS
+    from xkd_ray.core.metrics import METRICS
 
     assert main(["evaluate", str(saved_student)]) == 0
     stored = json.loads((saved_student / "metrics.json").read_text())["test"]
@@ -196,7 +196,7 @@ def test_broken_student_folder_is_one_clear_error(problem, saved_student, tmp_pa
     """CLI: exit 2 and one line naming the file; Python API: XKDCheckpointError, same message."""
     import shutil
 
-    from xkd_ray.checkpoints import load_student
+    from xkd_ray.core.checkpoints import load_student
     from xkd_ray.errors import XKDCheckpointError
 
     folder = tmp_path / "student"

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, smoke_space
-from xkd_ray.pareto import front_rows, read_trials
-from xkd_ray.storage import Storage
+from xkd_ray.pareto.front import front_rows, read_trials
+from xkd_ray.pareto.storage import Storage
 
 TRIALS = 3
 EPOCHS = 20  # time to lose the node after a checkpoint, with epochs left to resume (~0.3 s each)
@@ -38,9 +38,9 @@ LOAD_FRONT_IN_FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys
     import ray
-    from xkd_ray.config import ExperimentConfig
-    from xkd_ray.data import load_splits
-    from xkd_ray.pareto import load_pareto_student
+    from xkd_ray.config.schema import ExperimentConfig
+    from xkd_ray.data.datasets import load_splits
+    from xkd_ray.pareto.front import load_pareto_student
     experiment = sys.argv[1]
     loaded = {}
     for prefer in ("knee", "accuracy", "fidelity"):
@@ -76,9 +76,9 @@ def _run_on_cluster(tmp_path: Path, cache_dir: str, out: str) -> dict:
 
 def _uninterrupted(config_json: str, storage: Path) -> dict:
     """The same trial config trained start to end with Ray Train on the session's local Ray."""
-    from xkd_ray.config import ExperimentConfig
-    from xkd_ray.prepared import prepare
-    from xkd_ray.ray_train import distill_with_ray
+    from xkd_ray.config.schema import ExperimentConfig
+    from xkd_ray.core.prepared import prepare
+    from xkd_ray.cluster.ray_train import distill_with_ray
 
     config = ExperimentConfig.from_dict(json.loads(config_json))
     _, metrics = distill_with_ray(config, prepare(config, progress=False), storage_path=storage, name="reference")

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from xkd_ray.config import ExperimentConfig, load_config, parse_override, parse_overrides, read_yaml
+from xkd_ray.config.schema import ExperimentConfig, load_config, parse_override, parse_overrides, read_yaml
 from xkd_ray.errors import XKDConfigError
-from xkd_ray.losses import EXPLANATION_LOSSES
-from xkd_ray.methods import METHODS
-from xkd_ray.models import FUSIONS
-from xkd_ray.space import load_search_space
+from xkd_ray.core.losses import EXPLANATION_LOSSES
+from xkd_ray.core.methods import METHODS
+from xkd_ray.core.models import FUSIONS
+from xkd_ray.config.space import load_search_space
 
 SCHEMA = {name: set(info.annotation.model_fields) for name, info in ExperimentConfig.model_fields.items()}
 
@@ -111,7 +111,7 @@ def test_an_int_is_fine_where_a_float_is_expected():
 
 
 def test_cli_refuses_a_bad_set_before_writing_anything(tmp_path, monkeypatch, capsys):
-    from xkd_ray.cli import main
+    from xkd_ray.ui.cli import main
 
     assert parse_override("explain.blur_sigma=.inf")[1] == math.inf  # YAML: .inf is a float
     assert parse_override("explain.blur_sigma=inf")[1] == "inf"  # ... and inf a string
@@ -397,8 +397,8 @@ def experiment_dicts(draw):
 @given(experiment_dicts())
 def test_no_accepted_value_later_fails_inside_training(raw):
     """What ``from_dict`` accepts runs one real training step on one worker's share of a batch."""
-    from xkd_ray.distill import build_student, make_optimizer, train_one_epoch
-    from xkd_ray.models import build_teacher
+    from xkd_ray.core.distill import build_student, make_optimizer, train_one_epoch
+    from xkd_ray.core.models import build_teacher
 
     try:
         config = ExperimentConfig.from_dict(raw)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from xkd_ray.config import DataConfig
-from xkd_ray.data import Split, Splits, load_splits
+from xkd_ray.config.schema import DataConfig
+from xkd_ray.data.datasets import Split, Splits, load_splits
 from xkd_ray.errors import XKDDataError
 
 DIGITS_TOTAL = 1797

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import xkd_ray.explain as explain_module
-from xkd_ray.checkpoints import load_student
-from xkd_ray.distill import distill, save_student
+import xkd_ray.core.explain as explain_module
+from xkd_ray.core.checkpoints import load_student
+from xkd_ray.core.distill import distill, save_student
 from xkd_ray.errors import XKDCheckpointError
-from xkd_ray.methods import METHODS
-from xkd_ray.metrics import METRICS
-from xkd_ray.prepared import prepare
+from xkd_ray.core.methods import METHODS
+from xkd_ray.core.metrics import METRICS
+from xkd_ray.core.prepared import prepare
 
 E2KD_TINY_WEIGHT = 0.25
 
@@ -89,7 +89,7 @@ def test_head_warmup_trains_only_the_head_first(tiny_config, tiny_data):
     first, second = metrics["history"]
     assert set(first) >= {"train_explanation", "train_total"} and "train_ce" not in first
     assert "train_ce" in second
-    from xkd_ray.distill import build_student
+    from xkd_ray.core.distill import build_student
 
     torch.manual_seed(config.distill.seed)
     initial = build_student(config, tiny_data.splits).state_dict()

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from tests.conftest import SMOKE, injected_faults
-from xkd_ray.metrics import non_dominated
-from xkd_ray.pareto import load_pareto_student, read_trials
-from xkd_ray.space import load_search_space
+from xkd_ray.core.metrics import non_dominated
+from xkd_ray.pareto.front import load_pareto_student, read_trials
+from xkd_ray.config.space import load_search_space
 
-# Each point is told apart by its temperature; the fault rules (xkd_ray.faults) key on it.
+# Each point is told apart by its temperature; the fault rules (xkd_ray.testing.faults) key on it.
 HEALTHY = {"distill.method": "xd", "distill.lr": 0.005, "distill.temperature": 2.0}
 POINTS = {
     "healthy": HEALTHY,
@@ -34,7 +34,7 @@ def faulty_search(ray_local, cache_dir, tmp_path_factory, request):
     """Once with one-worker trials trained in their Tune driver (the default: a killed worker is
     the trial's process, retried by Tune from its checkpoint), once as Ray Train runs (a killed
     worker is restarted by Ray Train inside the trial)."""
-    from xkd_ray.ray_search import run_search
+    from xkd_ray.cluster.ray_search import run_search
 
     tmp = tmp_path_factory.mktemp("faults")
     raw = yaml.safe_load(SMOKE.read_text())

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, smoke_space
-from xkd_ray.experiment_folder import MANIFEST, FolderLock, open_experiment
-from xkd_ray.pareto import list_pareto_students, load_pareto_student, read_trials
+from xkd_ray.pareto.experiment_folder import MANIFEST, FolderLock, open_experiment
+from xkd_ray.pareto.front import list_pareto_students, load_pareto_student, read_trials
 from xkd_ray.search import main as search_main
-from xkd_ray.space import load_search_space
+from xkd_ray.config.space import load_search_space
 
 SEARCH = [sys.executable, str(REPO / "xkd_ray" / "search.py")]
 
@@ -73,7 +73,7 @@ def test_a_second_live_search_on_the_same_folder_is_refused(tmp_path, cache_dir)
     that process is SIGKILLed the OS frees it, so a crashed search never blocks its resume."""
     space, out = _started_folder(tmp_path, cache_dir)
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from xkd_ray.experiment_folder import FolderLock; from pathlib import Path; "
+        [sys.executable, "-c", f"from xkd_ray.pareto.experiment_folder import FolderLock; from pathlib import Path; "
          f"lock = FolderLock(Path({str(out)!r})).acquire(); lock.claim(); print('held', flush=True); "
          "import time; time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, cwd=REPO,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xkd_ray.losses import (
+from xkd_ray.core.losses import (
     attention_transfer_loss,
     cross_entropy,
     distillation_loss,

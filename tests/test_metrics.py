@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from xkd_ray.metrics import (
+from xkd_ray.core.metrics import (
     accuracy,
     agreement,
     dominates,

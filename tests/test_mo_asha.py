@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from xkd_ray.mo_asha import (
+from xkd_ray.cluster.mo_asha import (
     MOASHAScheduler,
     PruneAwareOptunaSearch,
     crowding_distances,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xkd_ray.errors import XKDCheckpointError, XKDConfigError
-from xkd_ray.models import ConvAutoencoder, ResNet18Teacher, StudentNet, VGGTeacher, find_layer, parameter_count
+from xkd_ray.core.models import ConvAutoencoder, ResNet18Teacher, StudentNet, VGGTeacher, find_layer, parameter_count
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])

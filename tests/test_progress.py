@@ -1,4 +1,4 @@
-"""Progress off a terminal: plain, flushed lines a log keeps (``xkd_ray.progress``), not a silent bar."""
+"""Progress off a terminal: plain, flushed lines a log keeps (``xkd_ray.core.progress``), not a silent bar."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, TINY_OVERRIDES
-from xkd_ray.progress import DEFAULT_INTERVAL_S, INTERVAL_ENV, interval_from_env, progress_line, track
+from xkd_ray.core.progress import DEFAULT_INTERVAL_S, INTERVAL_ENV, interval_from_env, progress_line, track
 
 TIMING = r"elapsed \d+:\d\d:\d\d rate [\d.]+/s eta (\d+:\d\d:\d\d|\?)"
 
@@ -30,7 +30,7 @@ class FakeClock:
 def test_a_real_teacher_run_logs_its_epochs_when_stdout_is_a_file(tmp_path):
     """The user report: ``xkd teacher`` with stdout redirected (as under ``ray job logs``) printed nothing."""
     sets = [arg for key, value in TINY_OVERRIDES.items() for arg in ("--set", f"{key}={value}")]
-    command = [sys.executable, "-m", "xkd_ray.cli", "teacher", *sets, "--set", f"explain.cache_dir={tmp_path / 'c'}"]
+    command = [sys.executable, "-m", "xkd_ray.ui.cli", "teacher", *sets, "--set", f"explain.cache_dir={tmp_path / 'c'}"]
     env = {key: value for key, value in os.environ.items() if key not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
     env[INTERVAL_ENV] = "0"  # XKD_PLUGINS and PYTHONPATH come from tests/conftest.py
     log = tmp_path / "stdout.log"
@@ -114,7 +114,7 @@ def test_progress_reaches_ray_job_logs_from_a_job_on_ray_workers(ray_local, tmp_
     client = JobSubmissionClient(f"http://{get_dashboard_url()}")
     sets = " ".join(f"--set {key}={value}" for key, value in TINY_OVERRIDES.items())
     entrypoint = (
-        f"{sys.executable} -m xkd_ray.cli teacher --workers 1 --address auto {sets} "
+        f"{sys.executable} -m xkd_ray.ui.cli teacher --workers 1 --address auto {sets} "
         f"--set explain.cache_dir={tmp_path / 'c'}"
     )
     env = {name: os.environ[name] for name in ("PYTHONPATH", "XKD_PLUGINS", "XDG_CONFIG_HOME") if name in os.environ}

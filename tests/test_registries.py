@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import TINY_OVERRIDES
 from tests.registry_plugin import PLUGIN_DATASET, PLUGIN_EXPLAINER, PLUGIN_METHOD, PLUGIN_METRIC
-from xkd_ray.cli import build_parser, main
-from xkd_ray.config import ExperimentConfig
+from xkd_ray.ui.cli import build_parser, main
+from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.errors import XKDConfigError
 
 
@@ -55,7 +55,7 @@ def test_new_method_metric_explainer_and_dataset_train_and_reach_metrics_json(ca
 def test_new_method_and_metric_reach_the_search_registry(smoke_experiment):
     """The smoke search (tests/test_search.py) tried the plugin method first, on Ray workers that
     imported the plugin themselves; its row and the new metric's column are in trials.parquet."""
-    from xkd_ray.pareto import list_pareto_students, read_trials
+    from xkd_ray.pareto.front import list_pareto_students, read_trials
 
     experiment = smoke_experiment[0]
     rows = read_trials(experiment)

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO
-from xkd_ray.checkpoints import atomic_write_bytes, load_student, write_model_folder
-from xkd_ray.cli import main as xkd_main
+from xkd_ray.core.checkpoints import atomic_write_bytes, load_student, write_model_folder
+from xkd_ray.ui.cli import main as xkd_main
 from xkd_ray.errors import XKDCheckpointError
-from xkd_ray.models import StudentNet
-from xkd_ray.pareto import list_pareto_students, load_pareto_student, record_trial, update_registry
+from xkd_ray.core.models import StudentNet
+from xkd_ray.pareto.front import list_pareto_students, load_pareto_student, record_trial, update_registry
 
 ARCHITECTURE = {"in_channels": 1, "num_classes": 10, "width": 4, "ae_depth": 1, "ae_width": 4, "fusion": "concat"}
 
@@ -32,9 +32,9 @@ WRITER = textwrap.dedent(
     """
     import random, sys, torch
     from pathlib import Path
-    from xkd_ray.checkpoints import write_model_folder
-    from xkd_ray.models import StudentNet
-    from xkd_ray.pareto import record_trial, update_registry
+    from xkd_ray.core.checkpoints import write_model_folder
+    from xkd_ray.core.models import StudentNet
+    from xkd_ray.pareto.front import record_trial, update_registry
     experiment, stop = Path(sys.argv[1]), Path(sys.argv[2])
     architecture = {architecture!r}
     rng = random.Random(0)
@@ -164,7 +164,7 @@ CRASHING_WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from xkd_ray.checkpoints import atomic_write
+    from xkd_ray.core.checkpoints import atomic_write
     def slow(temporary: Path) -> None:
         with open(temporary, "wb") as handle:
             handle.write(b"N" * 500_000)

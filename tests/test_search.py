@@ -19,10 +19,10 @@ import yaml
 from tests.conftest import REPO, SMOKE, smoke_space
 from tests.registry_plugin import PLUGIN_METHOD
 from xkd_ray.errors import XKDConfigError
-from xkd_ray.metrics import non_dominated
-from xkd_ray.pareto import front_rows, read_trials
+from xkd_ray.core.metrics import non_dominated
+from xkd_ray.pareto.front import front_rows, read_trials
 from xkd_ray.search import main as search_main
-from xkd_ray.space import parse_search_space
+from xkd_ray.config.space import parse_search_space
 
 
 @pytest.mark.parametrize(
@@ -79,10 +79,10 @@ def test_unwritable_experiment_folder_is_refused_before_any_trial(tmp_path, caps
 LOAD_IN_FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys
-    from xkd_ray.pareto import list_pareto_students, load_pareto_student
-    from xkd_ray.config import ExperimentConfig
-    from xkd_ray.data import load_splits
-    from xkd_ray.metrics import accuracy
+    from xkd_ray.pareto.front import list_pareto_students, load_pareto_student
+    from xkd_ray.config.schema import ExperimentConfig
+    from xkd_ray.data.datasets import load_splits
+    from xkd_ray.core.metrics import accuracy
     import ray
     experiment = sys.argv[1]
     rows = list_pareto_students(experiment).to_pylist()
@@ -295,8 +295,8 @@ def test_search_gauges_reach_the_prometheus_endpoint_while_it_runs(ray_local, ca
 
     import ray
 
-    from xkd_ray.ray_search import run_search
-    from xkd_ray.space import load_search_space
+    from xkd_ray.cluster.ray_search import run_search
+    from xkd_ray.config.space import load_search_space
 
     # Trials long enough to span the export interval: a 2-epoch smoke trial trained in its reused
     # driver takes ~1 s, a 30-epoch one ~6 s.

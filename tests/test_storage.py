@@ -20,9 +20,9 @@ import yaml
 
 from tests.conftest import REPO, _free_port, smoke_space, start_s3_server
 from xkd_ray.errors import XKDConfigError
-from xkd_ray.experiment_folder import MANIFEST
+from xkd_ray.pareto.experiment_folder import MANIFEST
 from xkd_ray.search import main as search_main
-from xkd_ray.storage import Storage, open_storage, registry_snapshot, staging_folder
+from xkd_ray.pareto.storage import Storage, open_storage, registry_snapshot, staging_folder
 
 
 def _refused(capsys, space, url: str) -> str:
@@ -100,8 +100,8 @@ def test_a_prefix_holding_other_files_or_another_search_is_refused(s3_server, tm
     storage = open_storage("s3://xkd/other-search")
     staging = staging_folder(storage.url)
     staging.mkdir(parents=True, exist_ok=True)
-    from xkd_ray.experiment_folder import FolderLock, open_experiment
-    from xkd_ray.space import load_search_space
+    from xkd_ray.pareto.experiment_folder import FolderLock, open_experiment
+    from xkd_ray.config.space import load_search_space
 
     with FolderLock(staging) as lock:
         open_experiment(staging, load_search_space(space), resume=False, allow_space_change=False, trust=False)
@@ -171,7 +171,7 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     # A fresh process with no staging folder and no Ray loads the knee student from s3 and runs it.
     shutil.rmtree(staging_folder(url))
     code = (
-        "import torch, sys; from xkd_ray.pareto import load_pareto_student; "
+        "import torch, sys; from xkd_ray.pareto.front import load_pareto_student; "
         f"s = load_pareto_student({url!r}); x = torch.zeros(2, 1, 16, 16); "
         "print('logits', tuple(s.model(x).shape)); assert 'ray' not in sys.modules"
     )
@@ -179,6 +179,6 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     assert loaded.returncode == 0, loaded.stderr
     assert "logits (2, 10)" in loaded.stdout
     # `xkd pareto s3://...` prints the same front.
-    shown = subprocess.run([sys.executable, "-m", "xkd_ray.cli", "pareto", url], capture_output=True, text=True)
+    shown = subprocess.run([sys.executable, "-m", "xkd_ray.ui.cli", "pareto", url], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     assert f"hypervolume {summary['hypervolume']:.4f} after 3 trials" in " ".join(shown.stdout.split())

@@ -20,9 +20,9 @@ from rich.console import Console
 
 from tests.conftest import SMOKE
 from tests.registry_plugin import PLUGIN_METRIC
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.metrics import METRICS
-from xkd_ray.tables import (
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.metrics import METRICS
+from xkd_ray.ui.tables import (
     Fitted,
     epoch_progress,
     front_table,
@@ -334,10 +334,10 @@ def test_live_callback_keeps_the_epoch_when_the_driver_reports_last(tmp_path):
     """The bug: the driver's final report (no ``epoch``) replaced the workers' ones, so every
     finished trial showed an empty epoch. The callback merges a trial's reports; the search's
     distill.epochs comes from the experiment's manifest."""
-    from xkd_ray.experiment_folder import open_experiment
-    from xkd_ray.pareto import Objectives
-    from xkd_ray.search_callbacks import LiveTableCallback
-    from xkd_ray.space import load_search_space
+    from xkd_ray.pareto.experiment_folder import open_experiment
+    from xkd_ray.pareto.front import Objectives
+    from xkd_ray.cluster.search_callbacks import LiveTableCallback
+    from xkd_ray.config.space import load_search_space
 
     spec = load_search_space(SMOKE)
     experiment = tmp_path / "exp"

@@ -16,7 +16,7 @@ import ray
 from ray.train import BackendConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from xkd_ray.ray_train import (
+from xkd_ray.cluster.ray_train import (
     POLL_INTERVAL_ENV,
     QUICK_POLL_INTERVAL_S,
     make_trainer,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from xkd_ray.faithfulness import curve_auc, perturbation_curves, randomised_copy
-from xkd_ray.losses import differentiable_gradcam, distillation_loss, pearson_per_image
-from xkd_ray.metrics import METRICS, Evidence, compute_metrics, skill
-from xkd_ray.models import StudentNet
+from xkd_ray.core.faithfulness import curve_auc, perturbation_curves, randomised_copy
+from xkd_ray.core.losses import differentiable_gradcam, distillation_loss, pearson_per_image
+from xkd_ray.core.metrics import METRICS, Evidence, compute_metrics, skill
+from xkd_ray.core.models import StudentNet
 
 
 def _e2kd_term(student_cams: torch.Tensor, teacher_maps: torch.Tensor, kind: str = "cosine") -> float:

@@ -22,7 +22,7 @@ def _load_plugins() -> None:
 _load_plugins()
 
 from xkd_ray.errors import XKDCheckpointError, XKDConfigError, XKDDataError, XKDError, XKDTrainingDiverged  # noqa: E402
-from xkd_ray.pareto import list_pareto_students, load_pareto_student  # noqa: E402
+from xkd_ray.pareto.front import list_pareto_students, load_pareto_student  # noqa: E402
 
 __all__ = [
     "XKDCheckpointError",

@@ -27,8 +27,8 @@ from typing import Any
 from rich.console import Console
 
 from xkd_ray.errors import XKDConfigError, XKDError
-from xkd_ray.space import SAMPLERS, SearchSpec, load_search_space
-from xkd_ray.storage import experiment_location, is_remote
+from xkd_ray.config.space import SAMPLERS, SearchSpec, load_search_space
+from xkd_ray.pareto.storage import experiment_location, is_remote
 
 console = Console()
 
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if is_remote(args.out):
         return _run_on_object_storage(args, spec)
     check_experiment_folder(args.out)
-    from xkd_ray.experiment_folder import FolderLock, open_experiment
+    from xkd_ray.pareto.experiment_folder import FolderLock, open_experiment
 
     with FolderLock(args.out) as lock:
         open_experiment(
@@ -124,10 +124,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_on_object_storage(args: argparse.Namespace, spec: SearchSpec) -> int:
     """``--out s3://...``: the same checks and search, in a local staging copy of the registry
-    (xkd_ray.storage) that is mirrored to storage; Tune and Train write to storage directly. The
+    (xkd_ray.pareto.storage) that is mirrored to storage; Tune and Train write to storage directly. The
     lock is the staging folder's, so it guards one machine: run one search per prefix."""
-    from xkd_ray.experiment_folder import MANIFEST, FolderLock, open_experiment
-    from xkd_ray.storage import RAY_OWNED, download_experiment, open_storage, staging_folder
+    from xkd_ray.pareto.experiment_folder import MANIFEST, FolderLock, open_experiment
+    from xkd_ray.pareto.storage import RAY_OWNED, download_experiment, open_storage, staging_folder
 
     storage = open_storage(args.out)
     found = storage.files()
@@ -156,16 +156,16 @@ def _run_on_object_storage(args: argparse.Namespace, spec: SearchSpec) -> int:
 
 
 def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any = None) -> int:
-    from xkd_ray.pareto import (
+    from xkd_ray.pareto.front import (
         list_pareto_students,
         load_pareto_student,
         read_objectives,
         read_trials,
         write_front_plot,
     )
-    from xkd_ray.ray_search import run_search
-    from xkd_ray.ray_train import ensure_ray
-    from xkd_ray.tables import front_table
+    from xkd_ray.cluster.ray_search import run_search
+    from xkd_ray.cluster.ray_train import ensure_ray
+    from xkd_ray.ui.tables import front_table
 
     ensure_ray(args.address)
     # After ray.init, which installs its own SIGTERM handler (exit 1, no Tune state saved).
@@ -179,7 +179,7 @@ def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any 
     front = list_pareto_students(out)
     write_front_plot(out, out / "pareto" / "front.png")
     if storage is not None:
-        from xkd_ray.storage import upload_registry
+        from xkd_ray.pareto.storage import upload_registry
 
         upload_registry(storage, out)
     title = f"Pareto front ({summary.get('front_size', 0)} students)"

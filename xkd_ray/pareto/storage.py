@@ -210,7 +210,7 @@ def staging_folder(url: str, environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / _url_hash(url)
 
 
-# The registry's files (xkd_ray.pareto), uploaded in this order after every finished trial: a
+# The registry's files (xkd_ray.pareto.front), uploaded in this order after every finished trial: a
 # front student's folder before the table that names it, the table before the summary.
 REGISTRY_FILES = ("trials.parquet", "optuna.journal", "experiment.json")
 

@@ -3,7 +3,7 @@
 At each rung level ``grace * eta**k < max_t`` a trial goes on only if it is in the top ``floor(n / eta)`` of
 the ``n`` trials recorded at that rung so far, ranked by non-dominated sorting; ties within a rank go to the
 larger NSGA-II crowding distance, then to the earlier arrival. The ranking math is pure (no Ray), in
-``xkd_ray.metrics`` beside the front's own non-dominated test, so both use one definition of dominance.
+``xkd_ray.core.metrics`` beside the front's own non-dominated test, so both use one definition of dominance.
 
 What Ray's ``OptunaSearch`` tells Optuna about a trial this scheduler stops (ray 2.60,
 ``ray/tune/search/optuna/optuna_search.py``, ``on_trial_complete``): Tune's ``stop_trial`` calls
@@ -23,7 +23,7 @@ from typing import Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from xkd_ray.metrics import Point, crowding_distances, non_dominated_ranks
+from xkd_ray.core.metrics import Point, crowding_distances, non_dominated_ranks
 
 __all__ = ["MOASHAScheduler", "PruneAwareOptunaSearch", "crowding_distances", "non_dominated_ranks", "promotable"]
 

@@ -1,5 +1,5 @@
 """The datasets the config can name (``DATASETS``), each loaded into the same three in-memory
-splits (``xkd_ray.splits``), fixed by a seed.
+splits (``xkd_ray.data.splits``), fixed by a seed.
 
 Bad inputs (a missing folder, absent dataset files, a corrupt image) raise one ``XKDDataError``
 naming the path and the fix, so the CLI can print one line instead of a traceback.
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from xkd_ray.errors import XKDDataError
-from xkd_ray.splits import SPLIT_NAMES, Split, Splits, assemble, carve_val, count_for, resize, take, uint8_to_float
+from xkd_ray.data.splits import SPLIT_NAMES, Split, Splits, assemble, carve_val, count_for, resize, take, uint8_to_float
 
 if TYPE_CHECKING:  # the config names DATASETS' keys, so it imports this module, not the reverse
-    from xkd_ray.config import DataConfig
+    from xkd_ray.config.schema import DataConfig
 
 __all__ = ["DATASETS", "SPLIT_NAMES", "Dataset", "Split", "Splits", "load_splits"]
 

@@ -24,7 +24,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from xkd_ray.metrics import METRICS
+from xkd_ray.core.metrics import METRICS
 
 
 def _cell(value: Any) -> str:

@@ -14,14 +14,14 @@ from ray import tune
 from rich.console import Console
 from rich.live import Live
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import evaluate
-from xkd_ray.metrics import METRICS
-from xkd_ray.pareto import Objectives, front_rows, read_trials, record_trial, update_registry
-from xkd_ray.prepared import DistillData, prepare
-from xkd_ray.space import SearchSpec
-from xkd_ray.storage import Storage, upload_registry
-from xkd_ray.tables import live_trials_table
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.distill import evaluate
+from xkd_ray.core.metrics import METRICS
+from xkd_ray.pareto.front import Objectives, front_rows, read_trials, record_trial, update_registry
+from xkd_ray.core.prepared import DistillData, prepare
+from xkd_ray.config.space import SearchSpec
+from xkd_ray.pareto.storage import Storage, upload_registry
+from xkd_ray.ui.tables import live_trials_table
 
 GAUGE_REFRESH_S = 5.0
 
@@ -178,7 +178,7 @@ class LiveTableCallback(tune.Callback):
     def _search_epochs(self) -> int | None:
         """The search's ``distill.epochs`` (a fixed space value, else the base config's), from the
         experiment's manifest; None when it cannot be read (the table then counts epochs only)."""
-        from xkd_ray.experiment_folder import read_manifest
+        from xkd_ray.pareto.experiment_folder import read_manifest
 
         try:
             spec = (read_manifest(Path(self.experiment)) or {})["spec"]

@@ -1,6 +1,6 @@
 """One student's training and evaluation as plain functions, usable with or without Ray.
 
-The Ray Train worker loop (``xkd_ray.ray_train``) calls ``train_one_epoch`` and
+The Ray Train worker loop (``xkd_ray.cluster.ray_train``) calls ``train_one_epoch`` and
 ``student_predictions`` / ``split_metrics`` unchanged; only the model wrapping and the data
 sharding differ. Which loss terms are on is the method's registry entry (``methods.METHODS``).
 """
@@ -18,18 +18,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from xkd_ray.checkpoints import write_model_folder
-from xkd_ray.config import ExperimentConfig
+from xkd_ray.core.checkpoints import write_model_folder
+from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.errors import XKDTrainingDiverged
-from xkd_ray.explain import TeacherOutputs, explain_maps
-from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
-from xkd_ray.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
-from xkd_ray.methods import METHODS
-from xkd_ray.metrics import METRICS, Evidence, compute_metrics
-from xkd_ray.models import StudentNet, autocast, parameter_count
-from xkd_ray.prepared import DistillData
-from xkd_ray.progress import track
-from xkd_ray.splits import Split, Splits
+from xkd_ray.core.explain import TeacherOutputs, explain_maps
+from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
+from xkd_ray.core.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
+from xkd_ray.core.methods import METHODS
+from xkd_ray.core.metrics import METRICS, Evidence, compute_metrics
+from xkd_ray.core.models import StudentNet, autocast, parameter_count
+from xkd_ray.core.prepared import DistillData
+from xkd_ray.core.progress import track
+from xkd_ray.data.splits import Split, Splits
 
 
 def build_student(config: ExperimentConfig, splits: Splits) -> StudentNet:

@@ -23,12 +23,12 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from xkd_ray.config import ExperimentConfig, PositiveFloat, Schema, Seed, config_error, read_yaml, rule
+from xkd_ray.config.schema import ExperimentConfig, PositiveFloat, Schema, Seed, config_error, read_yaml, rule
 from xkd_ray.errors import XKDConfigError
-from xkd_ray.metrics import METRICS
+from xkd_ray.core.metrics import METRICS
 
 SAMPLERS = ("tpe", "nsga2", "random")
-SCHEDULERS = ("fifo", "mo_asha")  # built in xkd_ray.ray_search.make_scheduler
+SCHEDULERS = ("fifo", "mo_asha")  # built in xkd_ray.cluster.ray_search.make_scheduler
 KINDS = ("uniform", "loguniform", "int", "choice")
 ENUMERATED_INT_VALUES = 16  # int ranges up to this many values are checked value by value
 MAX_COMBINATIONS = 4096  # probe combinations checked together (~20 us each)
@@ -115,7 +115,7 @@ def parse_constraint(text: str) -> Constraint:
 
 class SchedulerSettings(Schema):
     """How trials are stopped early: ``fifo`` runs every trial to the end; ``mo_asha`` is
-    multi-objective asynchronous successive halving (xkd_ray.mo_asha) with rungs at
+    multi-objective asynchronous successive halving (xkd_ray.cluster.mo_asha) with rungs at
     grace_epochs * reduction_factor^k epochs."""
 
     where: ClassVar[str] = "search.scheduler"

@@ -1,6 +1,6 @@
 """The teacher on the cluster: its training as a Ray Train run, its explanations as a Ray job.
 
-``prepare`` (xkd_ray/prepared.py) does both in the calling process; ``prepare_on_workers`` gives
+``prepare`` (xkd_ray/core/prepared.py) does both in the calling process; ``prepare_on_workers`` gives
 the same ``DistillData`` but trains the teacher (only if it is not cached) with DDP over Ray Train
 workers and computes the explanation caches (only the splits not cached) on Ray actors, so the
 head node's driver only loads the data, dispatches, and writes the files every later run reads.
@@ -46,10 +46,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.data import load_splits
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.data.datasets import load_splits
 from xkd_ray.errors import XKDConfigError
-from xkd_ray.explain import (
+from xkd_ray.core.explain import (
     TeacherOutputs,
     explain_batch,
     explain_settings,
@@ -57,11 +57,11 @@ from xkd_ray.explain import (
     teacher_faithfulness,
     write_teacher_outputs,
 )
-from xkd_ray.faithfulness import IMAGES
-from xkd_ray.models import build_teacher
-from xkd_ray.prepared import DistillData, prepare_splits
-from xkd_ray.progress import track
-from xkd_ray.ray_train import (
+from xkd_ray.core.faithfulness import IMAGES
+from xkd_ray.core.models import build_teacher
+from xkd_ray.core.prepared import DistillData, prepare_splits
+from xkd_ray.core.progress import track
+from xkd_ray.cluster.ray_train import (
     _amp_dtype,
     _set_rng_state,
     assigned_device,
@@ -72,9 +72,9 @@ from xkd_ray.ray_train import (
     training_state,
     worker_node_ids,
 )
-from xkd_ray.splits import SPLIT_NAMES, Splits
-from xkd_ray.storage import Storage
-from xkd_ray.teacher import (
+from xkd_ray.data.splits import SPLIT_NAMES, Splits
+from xkd_ray.pareto.storage import Storage
+from xkd_ray.core.teacher import (
     Teacher,
     cached_teacher,
     make_teacher_optimizer,
@@ -86,7 +86,7 @@ from xkd_ray.teacher import (
 )
 
 TEACHER_CHECKPOINT_FILE = "teacher.pt"
-# Fault rules (xkd_ray.faults) fire in a teacher run only when their ``when`` names this stage, so
+# Fault rules (xkd_ray.testing.faults) fire in a teacher run only when their ``when`` names this stage, so
 # a rule written for students never kills a teacher run and vice versa:
 #   {"fault": "kill_worker", "epoch": 1, "when": {"stage.name": "teacher"}}
 

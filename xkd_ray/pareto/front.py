@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from xkd_ray.checkpoints import (
+from xkd_ray.core.checkpoints import (
     atomic_write,
     atomic_write_json,
     load_student,
@@ -51,10 +51,10 @@ from xkd_ray.checkpoints import (
     write_model_folder,
 )
 from xkd_ray.errors import XKDCheckpointError
-from xkd_ray.explain import explain_maps
-from xkd_ray.metrics import METRICS, dominates, hypervolume, non_dominated
-from xkd_ray.space import parse_constraint
-from xkd_ray.storage import is_remote, registry_snapshot
+from xkd_ray.core.explain import explain_maps
+from xkd_ray.core.metrics import METRICS, dominates, hypervolume, non_dominated
+from xkd_ray.config.space import parse_constraint
+from xkd_ray.pareto.storage import is_remote, registry_snapshot
 
 
 @dataclass(frozen=True)

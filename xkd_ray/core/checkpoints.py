@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from xkd_ray.errors import XKDCheckpointError
-from xkd_ray.models import StudentNet
+from xkd_ray.core.models import StudentNet
 
 
 def stable_hash(payload: Any, length: int = 16) -> str:

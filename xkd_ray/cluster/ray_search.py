@@ -2,7 +2,7 @@
 
 Each trial is ``ray_trial.trial_driver`` (a Tune function: one worker trains in it, two or more
 as a Ray Train run). The teacher and its explanation cache are prepared once, before any trial,
-on the workers (xkd_ray.ray_teacher), and shared through the object store.
+on the workers (xkd_ray.cluster.ray_teacher), and shared through the object store.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from xkd_ray.errors import XKDConfigError
-from xkd_ray.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
-from xkd_ray.pareto import Objectives
-from xkd_ray.pareto import summary as registry_summary
-from xkd_ray.ray_teacher import prepare_on_workers
-from xkd_ray.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
-from xkd_ray.search_callbacks import LiveTableCallback, RegistryCallback
-from xkd_ray.space import Constraint, Parameter, SearchSpec
-from xkd_ray.storage import Storage, pull_cache, push_cache, upload_registry
-from xkd_ray.teacher import teacher_directory
+from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
+from xkd_ray.pareto.front import Objectives
+from xkd_ray.pareto.front import summary as registry_summary
+from xkd_ray.cluster.ray_teacher import prepare_on_workers
+from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
+from xkd_ray.cluster.search_callbacks import LiveTableCallback, RegistryCallback
+from xkd_ray.config.space import Constraint, Parameter, SearchSpec
+from xkd_ray.pareto.storage import Storage, pull_cache, push_cache, upload_registry
+from xkd_ray.core.teacher import teacher_directory
 
 STUDY_NAME = "xkd"
 
@@ -179,7 +179,7 @@ def run_search(
 ) -> dict[str, Any]:
     """Run (or resume) a search; returns the registry summary. Ray must already be initialised.
     ``time_budget_s`` ends it after that many seconds (Tune's own budget; bench/search_efficiency.py).
-    With ``storage`` (object storage), ``experiment`` is its local staging folder (xkd_ray.storage):
+    With ``storage`` (object storage), ``experiment`` is its local staging folder (xkd_ray.pareto.storage):
     Tune and Train write to storage, the registry is mirrored there after every trial."""
     experiment = Path(experiment).resolve()
     if not state_api_reachable():

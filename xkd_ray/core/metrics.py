@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from xkd_ray.losses import pearson_per_image
+from xkd_ray.core.losses import pearson_per_image
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -181,11 +181,11 @@ class Evidence:
     template_map: torch.Tensor  # [H, W], mean training teacher map
     degenerate_maps: int  # teacher maps that fell back to |raw CAM|
     seed: int = 0  # tie-breaking in top-k IoU
-    # Per-image diagnostics measured on the models themselves (xkd_ray.faithfulness), when the
+    # Per-image diagnostics measured on the models themselves (xkd_ray.core.faithfulness), when the
     # evaluation asked for them: e.g. "deletion_head", "insertion_posthoc", "randomisation_head",
     # and the teacher's own "deletion_teacher" / "insertion_teacher".
     diagnostics: dict[str, torch.Tensor] | None = None
-    # The student's size and speed, measured on the model (xkd_ray.distill.student_cost):
+    # The student's size and speed, measured on the model (xkd_ray.core.distill.student_cost):
     # "params" (count) and "latency_ms" (per image at batch size 1).
     cost: dict[str, float] | None = None
 

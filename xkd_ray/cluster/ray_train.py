@@ -33,8 +33,8 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import (
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.distill import (
     StudentPredictions,
     build_student,
     distill_dataset,
@@ -46,10 +46,10 @@ from xkd_ray.distill import (
     train_one_epoch,
 )
 from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
-from xkd_ray.faithfulness import IMAGES
-from xkd_ray.faults import fault_rule
-from xkd_ray.models import StudentNet
-from xkd_ray.prepared import DistillData
+from xkd_ray.core.faithfulness import IMAGES
+from xkd_ray.testing.faults import fault_rule
+from xkd_ray.core.models import StudentNet
+from xkd_ray.core.prepared import DistillData
 
 CHECKPOINT_FILE = "state.pt"
 # Ray Train's controller collects the workers' reports, and notices that a run has ended, only
@@ -171,7 +171,7 @@ def assigned_device() -> torch.device:
 def maybe_kill_worker(
     config: ExperimentConfig, epoch: int, run_folder: str, stage: str | None = None, last_rank: bool | None = None
 ) -> None:
-    """Test hook (``xkd_ray.faults``): the last worker kills its own process (SIGKILL, a real
+    """Test hook (``xkd_ray.testing.faults``): the last worker kills its own process (SIGKILL, a real
     crash) at the rule's epoch, once per run (a marker file in the run's folder says it happened).
     ``stage``: a run other than a student's (the teacher's) fires only rules keyed on its
     ``stage.name``, so a student's rule never kills a teacher worker. ``last_rank``: whether this
@@ -409,7 +409,7 @@ def build_trainer(
 ) -> DataParallelTrainer:
     """A Ray Train run of ``loop`` (students' and teacher's alike) over ``config.ray``'s workers;
     ``loop`` gets ``loop_config`` plus ``config`` (as a dict) and ``run_folder``. With
-    ``storage_filesystem`` (object storage, ``xkd_ray.storage``), ``storage_path`` is a path in it.
+    ``storage_filesystem`` (object storage, ``xkd_ray.pareto.storage``), ``storage_path`` is a path in it.
 
     Several workers train with DDP (``TorchTrainer``: a gloo / nccl process group). One worker
     needs no process group (``prepare_model`` wraps nothing at world size 1, and the loop's
@@ -467,7 +467,7 @@ def student_from_checkpoint(
 def ensure_ray(address: str | None = None) -> None:
     """Join ``address`` (or a running cluster) or start a local Ray; never start a second one.
 
-    The driver's ``AWS_*`` variables (object storage, xkd_ray.storage) go to every worker of this
+    The driver's ``AWS_*`` variables (object storage, xkd_ray.pareto.storage) go to every worker of this
     job through its runtime environment, so trial drivers on any node reach the same endpoint
     with the same credentials, and no credential is pickled into Tune's state on storage."""
     if ray.is_initialized():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from xkd_ray.errors import XKDDataError
 
 if TYPE_CHECKING:
-    from xkd_ray.config import DataConfig
+    from xkd_ray.config.schema import DataConfig
 
 SPLIT_NAMES = ("train", "val", "test")
 # Converting a whole torchvision split at once would briefly hold several float copies of it

@@ -22,13 +22,13 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from xkd_ray.config import ExperimentConfig
-from xkd_ray.distill import final_metrics, save_student
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.distill import final_metrics, save_student
 from xkd_ray.errors import XKDTrainingDiverged
-from xkd_ray.faults import fault_rule
-from xkd_ray.models import StudentNet
-from xkd_ray.prepared import DistillData
-from xkd_ray.ray_train import (
+from xkd_ray.testing.faults import fault_rule
+from xkd_ray.core.models import StudentNet
+from xkd_ray.core.prepared import DistillData
+from xkd_ray.cluster.ray_train import (
     LoopSession,
     assigned_device,
     fault_marker_folder,
@@ -36,8 +36,8 @@ from xkd_ray.ray_train import (
     student_from_checkpoint,
     train_student_loop,
 )
-from xkd_ray.space import SearchSpec
-from xkd_ray.storage import Storage
+from xkd_ray.config.space import SearchSpec
+from xkd_ray.pareto.storage import Storage
 
 DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
 
@@ -112,7 +112,7 @@ def _train_with_ray_train(
 ) -> tuple[StudentNet, list[dict[str, Any]]] | None:
     """A Ray Train run named after the trial (a restored search resumes it from its checkpoints),
     its reports forwarded to Tune; None if it diverged."""
-    from xkd_ray.ray_train import quick_polling
+    from xkd_ray.cluster.ray_train import quick_polling
 
     storage: Storage | None = shared.get("storage")
     trainer = make_trainer(
@@ -140,7 +140,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     it, report its final validation metrics. The final report's ``timings`` stamps the driver's
     phases (bench/trial_overhead.py)."""
     entered = time.time()
-    from xkd_ray.ray_train import process_started_at
+    from xkd_ray.cluster.ray_train import process_started_at
 
     experiment = Path(shared["experiment"])
     spec: SearchSpec = shared["spec"]

@@ -23,12 +23,12 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Sal
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from xkd_ray.checkpoints import atomic_write, stable_hash
+from xkd_ray.core.checkpoints import atomic_write, stable_hash
 from xkd_ray.errors import XKDConfigError, XKDDataError
-from xkd_ray.faithfulness import IMAGES, curve_auc, perturbation_curves
-from xkd_ray.models import find_layer, predict_logits
-from xkd_ray.progress import track
-from xkd_ray.splits import ZeroCopyPickle
+from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves
+from xkd_ray.core.models import find_layer, predict_logits
+from xkd_ray.core.progress import track
+from xkd_ray.data.splits import ZeroCopyPickle
 
 # TeacherOutputs fields stored in the cache file's metadata (they cover only a split's first images).
 _AUCS = ("deletion_auc", "insertion_auc")
@@ -244,7 +244,7 @@ def explain_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The teacher's logits and its maps for its own top-1 class on one batch (CPU float32).
 
-    The unit of work of the distributed explanation job (``xkd_ray.ray_teacher``): each map
+    The unit of work of the distributed explanation job (``xkd_ray.cluster.ray_teacher``): each map
     depends only on its own image, so any split into batches gives the same maps."""
     logits = predict_logits(teacher, images, len(images))
     maps = explain_maps(

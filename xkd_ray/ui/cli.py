@@ -16,11 +16,11 @@ from typing import Any
 
 from rich.console import Console
 
-from xkd_ray.config import ExperimentConfig, load_config, parse_overrides
-from xkd_ray.data import DATASETS
+from xkd_ray.config.schema import ExperimentConfig, load_config, parse_overrides
+from xkd_ray.data.datasets import DATASETS
 from xkd_ray.errors import XKDConfigError, XKDError
-from xkd_ray.methods import METHODS
-from xkd_ray.tables import items_table, metrics_table
+from xkd_ray.core.methods import METHODS
+from xkd_ray.ui.tables import items_table, metrics_table
 
 console = Console()
 
@@ -80,13 +80,13 @@ def command_teacher(args: argparse.Namespace) -> int:
     check_cache_folder(config)
     started = time.perf_counter()
     if args.workers:
-        from xkd_ray.ray_teacher import prepare_on_workers
-        from xkd_ray.ray_train import ensure_ray
+        from xkd_ray.cluster.ray_teacher import prepare_on_workers
+        from xkd_ray.cluster.ray_train import ensure_ray
 
         ensure_ray(args.address)
         data = prepare_on_workers(config, workers=args.workers, use_gpu=args.gpu, progress=True)
     else:
-        from xkd_ray.prepared import prepare
+        from xkd_ray.core.prepared import prepare
 
         data = prepare(config, progress=True)
     items: dict[str, Any] = dict(data.teacher_metrics)
@@ -98,16 +98,16 @@ def command_teacher(args: argparse.Namespace) -> int:
 
 def run_distill(config: ExperimentConfig, out: Path | None, address: str | None = None) -> dict[str, Any]:
     """Prepare, train one student (plain loop or Ray Train), and save it to ``out``."""
-    from xkd_ray.distill import save_student
-    from xkd_ray.prepared import prepare
+    from xkd_ray.core.distill import save_student
+    from xkd_ray.core.prepared import prepare
 
     data = prepare(config, progress=True)
     if config.ray.num_workers > 0:
-        from xkd_ray.ray_train import distill_with_ray
+        from xkd_ray.cluster.ray_train import distill_with_ray
 
         student, metrics = distill_with_ray(config, data, address=address)
     else:
-        from xkd_ray.distill import distill
+        from xkd_ray.core.distill import distill
 
         student, metrics = distill(config, data, progress=True)
     if out is not None:
@@ -154,8 +154,8 @@ def command_demo(args: argparse.Namespace) -> int:
     )
     if args.no_search:
         return 0
-    from xkd_ray.experiment_folder import MANIFEST
-    from xkd_ray.pareto import load_pareto_student
+    from xkd_ray.pareto.experiment_folder import MANIFEST
+    from xkd_ray.pareto.front import load_pareto_student
     from xkd_ray.search import main as search_main
 
     experiment = out / "search"
@@ -176,8 +176,8 @@ def command_demo(args: argparse.Namespace) -> int:
 def _print_knee_vs_reference(experiment: Path, knee_trial: str) -> None:
     """The knee student and the space's reference config (what a user would train by hand) on the
     search's objectives: the search is worth running when the reference does not dominate the knee."""
-    from xkd_ray.metrics import dominates
-    from xkd_ray.pareto import read_objectives, read_trials, summary
+    from xkd_ray.core.metrics import dominates
+    from xkd_ray.pareto.front import read_objectives, read_trials, summary
 
     reference = (summary(experiment) or {}).get("reference_config")
     knee = next((row for row in read_trials(experiment) if row["trial_id"] == knee_trial), None)
@@ -200,9 +200,9 @@ def _print_knee_vs_reference(experiment: Path, knee_trial: str) -> None:
 def command_evaluate(args: argparse.Namespace) -> int:
     """Re-measure a saved student (a ``--out`` folder or a Pareto student) on a split, with the
     teacher and explanations its config names (reused from the cache, trained if absent)."""
-    from xkd_ray.checkpoints import load_student
-    from xkd_ray.distill import evaluate
-    from xkd_ray.prepared import prepare
+    from xkd_ray.core.checkpoints import load_student
+    from xkd_ray.core.distill import evaluate
+    from xkd_ray.core.prepared import prepare
 
     student, record, _ = load_student(args.student)
     if not isinstance(record.get("experiment"), dict):
@@ -224,8 +224,8 @@ def command_search(args: argparse.Namespace) -> int:
 
 def command_pareto(args: argparse.Namespace) -> int:
     """Print the front of a finished or running experiment (reads only its files)."""
-    from xkd_ray.pareto import list_pareto_students, read_objectives, readable, summary, write_front_plot
-    from xkd_ray.tables import front_table
+    from xkd_ray.pareto.front import list_pareto_students, read_objectives, readable, summary, write_front_plot
+    from xkd_ray.ui.tables import front_table
 
     if args.plot is not None:  # before reading anything, like every command's output
         check_output_folder("--plot", args.plot.parent)
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("val", "test"), default="test")
     evaluate.set_defaults(handler=command_evaluate)
 
-    from xkd_ray.storage import experiment_location
+    from xkd_ray.pareto.storage import experiment_location
 
     pareto = commands.add_parser("pareto", help="print the Pareto front of an experiment")
     pareto.add_argument("experiment", type=experiment_location, help="experiment folder or s3://bucket/prefix")

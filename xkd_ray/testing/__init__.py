@@ -1,0 +1,1 @@
+"""Test-only hooks (fault injection) that product code calls at named points."""
