@@ -81,9 +81,9 @@ def _load() -> None:
 
 def part_teacher(root: Path, overrides: dict):
     """(a): the plain loop vs Ray Train on 1 worker, same config, fresh caches."""
-    from xkd_ray.data.datasets import load_splits
     from xkd_ray.cluster.ray_teacher import train_teacher_with_ray
     from xkd_ray.core.teacher import save_teacher, teacher_directory, train_teacher
+    from xkd_ray.data.datasets import load_splits
 
     plain_config = _config(root / "plain", overrides)
     splits = load_splits(plain_config.data)
@@ -112,8 +112,8 @@ def part_teacher(root: Path, overrides: dict):
 
 def part_explain(root: Path, teacher, splits, overrides: dict, teacher_overrides: dict) -> None:
     """(b): IG in this process, then as the Ray actor job on 1 and 2 workers."""
-    from xkd_ray.core.explain import cached_teacher_outputs
     from xkd_ray.cluster.ray_teacher import explain_on_workers
+    from xkd_ray.core.explain import cached_teacher_outputs
     from xkd_ray.data.splits import SPLIT_NAMES
 
     config = _config(root / "ig", {**teacher_overrides, **overrides})
@@ -156,8 +156,8 @@ def memory_child(mode: str, cache: str, address: str, overrides: dict) -> None:
     """One fresh driver process: import, run one path, print its peak RSS as JSON."""
     import ray
 
-    from xkd_ray.core.prepared import prepare
     from xkd_ray.cluster.ray_teacher import prepare_on_workers
+    from xkd_ray.core.prepared import prepare
 
     config = _config(Path(cache), overrides)
     imported_kb = _rss_now_kb()

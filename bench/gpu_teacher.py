@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.data.datasets import load_splits
 from xkd_ray.core.explain import explain_batch, explain_settings
 from xkd_ray.core.models import build_teacher
 from xkd_ray.core.teacher import make_teacher_optimizer, split_accuracies, teacher_architecture, train_teacher_epoch
+from xkd_ray.data.datasets import load_splits
 
 
 def train(config: ExperimentConfig, splits, device: str) -> tuple[float, torch.nn.Module]:

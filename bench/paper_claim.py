@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-from xkd_ray.core.checkpoints import atomic_write
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.data.datasets import DATASETS
+from xkd_ray.core.checkpoints import atomic_write
 from xkd_ray.core.distill import StudentPredictions, distill, split_metrics, student_predictions
 from xkd_ray.core.explain import EXPLAINERS, explain_maps
 from xkd_ray.core.losses import explanation_loss
@@ -32,6 +31,7 @@ from xkd_ray.core.methods import METHODS
 from xkd_ray.core.metrics import METRICS, fidelity, topk_iou
 from xkd_ray.core.models import ConvAutoencoder, StudentNet
 from xkd_ray.core.prepared import DistillData, prepare
+from xkd_ray.data.datasets import DATASETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Every registered metric is a column, except those that describe the teacher and its maps, the

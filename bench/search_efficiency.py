@@ -32,12 +32,12 @@ from typing import Any
 
 import optuna
 
-from xkd_ray.core.distill import distill
-from xkd_ray.core.metrics import hypervolume
-from xkd_ray.pareto.front import Objectives, read_trials
-from xkd_ray.core.prepared import prepare
 from xkd_ray.cluster.ray_search import make_sampler
 from xkd_ray.config.space import Parameter, SearchSpec, load_search_space
+from xkd_ray.core.distill import distill
+from xkd_ray.core.metrics import hypervolume
+from xkd_ray.core.prepared import prepare
+from xkd_ray.pareto.front import Objectives, read_trials
 
 Curve = list[tuple[float, tuple[float, ...]]]  # (seconds since start, val objective point)
 

@@ -21,10 +21,10 @@ import time
 import torch
 
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.data.datasets import Split
 from xkd_ray.core.distill import distill
 from xkd_ray.core.explain import TeacherOutputs
 from xkd_ray.core.prepared import DistillData, prepare
+from xkd_ray.data.datasets import Split
 
 
 def repeat_train(data: DistillData, times: int) -> DistillData:

@@ -106,8 +106,8 @@ def run_trials(spec: SearchSpec, trials: int, storage: Path, reuse_actors: bool 
     import ray
     from ray import tune
 
-    from xkd_ray.core.prepared import prepare
     from xkd_ray.cluster.ray_trial import build_trainable
+    from xkd_ray.core.prepared import prepare
 
     stamps: dict[str, dict[str, float]] = {}
 

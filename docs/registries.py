@@ -19,13 +19,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.data.datasets import DATASETS
+from xkd_ray.config.space import Objective, SchedulerSettings, SearchSettings
 from xkd_ray.core.explain import EXPLAINERS
 from xkd_ray.core.losses import EXPLANATION_LOSSES
 from xkd_ray.core.methods import METHODS, Method
 from xkd_ray.core.metrics import METRICS
 from xkd_ray.core.models import FUSIONS, TEACHERS, StudentNet
-from xkd_ray.config.space import Objective, SchedulerSettings, SearchSettings
+from xkd_ray.data.datasets import DATASETS
 
 HEADER = """\
 # Registries and configuration reference

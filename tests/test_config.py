@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from xkd_ray.config.schema import ExperimentConfig, load_config, parse_override, parse_overrides, read_yaml
-from xkd_ray.errors import XKDConfigError
+from xkd_ray.config.space import load_search_space
 from xkd_ray.core.losses import EXPLANATION_LOSSES
 from xkd_ray.core.methods import METHODS
 from xkd_ray.core.models import FUSIONS
-from xkd_ray.config.space import load_search_space
+from xkd_ray.errors import XKDConfigError
 
 SCHEMA = {name: set(info.annotation.model_fields) for name, info in ExperimentConfig.model_fields.items()}
 

@@ -8,10 +8,10 @@ import torch
 import xkd_ray.core.explain as explain_module
 from xkd_ray.core.checkpoints import load_student
 from xkd_ray.core.distill import distill, save_student
-from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.core.methods import METHODS
 from xkd_ray.core.metrics import METRICS
 from xkd_ray.core.prepared import prepare
+from xkd_ray.errors import XKDCheckpointError
 
 E2KD_TINY_WEIGHT = 0.25
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from tests.conftest import SMOKE, injected_faults
+from xkd_ray.config.space import load_search_space
 from xkd_ray.core.metrics import non_dominated
 from xkd_ray.pareto.front import load_pareto_student, read_trials
-from xkd_ray.config.space import load_search_space
 
 # Each point is told apart by its temperature; the fault rules (xkd_ray.testing.faults) key on it.
 HEALTHY = {"distill.method": "xd", "distill.lr": 0.005, "distill.temperature": 2.0}

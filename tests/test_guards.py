@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, smoke_space
+from xkd_ray.config.space import load_search_space
 from xkd_ray.pareto.experiment_folder import MANIFEST, FolderLock, open_experiment
 from xkd_ray.pareto.front import list_pareto_students, load_pareto_student, read_trials
 from xkd_ray.search import main as search_main
-from xkd_ray.config.space import load_search_space
 
 SEARCH = [sys.executable, str(REPO / "xkd_ray" / "search.py")]
 

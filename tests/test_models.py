@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from xkd_ray.errors import XKDCheckpointError, XKDConfigError
 from xkd_ray.core.models import ConvAutoencoder, ResNet18Teacher, StudentNet, VGGTeacher, find_layer, parameter_count
+from xkd_ray.errors import XKDCheckpointError, XKDConfigError
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])

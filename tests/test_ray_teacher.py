@@ -16,14 +16,14 @@ import torch
 import xkd_ray.core.explain as explain_module
 import xkd_ray.core.teacher as teacher_module
 from tests.conftest import injected_faults
-from xkd_ray.ui.cli import main
-from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.data.datasets import load_splits
-from xkd_ray.core.prepared import prepare
 from xkd_ray.cluster.ray_teacher import prepare_on_workers, train_teacher_with_ray
 from xkd_ray.cluster.ray_train import FAULT_MARKER
-from xkd_ray.data.splits import SPLIT_NAMES
+from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.prepared import prepare
 from xkd_ray.core.teacher import load_or_train_teacher, teacher_directory
+from xkd_ray.data.datasets import load_splits
+from xkd_ray.data.splits import SPLIT_NAMES
+from xkd_ray.ui.cli import main
 
 # Small enough for seconds per epoch on 2 cores; the same code paths as the default.
 TINY = {

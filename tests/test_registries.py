@@ -10,9 +10,9 @@ import pytest
 
 from tests.conftest import TINY_OVERRIDES
 from tests.registry_plugin import PLUGIN_DATASET, PLUGIN_EXPLAINER, PLUGIN_METHOD, PLUGIN_METRIC
-from xkd_ray.ui.cli import build_parser, main
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.errors import XKDConfigError
+from xkd_ray.ui.cli import build_parser, main
 
 
 def _choices(command: str, option: str) -> list[str]:

@@ -18,10 +18,10 @@ import pytest
 
 from tests.conftest import REPO
 from xkd_ray.core.checkpoints import atomic_write_bytes, load_student, write_model_folder
-from xkd_ray.ui.cli import main as xkd_main
-from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.core.models import StudentNet
+from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.pareto.front import list_pareto_students, load_pareto_student, record_trial, update_registry
+from xkd_ray.ui.cli import main as xkd_main
 
 ARCHITECTURE = {"in_channels": 1, "num_classes": 10, "width": 4, "ae_depth": 1, "ae_width": 4, "fusion": "concat"}
 

@@ -18,11 +18,11 @@ import yaml
 
 from tests.conftest import REPO, SMOKE, smoke_space
 from tests.registry_plugin import PLUGIN_METHOD
-from xkd_ray.errors import XKDConfigError
+from xkd_ray.config.space import parse_search_space
 from xkd_ray.core.metrics import non_dominated
+from xkd_ray.errors import XKDConfigError
 from xkd_ray.pareto.front import front_rows, read_trials
 from xkd_ray.search import main as search_main
-from xkd_ray.config.space import parse_search_space
 
 
 @pytest.mark.parametrize(

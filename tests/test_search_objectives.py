@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import smoke_space
+from xkd_ray.cluster.ray_search import STUDY_NAME, run_search
+from xkd_ray.config.space import load_search_space
 from xkd_ray.core.metrics import hypervolume, non_dominated
 from xkd_ray.core.models import StudentNet, parameter_count
 from xkd_ray.pareto.front import list_pareto_students, load_pareto_student, read_trials, write_front_plot
-from xkd_ray.cluster.ray_search import STUDY_NAME, run_search
-from xkd_ray.config.space import load_search_space
 
 OBJECTIVES = [("accuracy", "max"), ("fidelity_posthoc_skill", "max"), ("params", "min")]
 

@@ -21,8 +21,8 @@ import yaml
 from tests.conftest import REPO, _free_port, smoke_space, start_s3_server
 from xkd_ray.errors import XKDConfigError
 from xkd_ray.pareto.experiment_folder import MANIFEST
-from xkd_ray.search import main as search_main
 from xkd_ray.pareto.storage import Storage, open_storage, registry_snapshot, staging_folder
+from xkd_ray.search import main as search_main
 
 
 def _refused(capsys, space, url: str) -> str:
@@ -100,8 +100,8 @@ def test_a_prefix_holding_other_files_or_another_search_is_refused(s3_server, tm
     storage = open_storage("s3://xkd/other-search")
     staging = staging_folder(storage.url)
     staging.mkdir(parents=True, exist_ok=True)
-    from xkd_ray.pareto.experiment_folder import FolderLock, open_experiment
     from xkd_ray.config.space import load_search_space
+    from xkd_ray.pareto.experiment_folder import FolderLock, open_experiment
 
     with FolderLock(staging) as lock:
         open_experiment(staging, load_search_space(space), resume=False, allow_space_change=False, trust=False)

@@ -26,8 +26,8 @@ from typing import Any
 
 from rich.console import Console
 
-from xkd_ray.errors import XKDConfigError, XKDError
 from xkd_ray.config.space import SAMPLERS, SearchSpec, load_search_space
+from xkd_ray.errors import XKDConfigError, XKDError
 from xkd_ray.pareto.storage import experiment_location, is_remote
 
 console = Console()
@@ -156,6 +156,8 @@ def _run_on_object_storage(args: argparse.Namespace, spec: SearchSpec) -> int:
 
 
 def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any = None) -> int:
+    from xkd_ray.cluster.ray_search import run_search
+    from xkd_ray.cluster.ray_train import ensure_ray
     from xkd_ray.pareto.front import (
         list_pareto_students,
         load_pareto_student,
@@ -163,8 +165,6 @@ def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any 
         read_trials,
         write_front_plot,
     )
-    from xkd_ray.cluster.ray_search import run_search
-    from xkd_ray.cluster.ray_train import ensure_ray
     from xkd_ray.ui.tables import front_table
 
     ensure_ray(args.address)

@@ -21,16 +21,16 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from xkd_ray.errors import XKDConfigError
 from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
-from xkd_ray.pareto.front import Objectives
-from xkd_ray.pareto.front import summary as registry_summary
 from xkd_ray.cluster.ray_teacher import prepare_on_workers
 from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
 from xkd_ray.cluster.search_callbacks import LiveTableCallback, RegistryCallback
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
-from xkd_ray.pareto.storage import Storage, pull_cache, push_cache, upload_registry
 from xkd_ray.core.teacher import teacher_directory
+from xkd_ray.errors import XKDConfigError
+from xkd_ray.pareto.front import Objectives
+from xkd_ray.pareto.front import summary as registry_summary
+from xkd_ray.pareto.storage import Storage, pull_cache, push_cache, upload_registry
 
 STUDY_NAME = "xkd"
 

@@ -46,9 +46,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from xkd_ray.cluster.ray_train import (
+    _amp_dtype,
+    _set_rng_state,
+    assigned_device,
+    build_trainer,
+    ensure_ray,
+    maybe_kill_worker,
+    quick_polling,
+    training_state,
+    worker_node_ids,
+)
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.data.datasets import load_splits
-from xkd_ray.errors import XKDConfigError
 from xkd_ray.core.explain import (
     TeacherOutputs,
     explain_batch,
@@ -61,19 +70,6 @@ from xkd_ray.core.faithfulness import IMAGES
 from xkd_ray.core.models import build_teacher
 from xkd_ray.core.prepared import DistillData, prepare_splits
 from xkd_ray.core.progress import track
-from xkd_ray.cluster.ray_train import (
-    _amp_dtype,
-    _set_rng_state,
-    assigned_device,
-    build_trainer,
-    ensure_ray,
-    maybe_kill_worker,
-    quick_polling,
-    training_state,
-    worker_node_ids,
-)
-from xkd_ray.data.splits import SPLIT_NAMES, Splits
-from xkd_ray.pareto.storage import Storage
 from xkd_ray.core.teacher import (
     Teacher,
     cached_teacher,
@@ -84,6 +80,10 @@ from xkd_ray.core.teacher import (
     teacher_id,
     train_teacher_epoch,
 )
+from xkd_ray.data.datasets import load_splits
+from xkd_ray.data.splits import SPLIT_NAMES, Splits
+from xkd_ray.errors import XKDConfigError
+from xkd_ray.pareto.storage import Storage
 
 TEACHER_CHECKPOINT_FILE = "teacher.pt"
 # Fault rules (xkd_ray.testing.faults) fire in a teacher run only when their ``when`` names this stage, so

@@ -45,11 +45,11 @@ from xkd_ray.core.distill import (
     student_predictions,
     train_one_epoch,
 )
-from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
 from xkd_ray.core.faithfulness import IMAGES
-from xkd_ray.testing.faults import fault_rule
 from xkd_ray.core.models import StudentNet
 from xkd_ray.core.prepared import DistillData
+from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
+from xkd_ray.testing.faults import fault_rule
 
 CHECKPOINT_FILE = "state.pt"
 # Ray Train's controller collects the workers' reports, and notices that a run has ended, only

@@ -22,12 +22,6 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.core.distill import final_metrics, save_student
-from xkd_ray.errors import XKDTrainingDiverged
-from xkd_ray.testing.faults import fault_rule
-from xkd_ray.core.models import StudentNet
-from xkd_ray.core.prepared import DistillData
 from xkd_ray.cluster.ray_train import (
     LoopSession,
     assigned_device,
@@ -36,8 +30,14 @@ from xkd_ray.cluster.ray_train import (
     student_from_checkpoint,
     train_student_loop,
 )
+from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.config.space import SearchSpec
+from xkd_ray.core.distill import final_metrics, save_student
+from xkd_ray.core.models import StudentNet
+from xkd_ray.core.prepared import DistillData
+from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.pareto.storage import Storage
+from xkd_ray.testing.faults import fault_rule
 
 DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
 

@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.live import Live
 
 from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.config.space import SearchSpec
 from xkd_ray.core.distill import evaluate
 from xkd_ray.core.metrics import METRICS
-from xkd_ray.pareto.front import Objectives, front_rows, read_trials, record_trial, update_registry
 from xkd_ray.core.prepared import DistillData, prepare
-from xkd_ray.config.space import SearchSpec
+from xkd_ray.pareto.front import Objectives, front_rows, read_trials, record_trial, update_registry
 from xkd_ray.pareto.storage import Storage, upload_registry
 from xkd_ray.ui.tables import live_trials_table
 

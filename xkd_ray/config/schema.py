@@ -21,12 +21,12 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from xkd_ray.data.datasets import DATASETS
-from xkd_ray.errors import XKDConfigError
 from xkd_ray.core.explain import EXPLAINERS
 from xkd_ray.core.losses import EXPLANATION_LOSSES
 from xkd_ray.core.methods import METHODS
 from xkd_ray.core.models import FUSIONS, MAX_AE_DEPTH, TEACHERS
+from xkd_ray.data.datasets import DATASETS
+from xkd_ray.errors import XKDConfigError
 
 # numpy/scikit-learn seeds must fit 32 bits (data adds up to 2 to its seed); torch's fit 64.
 MAX_SEED = 2**31 - 1

@@ -24,8 +24,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from xkd_ray.config.schema import ExperimentConfig, PositiveFloat, Schema, Seed, config_error, read_yaml, rule
-from xkd_ray.errors import XKDConfigError
 from xkd_ray.core.metrics import METRICS
+from xkd_ray.errors import XKDConfigError
 
 SAMPLERS = ("tpe", "nsga2", "random")
 SCHEDULERS = ("fifo", "mo_asha")  # built in xkd_ray.cluster.ray_search.make_scheduler

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.core.models import StudentNet
+from xkd_ray.errors import XKDCheckpointError
 
 
 def stable_hash(payload: Any, length: int = 16) -> str:

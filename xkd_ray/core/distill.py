@@ -18,9 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from xkd_ray.core.checkpoints import write_model_folder
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.errors import XKDTrainingDiverged
+from xkd_ray.core.checkpoints import write_model_folder
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
 from xkd_ray.core.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
@@ -30,6 +29,7 @@ from xkd_ray.core.models import StudentNet, autocast, parameter_count
 from xkd_ray.core.prepared import DistillData
 from xkd_ray.core.progress import track
 from xkd_ray.data.splits import Split, Splits
+from xkd_ray.errors import XKDTrainingDiverged
 
 
 def build_student(config: ExperimentConfig, splits: Splits) -> StudentNet:

@@ -24,11 +24,11 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from xkd_ray.core.checkpoints import atomic_write, stable_hash
-from xkd_ray.errors import XKDConfigError, XKDDataError
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves
 from xkd_ray.core.models import find_layer, predict_logits
 from xkd_ray.core.progress import track
 from xkd_ray.data.splits import ZeroCopyPickle
+from xkd_ray.errors import XKDConfigError, XKDDataError
 
 # TeacherOutputs fields stored in the cache file's metadata (they cover only a split's first images).
 _AUCS = ("deletion_auc", "insertion_auc")

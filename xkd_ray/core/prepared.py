@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.data.datasets import load_splits
 from xkd_ray.core.explain import TeacherOutputs, cached_teacher_outputs
 from xkd_ray.core.methods import METHODS
 from xkd_ray.core.models import build_teacher
-from xkd_ray.data.splits import SPLIT_NAMES, Splits, ZeroCopyPickle
 from xkd_ray.core.teacher import load_or_train_teacher, teacher_architecture
+from xkd_ray.data.datasets import load_splits
+from xkd_ray.data.splits import SPLIT_NAMES, Splits, ZeroCopyPickle
 
 
 @dataclass

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from xkd_ray.core.checkpoints import file_hash, load_weights_into, read_json, stable_hash, write_model_folder
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.errors import XKDCheckpointError
+from xkd_ray.core.checkpoints import file_hash, load_weights_into, read_json, stable_hash, write_model_folder
 from xkd_ray.core.metrics import accuracy
 from xkd_ray.core.models import autocast, build_teacher, predict_logits
 from xkd_ray.core.progress import track
 from xkd_ray.data.splits import Splits
+from xkd_ray.errors import XKDCheckpointError
 
 
 @dataclass

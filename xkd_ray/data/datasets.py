@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import torch
 
-from xkd_ray.errors import XKDDataError
 from xkd_ray.data.splits import SPLIT_NAMES, Split, Splits, assemble, carve_val, count_for, resize, take, uint8_to_float
+from xkd_ray.errors import XKDDataError
 
 if TYPE_CHECKING:  # the config names DATASETS' keys, so it imports this module, not the reverse
     from xkd_ray.config.schema import DataConfig

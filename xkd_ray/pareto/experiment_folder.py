@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from xkd_ray.config.space import SearchSpec
 from xkd_ray.core.checkpoints import atomic_write_json, read_json_mapping
 from xkd_ray.errors import XKDCheckpointError, XKDConfigError
-from xkd_ray.config.space import SearchSpec
 
 MANIFEST = "experiment.json"
 LOCK = ".lock"

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from xkd_ray.config.space import parse_constraint
 from xkd_ray.core.checkpoints import (
     atomic_write,
     atomic_write_json,
@@ -50,10 +51,9 @@ from xkd_ray.core.checkpoints import (
     read_json_mapping,
     write_model_folder,
 )
-from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.core.explain import explain_maps
 from xkd_ray.core.metrics import METRICS, dominates, hypervolume, non_dominated
-from xkd_ray.config.space import parse_constraint
+from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.pareto.storage import is_remote, registry_snapshot
 
 

@@ -17,9 +17,9 @@ from typing import Any
 from rich.console import Console
 
 from xkd_ray.config.schema import ExperimentConfig, load_config, parse_overrides
+from xkd_ray.core.methods import METHODS
 from xkd_ray.data.datasets import DATASETS
 from xkd_ray.errors import XKDConfigError, XKDError
-from xkd_ray.core.methods import METHODS
 from xkd_ray.ui.tables import items_table, metrics_table
 
 console = Console()
