@@ -75,13 +75,22 @@ def test_kd_reduces_to_ce_when_alpha_is_zero():
     assert "kd" not in parts
 
 
-def test_joint_loss_is_the_weighted_sum_of_its_terms():
-    torch.manual_seed(1)
-    logits, teacher, labels = torch.randn(4, 3), torch.randn(4, 3), torch.randint(0, 3, (4,))
-    maps, teacher_maps = torch.rand(4, 6, 6), torch.rand(4, 6, 6)
+def test_joint_loss_by_hand():
+    """Every term against a value known by construction (not the code's own formula): uniform
+    student logits over 2 classes (CE = ln 2), a teacher at softmax [0.75, 0.25] after T = 2
+    (KD = T^2 (0.75 ln 1.5 + 0.25 ln 0.5)) and a head map anti-correlated with the teacher's
+    (Pearson distance 2)."""
+    logits, labels = torch.zeros(1, 2), torch.tensor([0])
+    teacher = torch.tensor([[2 * math.log(3.0), 0.0]])
+    maps, teacher_maps = torch.tensor([[[1.0, 2.0, 3.0]]]), torch.tensor([[[3.0, 2.0, 1.0]]])
     parts = distillation_loss(
         logits, labels, teacher, temperature=2.0, alpha=0.3, beta=5.0, predicted_maps=maps, teacher_maps=teacher_maps
     )
-    expected = 0.7 * cross_entropy(logits, labels) + 0.3 * kd_loss(logits, teacher, 2.0)
-    expected = expected + 5.0 * explanation_loss(maps, teacher_maps)
-    assert parts["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    kd = 4 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    assert parts["ce"].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert parts["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert parts["explanation"].item() == pytest.approx(2.0, abs=1e-6)
+    assert parts["total"].item() == pytest.approx(0.7 * math.log(2) + 0.3 * kd + 5.0 * 2.0, rel=1e-5)
+    # A term whose weight is zero is neither computed nor added (plain CE when alpha = beta = 0).
+    plain = distillation_loss(logits, labels, teacher, temperature=2.0, alpha=0.0, predicted_maps=maps)
+    assert set(plain) == {"ce", "total"} and plain["total"].item() == pytest.approx(math.log(2), rel=1e-6)
