@@ -52,8 +52,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/gpu_path.py  # measures the CPU alone where there is no GPU
 	$(BIN)/python bench/faithfulness.py  # with XKD_QUANTUS_PATH=DIR (Quantus installed there) it also compares with Quantus
 
+# Every bench script in its --smoke mode (pyproject's addopts leave these out of `make test`).
 bench-smoke: $(STAMP)
-	$(BIN)/python -m pytest -q tests/test_bench_smoke.py
+	$(BIN)/python -m pytest -q -m bench tests/test_bench_smoke.py
 
 clean:
 	rm -rf .xkd_cache .pytest_cache build *.egg-info
