@@ -108,6 +108,33 @@ def ray_local():
     ray.shutdown()
 
 
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    """Poll ``predicate`` until it holds (a condition, never a fixed sleep); fail naming ``what``
+    after ``timeout`` seconds, or at once when ``process`` (the one expected to make it true) exits."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process exited with {process.returncode} before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+HELD_TEMPERATURE = 7.0
+
+
+def held_trial_points(holding: Path, finished_before: int = 1) -> tuple[list[dict], list[dict]]:
+    """Initial points and a ``hold`` fault rule (xkd_ray.testing.faults) that stop a search at a
+    known point: its first ``finished_before`` trials run, the next waits before training (and
+    touches ``holding``) while the rule is armed (``injected_faults``). With
+    ``max_concurrent_trials: 1``, once ``holding`` exists and ``finished_before`` trials are
+    recorded, exactly those have finished and none is training: an interruption then is no race."""
+    points = [{"distill.temperature": 2.0 + index * 0.5} for index in range(finished_before)]
+    points.append({"distill.temperature": HELD_TEMPERATURE})
+    rules = [{"fault": "hold", "when": {"distill.temperature": HELD_TEMPERATURE}, "holding": str(holding)}]
+    return points, rules
+
+
 def start_s3_server(port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     """moto's S3 server on 127.0.0.1:port, once it answers."""
     server = subprocess.Popen(

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, smoke_space
+from tests.conftest import REPO, held_trial_points, injected_faults, smoke_space, wait_for
 from xkd_ray.config.space import load_search_space
 from xkd_ray.pareto.experiment_folder import MANIFEST, FolderLock, open_experiment
 from xkd_ray.pareto.front import list_pareto_students, load_pareto_student, read_trials
@@ -126,28 +125,29 @@ def test_sigterm_ends_the_search_as_interrupted_not_finished(tmp_path, cache_dir
     """SIGTERM (``kill``, ``ray job stop``) stops the trials like Ctrl-C, leaves a readable
     registry, says how far it got and exits 143; before, ``ray.init``'s own SIGTERM handler
     replaced ours (exit 1, no line). Ctrl-C (exit 130) is the s3 test's interruption
-    (test_storage.py)."""
-    space = smoke_space(tmp_path, cache_dir, trials=5, max_concurrent_trials=1)
+    (test_storage.py). The signal comes while the second trial is held (a ``hold`` fault), so
+    exactly one trial has finished: no race with the trials' speed."""
+    points, rules = held_trial_points(tmp_path / "holding")
+    space = smoke_space(tmp_path, cache_dir, trials=3, max_concurrent_trials=1, initial_points=points)
     out = tmp_path / "experiment"
     log = open(tmp_path / "search.log", "w")
-    search = subprocess.Popen(
-        [*SEARCH, "--space", str(space), "--out", str(out), "--no-live", "--address", "local"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 600
-        while len(read_trials(out)) < 1 and time.monotonic() < deadline:
-            time.sleep(1.0)
-        search.send_signal(signal.SIGTERM)
-        code = search.wait(timeout=300)
-    finally:
-        if search.poll() is None:
-            os.killpg(search.pid, signal.SIGKILL)
-        log.close()
+    with injected_faults(rules):
+        search = subprocess.Popen(
+            [*SEARCH, "--space", str(space), "--out", str(out), "--no-live", "--address", "local"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            held = (tmp_path / "holding").exists
+            wait_for(lambda: held() and len(read_trials(out)) >= 1, 600, "one trial and the second held", search)
+            search.send_signal(signal.SIGTERM)
+            code = search.wait(timeout=300)
+        finally:
+            if search.poll() is None:
+                os.killpg(search.pid, signal.SIGKILL)
+            log.close()
     output = (tmp_path / "search.log").read_text()
-    finished = len(read_trials(out))
     assert code == 143, output[-3000:]
-    assert f"interrupted after {finished} of 5 trials; resume with --resume" in output
-    assert 1 <= finished < 5
-    assert list_pareto_students(out).num_rows >= 1  # the registry is whole and loadable
+    assert len(read_trials(out)) == 1, output[-3000:]
+    assert "interrupted after 1 of 3 trials; resume with --resume" in output
+    assert list_pareto_students(out).num_rows == 1  # the registry is whole and loadable
     load_pareto_student(out)

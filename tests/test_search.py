@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from tests.conftest import REPO, SMOKE, smoke_space
+from tests.conftest import REPO, SMOKE, held_trial_points, injected_faults, smoke_space, wait_for
 from tests.registry_plugin import PLUGIN_METHOD
 from xkd_ray.config.space import parse_search_space
 from xkd_ray.core.metrics import non_dominated
@@ -144,38 +143,38 @@ def test_front_students_load_without_ray_in_a_fresh_process(smoke_experiment):
         assert entry["recomputed"] == pytest.approx(entry["stored"], abs=1e-9)
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1.0)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
-def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_path, cache_dir):
-    space = smoke_space(tmp_path, cache_dir, trials=5, max_concurrent_trials=1)
+def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_path, cache_dir, ray_local):
+    """A search killed (SIGKILL, no handler runs) while its third trial is held (a ``hold``
+    fault: two trials finished, none in flight) resumes with --resume to its budget; the two
+    finished trials are kept as they were. Both runs are jobs on the session's Ray: the first
+    as a separate process (what is killed), the resume in this one."""
+    points, rules = held_trial_points(tmp_path / "holding", finished_before=2)
+    space = smoke_space(tmp_path, cache_dir, trials=3, max_concurrent_trials=1, initial_points=points)
     experiment = tmp_path / "experiment"
-    command = [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(space), "--out", str(experiment)]
-    command += ["--no-live", "--address", "local"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = ["--space", str(space), "--out", str(experiment), "--no-live"]
+    address = ray_local.get_runtime_context().gcs_address
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for(lambda: len(read_trials(experiment)) >= 2, 600, "two finished trials")
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-        log.close()
+    with injected_faults(rules):
+        first = subprocess.Popen(
+            [sys.executable, str(REPO / "xkd_ray" / "search.py"), *command, "--address", address],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            held = (tmp_path / "holding").exists
+            wait_for(lambda: held() and len(read_trials(experiment)) >= 2, 600, "two trials and the third held", first)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            log.close()
     before = {r["trial_id"]: r for r in read_trials(experiment)}
-    assert len(before) >= 2
-    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert len(before) == 2
+    assert search_main([*command, "--resume"]) == 0
     after = {r["trial_id"]: r for r in read_trials(experiment)}
-    assert len(after) == 5
+    assert len(after) == 3 and set(before) < set(after)
     for trial_id, row in before.items():
         assert after[trial_id]["val_accuracy"] == row["val_accuracy"]
+        assert after[trial_id]["finished_at"] == row["finished_at"]  # kept, not rerun
     front = {r["trial_id"] for r in front_rows(list(after.values()))}
     listed = {r["trial_id"] for r in pq.read_table(experiment / "pareto" / "front.parquet").to_pylist()}
     assert listed == front
@@ -226,7 +225,7 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_for(
+        wait_for(
             lambda: (
                 subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True).returncode
                 == 0
@@ -289,8 +288,9 @@ def _scrape(port: int, experiment: str) -> dict[str, float]:
 def test_search_gauges_reach_the_prometheus_endpoint_while_it_runs(ray_local, cache_dir, tmp_path):
     """The dashboard's gauges, read the way Prometheus scrapes them, from the node's metrics
     endpoint while a search runs (Ray prefixes custom metrics with ``ray_``). Ray exports a gauge
-    for ~15 s after it is set, so the search keeps setting them: a scrape long after one trial
-    finished and before the next still sees them."""
+    only for ~15 s after it is set, so the search keeps setting them: with the second trial held
+    (a ``hold`` fault) and no trial finishing, a scrape 25 s after the first trial was recorded
+    must still show them, with the right values. Released, the search ends with both trials."""
     import threading
 
     import ray
@@ -298,35 +298,32 @@ def test_search_gauges_reach_the_prometheus_endpoint_while_it_runs(ray_local, ca
     from xkd_ray.cluster.ray_search import run_search
     from xkd_ray.config.space import load_search_space
 
-    # Trials long enough to span the export interval: a 2-epoch smoke trial trained in its reused
-    # driver takes ~1 s, a 30-epoch one ~6 s.
-    trials = 4
-    path = smoke_space(tmp_path, cache_dir, trials=trials, max_concurrent_trials=1)
-    raw = yaml.safe_load(path.read_text())
-    raw["base"]["distill"]["epochs"] = 30
-    path.write_text(yaml.safe_dump(raw))
-    spec = load_search_space(path)
-    assert spec.base.distill.epochs == 30
+    points, rules = held_trial_points(tmp_path / "holding")
+    path = smoke_space(tmp_path, cache_dir, trials=2, max_concurrent_trials=1, initial_points=points)
     name = "gauged"
+    experiment = tmp_path / name
     done: dict[str, object] = {}
-    search = threading.Thread(target=lambda: done.update(summary=run_search(spec, tmp_path / name, live=False)))
-    search.start()
     port = ray._private.worker.global_worker.node.metrics_export_port
-    seen: list[tuple[float, dict[str, float], float]] = []
-    while search.is_alive():
-        finished = len(read_trials(tmp_path / name)) if (tmp_path / name / "trials.parquet").exists() else 0
-        seen.append((finished, _scrape(port, name), round(time.monotonic(), 1)))
-        time.sleep(3)
-    search.join()
-    # Ray exports what was set within its next export interval (~10 s): from 12 s after the first
-    # trial was recorded until the last one, every scrape holds the gauges, with a count of
-    # finished trials at most one export interval (+ a scrape period) old: between the count
-    # recorded 15 s before the scrape (or one fewer, set before it was recorded) and the count now.
-    first = next(at for finished, _, at in seen if finished >= 1)
-    checked = [(finished, found, at) for finished, found, at in seen if at >= first + 12 and finished < trials]
-    assert checked, f"the search ended within 12 s of its first trial: no scrape to check; {seen}"
-    for finished, found, at in checked:
-        earlier = min(count for count, _, when in seen if when >= at - 15)
-        assert earlier - 1 <= found.get("ray_xkd_trials_finished", -1) <= finished, (earlier, finished, found)
-        assert found.get("ray_xkd_front_size", 0) >= 1, found
-    assert done["summary"]["trials"] == trials
+    with injected_faults(rules):
+        search = threading.Thread(
+            target=lambda: done.update(summary=run_search(load_search_space(path), experiment, live=False)),
+            daemon=True,
+        )
+        search.start()
+        held = (tmp_path / "holding").exists
+        wait_for(lambda: held() and len(read_trials(experiment)) == 1, 600, "one trial and the second held")
+        recorded = time.monotonic()  # the first trial was recorded (and the gauges set) before this
+        scrapes: list[tuple[float, dict[str, float]]] = []
+
+        def late_scrape_has_gauges() -> bool:
+            assert search.is_alive()
+            scrapes.append((time.monotonic() - recorded, _scrape(port, name)))
+            late, found = scrapes[-1]
+            return late >= 25 and {"ray_xkd_trials_finished", "ray_xkd_front_size"} <= set(found)
+
+        wait_for(late_scrape_has_gauges, 120, "the gauges 25 s after the last trial was recorded")
+    # Every scrape while the second trial was held: one finished trial, one student on the front.
+    for _, found in scrapes:
+        assert found.get("ray_xkd_trials_finished", 1.0) == 1.0 and found.get("ray_xkd_front_size", 1.0) == 1.0, found
+    search.join(timeout=600)
+    assert not search.is_alive() and done["summary"]["trials"] == 2

@@ -37,7 +37,7 @@ from xkd_ray.core.models import StudentNet
 from xkd_ray.core.prepared import DistillData
 from xkd_ray.errors import XKDTrainingDiverged
 from xkd_ray.pareto.storage import Storage
-from xkd_ray.testing.faults import fault_rule
+from xkd_ray.testing.faults import fault_rule, hold_while_armed
 
 DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
 
@@ -148,6 +148,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     objectives = [name for name, _ in spec.search.objective_pairs()]
     if fault_rule("fail_driver", config.to_dict()) is not None:
         raise RuntimeError("injected fault: fail_driver (XKD_FAULTS), so this trial's driver fails on purpose")
+    hold_while_armed(config.to_dict())
     data: DistillData = ray.get(shared["data_ref"])
     trial_id = tune.get_context().get_trial_id()
     storage: Storage | None = shared.get("storage")
