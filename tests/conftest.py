@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -185,8 +186,14 @@ def smoke_space(tmp_path: Path, cache_dir: str, **search: object) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smoke_experiment(ray_local, cache_dir, tmp_path_factory, request):
-    """One smoke search (4 trials), run in this process on the session's local Ray."""
+def smoke_experiment(ray_local, cache_dir, tiny_data, tmp_path_factory, request):
+    """One smoke search (4 trials), run in this process on the session's local Ray.
+
+    Its cache starts with the session's teacher (``tiny_data``'s: the smoke space's teacher
+    config is the same, so the same id) and no explanations: the search explains every split
+    itself (what its tests count) without training that teacher a second time. Training the
+    teacher on Ray workers is checked where it is the subject (test_ray_teacher, test_cluster,
+    the s3 search in test_storage)."""
     import xkd_ray.core.explain as explain_module
     from tests.registry_plugin import PLUGIN_METHOD
     from xkd_ray.cluster.ray_search import run_search
@@ -194,6 +201,8 @@ def smoke_experiment(ray_local, cache_dir, tmp_path_factory, request):
 
     tmp = tmp_path_factory.mktemp("search")
     fresh_cache = str(tmp / "cache")
+    teacher = Path(cache_dir) / "teachers" / f"teacher-{tiny_data.teacher_id}"
+    shutil.copytree(teacher, Path(fresh_cache) / "teachers" / teacher.name)
     # The test plugin's method joins the choices and is tried first (tests/test_registries.py).
     path = smoke_space(tmp, fresh_cache, initial_points=[{"distill.method": PLUGIN_METHOD}])
     raw = yaml.safe_load(path.read_text())
