@@ -1,5 +1,8 @@
 """Shared fixtures: one tiny prepared experiment and one local Ray instance per test session.
 
+Tests that use the session's Ray (``ray_local``) are marked ``slow`` at collection, so
+``make test-fast`` runs the suite without Ray.
+
 Two environment variables are set before anything imports xkd_ray or starts Ray, so every
 process of the session (Ray workers, subprocesses, submitted jobs) inherits them:
 ``XKD_PLUGINS`` registers the test plugin's method, metric, explainer and dataset (proof that a
@@ -67,6 +70,15 @@ TINY_OVERRIDES = {
     "student.ae_depth": 2,
     "distill.epochs": 2,
 }
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that needs the session's Ray (``ray_local``, directly or through a fixture such
+    as ``smoke_experiment``) is ``slow``: starting Ray and running Train/Tune on it is what makes a
+    test slow here, so ``make test-fast`` (``-m "not slow"``) never starts Ray in this process."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @contextmanager
