@@ -121,19 +121,21 @@ def test_resume_refuses_resume_state_that_another_user_can_write(tmp_path, cache
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_search_as_interrupted_not_finished(tmp_path, cache_dir):
+def test_sigterm_ends_the_search_as_interrupted_not_finished(tmp_path, cache_dir, ray_local):
     """SIGTERM (``kill``, ``ray job stop``) stops the trials like Ctrl-C, leaves a readable
     registry, says how far it got and exits 143; before, ``ray.init``'s own SIGTERM handler
     replaced ours (exit 1, no line). Ctrl-C (exit 130) is the s3 test's interruption
     (test_storage.py). The signal comes while the second trial is held (a ``hold`` fault), so
-    exactly one trial has finished: no race with the trials' speed."""
+    exactly one trial has finished: no race with the trials' speed. The search joins the
+    session's Ray, as a job on a running cluster does (``ray.init`` installs its handler there too)."""
     points, rules = held_trial_points(tmp_path / "holding")
     space = smoke_space(tmp_path, cache_dir, trials=3, max_concurrent_trials=1, initial_points=points)
     out = tmp_path / "experiment"
+    address = ray_local.get_runtime_context().gcs_address
     log = open(tmp_path / "search.log", "w")
     with injected_faults(rules):
         search = subprocess.Popen(
-            [*SEARCH, "--space", str(space), "--out", str(out), "--no-live", "--address", "local"],
+            [*SEARCH, "--space", str(space), "--out", str(out), "--no-live", "--address", address],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
