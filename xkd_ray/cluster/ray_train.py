@@ -10,6 +10,7 @@ shards are gathered) so the reported numbers do not depend on the worker count e
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -177,10 +178,12 @@ def maybe_kill_worker(
     ``stage.name``, so a student's rule never kills a teacher worker. ``last_rank``: whether this
     process is the last rank (asked of Ray Train's context when not given).
 
-    It first waits three of the controller's health-check intervals (at least three of Ray's
-    default 2 s, also under ``quick_polling``: the same margin on a loaded machine), so the
-    previous epoch's report and checkpoint have been collected: the fault under test is "a worker
-    dies after a checkpoint", and a report still in flight when its worker dies is lost by design."""
+    It first waits until the previous epoch's report and checkpoint have been collected: the
+    fault under test is "a worker dies after a checkpoint", and a report still in flight when its
+    worker dies is lost by design. In a Ray Train run that is when the controller's snapshot in
+    the run's folder names that checkpoint; elsewhere (a trial trained in its Tune driver, a run on
+    object storage) it waits three of the controller's health-check intervals (at least three of
+    Ray's default 2 s, also under ``quick_polling``: the same margin on a loaded machine)."""
     keys = config.to_dict() if stage is None else {**config.to_dict(), "stage": {"name": stage}}
     rule = fault_rule("kill_worker", keys)
     if rule is None or epoch != rule.get("epoch"):
@@ -194,10 +197,25 @@ def maybe_kill_worker(
     if marker.exists() or not last_rank:
         return
     interval = float(os.environ.get(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_S))
-    time.sleep(3 * max(interval, DEFAULT_POLL_INTERVAL_S))
+    deadline = time.monotonic() + 3 * max(interval, DEFAULT_POLL_INTERVAL_S)
+    while time.monotonic() < deadline and not _checkpoint_registered(run_folder, epoch - 1):
+        time.sleep(0.1)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registered checkpoints, per run
+
+
+def _checkpoint_registered(run_folder: str, epoch: int) -> bool:
+    """Whether Ray Train's controller has registered this run's checkpoint of ``epoch`` (its
+    snapshot file in the run's folder; none for a run that is not a local Ray Train run)."""
+    try:
+        snapshot = json.loads((Path(run_folder) / CHECKPOINT_SNAPSHOT).read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"]) >= epoch
+    except (OSError, ValueError, KeyError, TypeError):  # no snapshot (yet), or one being written
+        return False
 
 
 def worker_node_ids() -> list[str]:
