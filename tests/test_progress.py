@@ -119,7 +119,21 @@ def test_progress_reaches_ray_job_logs_from_a_job_on_ray_workers(ray_local, tmp_
         f"--set explain.cache_dir={tmp_path / 'c'}"
     )
     env = {name: os.environ[name] for name in ("PYTHONPATH", "XKD_PLUGINS", "XDG_CONFIG_HOME") if name in os.environ}
-    job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {**env, INTERVAL_ENV: "0"}})
+    submitted: list[str] = []
+
+    def submit() -> bool:
+        """The head's job agent may come up (or back) a little after the dashboard answers."""
+        try:
+            submitted.append(
+                client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {**env, INTERVAL_ENV: "0"}})
+            )
+        except RuntimeError as refused:
+            if "No available agent" not in str(refused):
+                raise
+        return bool(submitted)
+
+    wait_for(submit, 120, "the job agent to accept the job")
+    job = submitted[0]
     ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
     wait_for(lambda: client.get_job_status(job) in ended, 300, "the Ray job to end")
     logs = client.get_job_logs(job)
