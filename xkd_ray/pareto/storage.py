@@ -39,12 +39,25 @@ def is_remote(location: str | os.PathLike[str]) -> bool:
     return str(location).startswith(SCHEME)
 
 
+_FINALIZE_REGISTERED: list[bool] = []
+
+
+def _finalize_at_exit() -> None:
+    """Shut pyarrow's S3 subsystem down before the interpreter does: left to the C++ static
+    destructors it can abort the process (SIGABRT, "terminate called without an active exception")
+    after a command has already printed its result."""
+    if not _FINALIZE_REGISTERED:
+        atexit.register(pafs.finalize_s3)
+        _FINALIZE_REGISTERED.append(True)
+
+
 def s3_filesystem(environ: Mapping[str, str] | None = None) -> pafs.S3FileSystem:
     """An S3 filesystem for the endpoint and region in the standard AWS variables; credentials come
     from the AWS SDK's own chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ~/.aws, an instance
     role), never passed in, so no key is pickled with the filesystem into Ray's state on storage.
     Short timeouts and 2 attempts: a wrong endpoint fails in seconds, not after minutes of retries."""
     environ = os.environ if environ is None else environ
+    _finalize_at_exit()
     options: dict[str, object] = {
         "connect_timeout": 5,
         "request_timeout": 30,
