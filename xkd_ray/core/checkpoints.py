@@ -75,10 +75,11 @@ def read_regular_file(path: str | Path, limit: int) -> bytes:
         if path.is_symlink():
             raise XKDCheckpointError(f"{path}: is a symbolic link; refusing to follow it") from None
         raise XKDCheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise XKDCheckpointError(f"{path}: is not a regular file")
     with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise XKDCheckpointError(f"{path}: is not a regular file")
         if info.st_size > limit:
             raise XKDCheckpointError(f"{path}: {info.st_size} bytes, more than the {limit} a reader accepts")
         payload = handle.read(limit + 1)
