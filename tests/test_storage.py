@@ -10,7 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import boto3
 import pyarrow.fs as pafs
@@ -128,15 +131,21 @@ def _refused_after_download(capsys, space, url: str, extra: list[str]) -> str:
 def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_local, tmp_path, capsys):
     """A search on s3 interrupted after its first trial, resumed from another staging folder (as on
     another machine) to its 3 trials: Tune's state, Train's checkpoints, the registry and the teacher /
-    explanation cache are all on storage; the knee student loads from s3 in a fresh process."""
+    explanation cache are all on storage; the knee student loads from s3 in a fresh process. The
+    interrupted search's AWS secret is in none of the files its Ray wrote (logs included), and its
+    sealed Tune state (``tune.seal.json``) lets the resume through."""
     space = smoke_space(tmp_path, str(tmp_path / "cache"), trials=3, max_concurrent_trials=1)
     url = "s3://xkd/search-1"
     storage = Storage(url=url, filesystem=s3_server, root="xkd/search-1")
     log = open(tmp_path / "search.log", "w")
+    # A secret no other process uses, and a Ray temp folder of the search's own, to grep every log for it.
+    secret = f"xkd-secret-{uuid.uuid4().hex}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="xr"))  # short: Ray's socket paths must fit 107 bytes
     search = subprocess.Popen(
         [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(space), "--out", url, "--no-live",
          "--address", "local"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "RAY_TMPDIR": str(ray_tmp)},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 600
@@ -150,9 +159,15 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
         log.close()
     output = (tmp_path / "search.log").read_text()
     assert code == 130, output[-3000:]
+    # No Ray log (nor any other file Ray wrote) holds the secret: it is never forwarded as env_vars.
+    logs = [path for path in ray_tmp.rglob("*") if path.is_file() and not path.is_symlink()]
+    assert any(path.name == "runtime_env_agent.log" for path in logs), sorted(p.name for p in logs)[:50]
+    assert [str(path) for path in logs if secret.encode() in path.read_bytes()] == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     objects = storage.files()
     for expected in ("experiment.json", "trials.parquet", "summary.json", "optuna.journal", "pareto/front.parquet"):
         assert expected in objects, objects
+    assert "tune.seal.json" in objects
     for folder in ("tune/", "students/", "cache/explanations/", "cache/teachers/teacher-"):
         assert any(p.startswith(folder) for p in objects), (folder, objects)
     # The trials' checkpoints (trained in their Tune drivers: Tune's trial folders) are on s3 too.
