@@ -36,6 +36,9 @@ def file_hash(path: Path, length: int = 16) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:length]
 
 
+DURABLE = True  # fsync in atomic_write; bench/fsync_cost.py switches it off to measure its cost
+
+
 def _fsync_file(path: str | Path) -> None:
     """Flush a file's content to the disk before it is renamed into place: without it, a power
     loss after the rename can leave the new name pointing at an empty or partial file."""
@@ -97,9 +100,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(handle)
     try:
         write(Path(temporary))
-        _fsync_file(temporary)
+        if DURABLE:
+            _fsync_file(temporary)
         os.replace(temporary, path)
-        _fsync_folder(path.parent)
+        if DURABLE:
+            _fsync_folder(path.parent)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -145,6 +150,10 @@ def write_model_folder(
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
         (staging / "config.json").write_text(json_text(config))
         (staging / "metrics.json").write_text(json_text(metrics))
+        if DURABLE:
+            for name in ("model.pt", "config.json", "metrics.json"):
+                _fsync_file(staging / name)
+            _fsync_folder(staging)
         if directory.exists():
             retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, retired)
@@ -152,6 +161,8 @@ def write_model_folder(
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, directory)
+        if DURABLE:
+            _fsync_folder(directory.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
