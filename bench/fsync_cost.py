@@ -10,6 +10,7 @@ Prints the median seconds per trial update in each arm and their ratio, then one
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--dir", type=Path, default=None, help="where the experiment folders go (a disk to test)")
+    parser.add_argument("--smoke", action="store_true", help="4 trial updates per arm (a check that it runs)")
     args = parser.parse_args()
+    if args.smoke:
+        args.trials = 4
     root = Path(tempfile.mkdtemp(prefix="fsync-cost-", dir=args.dir))
     times: dict[bool, list[float]] = {True: [], False: []}
     for index in range(args.trials):
@@ -53,6 +57,7 @@ def main() -> None:
     on, off = statistics.median(times[True]), statistics.median(times[False])
     print(f"folder {root} ({args.trials} trial updates per arm, interleaved)")
     print(f"median s per trial update: fsync {on:.4f}, no fsync {off:.4f}; ratio {on / off:.2f}")
+    shutil.rmtree(root, ignore_errors=True)
     print(f"RESULT fsync_s={on:.4f} no_fsync_s={off:.4f} ratio={on / off:.3f} extra_ms={(on - off) * 1000:.1f}")
 
 
