@@ -24,6 +24,7 @@ import yaml
 from tests.conftest import REPO, _free_port, smoke_space, start_s3_server
 from xkd_ray.errors import XKDConfigError
 from xkd_ray.pareto.experiment_folder import MANIFEST
+from xkd_ray.pareto.front import front_rows, read_objectives
 from xkd_ray.pareto.storage import Storage, open_storage, registry_snapshot, staging_folder
 from xkd_ray.search import main as search_main
 
@@ -130,11 +131,12 @@ def _refused_after_download(capsys, space, url: str, extra: list[str]) -> str:
 @pytest.mark.slow
 def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_local, tmp_path, capsys):
     """A search on s3 interrupted after its first trial, resumed from another staging folder (as on
-    another machine) to its 3 trials: Tune's state, Train's checkpoints, the registry and the teacher /
+    another machine) to its 4 trials (2 at a time), each recorded exactly once, the front their
+    non-dominated set: Tune's state, Train's checkpoints, the registry and the teacher /
     explanation cache are all on storage; the knee student loads from s3 in a fresh process. The
     interrupted search's AWS secret is in none of the files its Ray wrote (logs included), and its
     sealed Tune state (``tune.seal.json``) lets the resume through."""
-    space = smoke_space(tmp_path, str(tmp_path / "cache"), trials=3, max_concurrent_trials=1)
+    space = smoke_space(tmp_path, str(tmp_path / "cache"), trials=4, max_concurrent_trials=2)
     url = "s3://xkd/search-1"
     storage = Storage(url=url, filesystem=s3_server, root="xkd/search-1")
     log = open(tmp_path / "search.log", "w")
@@ -173,15 +175,19 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     # The trials' checkpoints (trained in their Tune drivers: Tune's trial folders) are on s3 too.
     assert any(p.startswith("tune/trial_driver_") and "/checkpoint_" in p for p in objects), objects
     before = len(pq.read_table(s3_server.open_input_file(storage.path("trials.parquet"))))
-    assert 1 <= before < 3
+    assert 1 <= before < 4
 
     shutil.rmtree(staging_folder(url))
     assert search_main(["--space", str(space), "--out", url, "--no-live", "--resume"]) == 0
     assert f"knee student: {url}/pareto/" in capsys.readouterr().out
     trials = pq.read_table(s3_server.open_input_file(storage.path("trials.parquet"))).to_pylist()
-    assert len({row["trial_id"] for row in trials}) == 3
-    summary = json.loads(registry_snapshot(url).joinpath("summary.json").read_text())
-    assert summary["trials"] == 3
+    assert sorted(row["trial_id"] for row in trials) == sorted({row["trial_id"] for row in trials})  # once each
+    assert len(trials) == 4
+    snapshot = registry_snapshot(url)
+    summary = json.loads(snapshot.joinpath("summary.json").read_text())
+    assert summary["trials"] == 4
+    front = {row["trial_id"] for row in pq.read_table(snapshot / "pareto" / "front.parquet").to_pylist()}
+    assert front == {row["trial_id"] for row in front_rows(trials, read_objectives(snapshot))}
 
     # A fresh process with no staging folder and no Ray loads the knee student from s3 and runs it.
     shutil.rmtree(staging_folder(url))
@@ -196,4 +202,4 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     # `xkd pareto s3://...` prints the same front.
     shown = subprocess.run([sys.executable, "-m", "xkd_ray.ui.cli", "pareto", url], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
-    assert f"hypervolume {summary['hypervolume']:.4f} after 3 trials" in " ".join(shown.stdout.split())
+    assert f"hypervolume {summary['hypervolume']:.4f} after 4 trials" in " ".join(shown.stdout.split())
