@@ -33,7 +33,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from xkd_ray.cluster.runtime_env import job_runtime_env, move_credentials_to_file
+from xkd_ray.cluster.runtime_env import job_runtime_env
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.distill import (
     StudentPredictions,
@@ -472,7 +472,6 @@ def ensure_ray(address: str | None = None) -> None:
     use the AWS SDK's chain)."""
     if ray.is_initialized():
         return
-    move_credentials_to_file()  # Ray Tune would copy them into logged runtime envs
     ray.init(
         address=address,
         ignore_reinit_error=True,

@@ -15,10 +15,7 @@ from typing import Any
 # Storage settings that say where, never who: safe to forward (runtime_env env_vars are logged by
 # Ray). Credentials reach workers through the AWS SDK's own chain on each node (the environment a
 # raylet was started with, ~/.aws/credentials, an instance role), never through the job's env_vars.
-FORWARDED_AWS = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-)  # fmt: skip
+FORWARDED_AWS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
 
 def _plugin_folders(names: str) -> list[str]:
@@ -53,37 +50,3 @@ def job_runtime_env(environ: dict[str, str] | None = None) -> dict[str, Any] | N
         if folders:
             env_vars["PYTHONPATH"] = os.pathsep.join([*folders, "${PYTHONPATH}"])
     return {"env_vars": env_vars} if env_vars else None
-
-
-SECRET_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-
-
-def move_credentials_to_file() -> Path | None:
-    """Move AWS credentials from this process's environment into a credentials file readable by
-    this user alone (mode 0600), named by ``AWS_SHARED_CREDENTIALS_FILE``, which the AWS SDK reads.
-
-    Ray Tune copies ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` from the driver's environment
-    into every trainable's runtime_env (``ray.tune.execution.class_cache``), and Ray logs runtime
-    envs: with the keys gone from the environment, nothing secret is logged, while the local Ray's
-    processes (which inherit the variable naming the file) and this process still authenticate."""
-    if not os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        return None
-    import atexit
-
-    profile = os.environ.get("AWS_PROFILE", "default")
-    lines = [f"[{profile}]"]
-    names = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
-             "AWS_SESSION_TOKEN": "aws_session_token"}  # fmt: skip
-    lines += [f"{key} = {os.environ[name]}" for name, key in names.items() if os.environ.get(name)]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xkd-ray"
-    base.mkdir(parents=True, exist_ok=True)
-    path = base / f"aws-credentials-{os.getpid()}"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    os.chmod(path, 0o600)
-    atexit.register(lambda: path.unlink(missing_ok=True))
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(path)
-    for name in SECRET_AWS:
-        os.environ.pop(name, None)
-    return path
