@@ -28,6 +28,7 @@ from tests.conftest import (
 )
 from xkd_ray.errors import XKDConfigError
 from xkd_ray.pareto.experiment_folder import MANIFEST
+from xkd_ray.pareto.front import front_rows, read_objectives
 from xkd_ray.pareto.storage import Storage, open_storage, registry_snapshot, staging_folder
 from xkd_ray.search import main as search_main
 
@@ -175,9 +176,13 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     assert search_main(["--space", str(space), "--out", url, "--no-live", "--resume"]) == 0
     assert f"knee student: {url}/pareto/" in capsys.readouterr().out
     trials = pq.read_table(s3_server.open_input_file(storage.path("trials.parquet"))).to_pylist()
-    assert len({row["trial_id"] for row in trials}) == 3
-    summary = json.loads(registry_snapshot(url).joinpath("summary.json").read_text())
+    assert sorted(row["trial_id"] for row in trials) == sorted({row["trial_id"] for row in trials})  # once each
+    assert len(trials) == 3
+    snapshot = registry_snapshot(url)
+    summary = json.loads(snapshot.joinpath("summary.json").read_text())
     assert summary["trials"] == 3
+    front = {row["trial_id"] for row in pq.read_table(snapshot / "pareto" / "front.parquet").to_pylist()}
+    assert front == {row["trial_id"] for row in front_rows(trials, read_objectives(snapshot))}
 
     # A fresh process with no staging folder and no Ray loads the knee student from s3 and runs it.
     shutil.rmtree(staging_folder(url))

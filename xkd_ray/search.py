@@ -126,7 +126,7 @@ def _run_on_object_storage(args: argparse.Namespace, spec: SearchSpec) -> int:
     """``--out s3://...``: the same checks and search, in a local staging copy of the registry
     (xkd_ray.pareto.storage) that is mirrored to storage; Tune and Train write to storage directly. The
     lock is the staging folder's, so it guards one machine: run one search per prefix."""
-    from xkd_ray.pareto.experiment_folder import MANIFEST, FolderLock, open_experiment
+    from xkd_ray.pareto.experiment_folder import MANIFEST, FolderLock, check_tune_seal, open_experiment
     from xkd_ray.pareto.storage import RAY_OWNED, download_experiment, open_storage, staging_folder
 
     storage = open_storage(args.out)
@@ -150,6 +150,8 @@ def _run_on_object_storage(args: argparse.Namespace, spec: SearchSpec) -> int:
             trust=args.trust_folder,
             label=storage.url,
         )
+        if args.resume and not args.trust_folder:
+            check_tune_seal(storage, staging)
         lock.claim()
         storage.upload(staging / MANIFEST, MANIFEST)
         return _search(args, spec, staging, storage)

@@ -28,6 +28,7 @@ from xkd_ray.cluster.search_callbacks import LiveTableCallback, RegistryCallback
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
 from xkd_ray.core.teacher import teacher_directory
 from xkd_ray.errors import XKDConfigError
+from xkd_ray.pareto.experiment_folder import seal_tune_state
 from xkd_ray.pareto.front import Objectives
 from xkd_ray.pareto.front import summary as registry_summary
 from xkd_ray.pareto.storage import Storage, pull_cache, push_cache, upload_registry
@@ -253,6 +254,7 @@ def run_search(
     finally:  # also after Ctrl-C: what the resume state on storage refers to must be there too
         if storage is not None:
             upload_registry(storage, experiment)
+            seal_tune_state(storage, experiment)  # Tune has stopped writing: sign its state for --resume
     summary = registry_summary(experiment) or {}
     summary["wall_seconds"] = time.perf_counter() - started
     summary["explanations_from_cache"] = cache_hits

@@ -34,6 +34,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from xkd_ray.cluster.runtime_env import job_runtime_env
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.distill import (
     StudentPredictions,
@@ -484,19 +485,17 @@ def student_from_checkpoint(
 
 def ensure_ray(address: str | None = None) -> None:
     """Join ``address`` (or a running cluster) or start a local Ray; never start a second one.
-
-    The driver's ``AWS_*`` variables (object storage, xkd_ray.pareto.storage) go to every worker of this
-    job through its runtime environment, so trial drivers on any node reach the same endpoint
-    with the same credentials, and no credential is pickled into Tune's state on storage."""
+    Workers get ``job_runtime_env``: storage settings and plugins, never a credential (Ray logs
+    a job's env_vars; a local Ray's workers inherit the driver's environment, a cluster's nodes
+    use the AWS SDK's chain)."""
     if ray.is_initialized():
         return
-    aws = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
     ray.init(
         address=address,
         ignore_reinit_error=True,
         logging_level="WARNING",
         log_to_driver=False,
-        runtime_env={"env_vars": aws} if aws else None,
+        runtime_env=job_runtime_env(),
     )
 
 

@@ -59,6 +59,7 @@ class RegistryCallback(tune.Callback):
         self._summary: dict[str, Any] = {}
         self._gauges_set_at = 0.0
         self._journal_uploaded = 0
+        self._caught_up = False
 
     def setup(self, **info: Any) -> None:
         from ray.util.metrics import Gauge
@@ -100,12 +101,31 @@ class RegistryCallback(tune.Callback):
                 gauge.set(float(value), tags=tags)
         self._gauges_set_at = time.monotonic()
 
+    def _record_missed(self, iteration: int, trials: list) -> None:
+        """Record every trial Tune holds as finished that the registry lacks: one that completed
+        while the search was being interrupted (Tune saves it TERMINATED, but no callback ran), or,
+        after ``--resume`` on another machine, any such trial of the interrupted run. Each once."""
+        recorded = {row["trial_id"] for row in read_trials(self.experiment)}
+        for trial in trials:
+            if trial.trial_id in recorded or trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            if trial.status == "TERMINATED":
+                self.on_trial_complete(iteration, trials, trial)
+            else:
+                self.on_trial_error(iteration, trials, trial)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._record_missed(-1, trials)
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Ray 2.60 exports a gauge's value only for ~15 s after it was set (measured), so a
         dashboard would go blank between finished trials: set them again every few seconds.
         On object storage, the Optuna journal is uploaded whenever it grew: Tune's saved state holds
         the searcher, which reads the journal from the byte offset it had reached, so the journal on
         storage must never be older than that state."""
+        if not getattr(self, "_caught_up", False):  # the first step after a (re)start (or an older pickle)
+            self._record_missed(iteration, trials)
+            self._caught_up = True
         if self.storage is not None:
             journal = Path(self.experiment) / "optuna.journal"
             size = journal.stat().st_size if journal.exists() else 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xkd_ray.core.explain import EXPLAINERS
 from xkd_ray.core.losses import EXPLANATION_LOSSES
@@ -36,6 +36,15 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+# Upper bounds far beyond any real run, so that a typo (an extra digit, 1e308) is refused at load
+# instead of allocating for hours or dividing by ~0 inside training.
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_WIDTH = 4_096
+Epochs = Annotated[int, Field(gt=0, le=MAX_EPOCHS)]
+Batch = Annotated[int, Field(gt=0, le=MAX_BATCH)]
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
+LearningRate = Annotated[float, Field(gt=0, le=1e6)]  # 1e6 still trains (and diverges): the fault tests use it
 
 
 class Schema(BaseModel):
@@ -74,8 +83,8 @@ class DataConfig(Schema):
     dataset: Literal[*DATASETS] = "digits"
     root: str | None = None
     download: bool = False
-    image_size: Annotated[int, Field(ge=8)] = 32
-    val_fraction: Fraction = 0.15
+    image_size: Annotated[int, Field(ge=8, le=2048)] = 32
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.15  # searches select on validation: never empty
     test_fraction: Fraction = 0.2
     max_train_samples: PositiveInt | None = None
     seed: Seed = 0
@@ -104,10 +113,10 @@ class TeacherConfig(Schema):
     """The teacher CNN and how it is trained; its hash keys the saved checkpoint."""
 
     arch: Literal[*TEACHERS] = "vgg"
-    width: PositiveInt = 32
-    epochs: PositiveInt = 15
-    lr: PositiveFloat = 2e-3
-    batch_size: PositiveInt = 64
+    width: Width = 32
+    epochs: Epochs = 15
+    lr: LearningRate = 2e-3
+    batch_size: Batch = 64
     weight_decay: NonNegativeFloat = 5e-4
     seed: Seed = 0
     checkpoint: NonEmptyStr | None = None
@@ -124,16 +133,25 @@ class ExplainConfig(Schema):
     layer: NonEmptyStr | None = None
     ig_steps: PositiveInt = 32
     blur_sigma: NonNegativeFloat = 1.0
-    batch_size: PositiveInt = 128
+    batch_size: Batch = 128
     cache_dir: NonEmptyStr = ".xkd_cache"
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        if "\0" in value:
+            raise ValueError("explain.cache_dir: contains a NUL byte")
+        if ".." in value.replace("\\", "/").split("/"):
+            raise ValueError(f"explain.cache_dir: {value!r} has a '..' part; name the folder directly")
+        return value
 
 
 class StudentConfig(Schema):
     """The small student classifier and its explanation head (a conv autoencoder)."""
 
-    width: PositiveInt = 16
+    width: Width = 16
     ae_depth: Annotated[int, Field(ge=1, le=MAX_AE_DEPTH)] = 2
-    ae_width: PositiveInt = 16
+    ae_width: Width = 16
     fusion: Literal[*FUSIONS] = "concat"
 
 
@@ -144,7 +162,7 @@ class DistillConfig(Schema):
     zeroes it), so a search can switch methods without changing its keys."""
 
     method: Literal[*METHODS] = "xd"
-    temperature: PositiveFloat = 4.0
+    temperature: Annotated[float, Field(ge=1e-2, le=1e3)] = 4.0  # 1e-300 would overflow logits / T
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
     beta: NonNegativeFloat = 5.0
     explanation_loss: Literal[*EXPLANATION_LOSSES] = "pearson"
@@ -155,10 +173,10 @@ class DistillConfig(Schema):
     e2kd_weight: NonNegativeFloat = 2.0
     e2kd_loss: Literal[*EXPLANATION_LOSSES] = "pearson"
     head_warmup_epochs: Annotated[int, Field(ge=0)] = 0
-    lr: PositiveFloat = 5e-3
+    lr: LearningRate = 5e-3
     weight_decay: NonNegativeFloat = 5e-4
-    epochs: PositiveInt = 20
-    batch_size: PositiveInt = 64
+    epochs: Epochs = 20
+    batch_size: Batch = 64
     seed: Seed = 0
 
     @model_validator(mode="after")
@@ -294,6 +312,7 @@ def config_error(exc: ValidationError, model: type[Schema]) -> XKDConfigError:
 # ----------------------------------------------------------------------------- files and --set
 
 
+MAX_YAML_BYTES = 1 << 20  # refused before parsing: a real config or space file is a few KB
 MAX_YAML_NODES = 10_000  # after expanding aliases; a real config or space file has a few hundred
 MAX_YAML_DEPTH = 100  # nesting; far below Python's recursion limit, far above any real file
 _STR, _MERGE = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
@@ -414,7 +433,11 @@ def read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise XKDConfigError(f"{path}: {what} not found")
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as handle:
+            payload = handle.read(MAX_YAML_BYTES + 1)
+        if len(payload) > MAX_YAML_BYTES:
+            raise XKDConfigError(f"{path}: larger than {MAX_YAML_BYTES} bytes; not a {what}")
+        text = payload.decode("utf-8")
     except OSError as exc:
         raise XKDConfigError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:

@@ -204,6 +204,9 @@ class Metric:
     # False for a wall-clock measurement: the same student gives a different value on each run,
     # so reproducibility checks compare only the exact metrics.
     exact: bool = True
+    # The values the metric can take: a registry file holding one outside them is corrupt or
+    # crafted, and is refused when read (xkd_ray.pareto.front) rather than ranked.
+    bounds: tuple[float, float] = (-math.inf, math.inf)
 
 
 def skill(score: float, template_score: float) -> float:
@@ -226,42 +229,61 @@ def _diagnostic(key: str) -> Callable[[Evidence], float | None]:
     return mean
 
 
+UNIT = (0.0, 1.0)  # a fraction, an IoU, an area under a probability curve
+CORRELATION = (-1.0, 1.0)  # a Pearson r
+SKILL = (-math.inf, 1.0)  # 1 = perfect, unbounded below
+COUNT = (0.0, math.inf)
+
 METRICS: dict[str, Metric] = {
-    "accuracy": Metric(lambda e: accuracy(e.logits, e.labels), "top-1 accuracy against the labels"),
-    "agreement": Metric(lambda e: agreement(e.logits, e.teacher_logits), "top-1 agreement with the teacher"),
+    "accuracy": Metric(lambda e: accuracy(e.logits, e.labels), "top-1 accuracy against the labels", bounds=UNIT),
+    "agreement": Metric(
+        lambda e: agreement(e.logits, e.teacher_logits), "top-1 agreement with the teacher", bounds=UNIT
+    ),
     "fidelity": Metric(
         lambda e: fidelity(e.explanation, e.teacher_maps),
         "mean Pearson r between the student's explanation (head map, else post-hoc) and the teacher's map",
+        bounds=CORRELATION,
     ),
     "fidelity_posthoc": Metric(
         lambda e: fidelity(e.posthoc_maps, e.teacher_maps),
         "mean Pearson r between captum on the student and the teacher's map",
+        bounds=CORRELATION,
     ),
     "fidelity_template": Metric(
         lambda e: template_fidelity(e.template_map, e.teacher_maps),
         "fidelity of one constant map (the mean training teacher map): the bar to beat",
+        bounds=CORRELATION,
     ),
     "topk_iou": Metric(
         lambda e: topk_iou(e.explanation, e.teacher_maps, seed=e.seed),
         "IoU of the top 10% cells of the student's explanation and the teacher's map",
+        bounds=UNIT,
     ),
     "degenerate_maps": Metric(
-        lambda e: e.degenerate_maps, "teacher Grad-CAM maps that were all zero (fell back to |raw CAM|)", "min"
+        lambda e: e.degenerate_maps,
+        "teacher Grad-CAM maps that were all zero (fell back to |raw CAM|)",
+        "min",
+        bounds=COUNT,
     ),
     "fidelity_skill": Metric(
         lambda e: skill(fidelity(e.explanation, e.teacher_maps), template_fidelity(e.template_map, e.teacher_maps)),
         "skill of fidelity over the constant map: (f - f_template) / (1 - f_template); <= 0: no better than it",
+        bounds=SKILL,
     ),
     "fidelity_posthoc_skill": Metric(
         lambda e: skill(fidelity(e.posthoc_maps, e.teacher_maps), template_fidelity(e.template_map, e.teacher_maps)),
         "skill of fidelity_posthoc over the constant map",
+        bounds=SKILL,
     ),
-    "head_honesty": Metric(_head_honesty, "mean Pearson r between the head's map and the student's own post-hoc map"),
+    "head_honesty": Metric(
+        _head_honesty, "mean Pearson r between the head's map and the student's own post-hoc map", bounds=CORRELATION
+    ),
     **{
         f"{curve}_auc_{whose}": Metric(
             _diagnostic(f"{curve}_{whose}"),
             f"{curve} AUC of {what} ({'lower' if curve == 'deletion' else 'higher'} = more faithful)",
             "min" if curve == "deletion" else "max",
+            bounds=UNIT,
         )
         for whose, what in (
             ("teacher", "the teacher with its own maps"),
@@ -275,18 +297,21 @@ METRICS: dict[str, Metric] = {
         _diagnostic("randomisation_head"),
         "Pearson r of the head's map before / after re-initialising the classifier (1: ignores the classifier)",
         "min",
+        bounds=CORRELATION,
     ),
     "randomisation_posthoc": Metric(
         _diagnostic("randomisation_posthoc"),
         "Pearson r of the post-hoc map before / after re-initialising the classifier",
         "min",
+        bounds=CORRELATION,
     ),
-    "params": Metric(lambda e: (e.cost or {}).get("params"), "the student's parameter count", "min"),
+    "params": Metric(lambda e: (e.cost or {}).get("params"), "the student's parameter count", "min", bounds=COUNT),
     "latency_ms": Metric(
         lambda e: (e.cost or {}).get("latency_ms"),
         "inference time per image at batch size 1, ms (fastest of repeated runs, on the evaluating device)",
         "min",
         exact=False,
+        bounds=COUNT,
     ),
 }
 

@@ -15,6 +15,9 @@ use). It guards three things:
   runs code from the folder. ``--resume`` is refused unless the manifest verifies with this user's
   key (the folder was created by this user on this installation) and no file under ``tune/`` is
   writable by other users; ``--trust-folder`` overrides both, for a folder copied in on purpose.
+  On object storage (``s3://``) file owners mean nothing, so the search *seals* Tune's state when
+  it stops (``tune.seal.json``: the SHA-256 of every file under ``tune/`` that Tune reads on
+  restore, signed with the same key) and ``--resume`` refuses a state that differs from its seal.
 
 Pure stdlib and no Ray: the checks run before Ray starts, so a refused command writes nothing.
 """
@@ -38,6 +41,7 @@ from typing import IO, Any
 from xkd_ray.config.space import SearchSpec
 from xkd_ray.core.checkpoints import atomic_write_json, read_json_mapping
 from xkd_ray.errors import XKDCheckpointError, XKDConfigError
+from xkd_ray.pareto.storage import Storage
 
 MANIFEST = "experiment.json"
 LOCK = ".lock"
@@ -173,6 +177,50 @@ def open_experiment(
         updated = {**manifest, "spec": record, "space_changes": [*manifest.get("space_changes", []), change]}
         updated.pop("signature")
         atomic_write_json(out / MANIFEST, {**updated, "signature": _signature(updated)})
+
+
+TUNE_SEAL = "tune.seal.json"
+
+
+def _tune_state(storage: Storage) -> dict[str, str]:
+    """SHA-256 of every object under ``tune/`` Tune may read on restore (its pickles and JSON
+    state); trial checkpoints (``checkpoint_*`` folders) are weights read with ``weights_only``."""
+    digests = {}
+    for path in storage.files("tune"):
+        if not any(part.startswith("checkpoint_") for part in path.split("/")):
+            digests[path] = hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    return digests
+
+
+def seal_tune_state(storage: Storage, staging: Path) -> None:
+    """Sign what Tune left on storage, once it has stopped writing (after ``Tuner.fit``)."""
+    seal = {"format": 1, "files": _tune_state(storage)}
+    atomic_write_json(staging / TUNE_SEAL, {**seal, "signature": _signature(seal)})
+    storage.upload(staging / TUNE_SEAL, TUNE_SEAL)
+
+
+def check_tune_seal(storage: Storage, staging: Path) -> None:
+    """Before ``--resume`` on object storage: Tune's state must be exactly what this user's last
+    search sealed (a search killed before it could seal needs ``--trust-folder``)."""
+    flag = "resuming unpickles it, so pass --trust-folder if you trust its origin"
+    state = _tune_state(storage)
+    if not state:
+        return
+    path = staging / TUNE_SEAL
+    if not path.exists():
+        first = sorted(state)[0]
+        raise XKDConfigError(f"--resume {storage.url}: {first} is not sealed by this user's search; {flag}")
+    seal = read_json_mapping(path)
+    signature = seal.pop("signature", "")
+    if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(seal)):
+        raise XKDConfigError(f"--resume {storage.url}: {TUNE_SEAL} was not signed by this user; {flag}")
+    sealed = seal.get("files") if isinstance(seal.get("files"), dict) else {}
+    changed = sorted(name for name in state.keys() | sealed.keys() if state.get(name) != sealed.get(name))
+    if changed:
+        raise XKDConfigError(
+            f"--resume {storage.url}: {changed[0]} changed since this user's search sealed Tune's state "
+            f"({len(changed)} file(s) differ; a search killed before it stopped cannot seal); {flag}"
+        )
 
 
 class FolderLock:

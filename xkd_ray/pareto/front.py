@@ -27,9 +27,6 @@ writer stays one rename per file, and a real problem (the front unchanged) still
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
 import os
 import shutil
 import time
@@ -39,176 +36,40 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from xkd_ray.config.space import parse_constraint
-from xkd_ray.core.checkpoints import (
-    atomic_write,
-    atomic_write_json,
-    load_student,
-    read_json_mapping,
-    write_model_folder,
-)
+from xkd_ray.core.checkpoints import atomic_write_json, load_student, read_json_mapping, write_model_folder
 from xkd_ray.core.explain import explain_maps
-from xkd_ray.core.metrics import METRICS, dominates, hypervolume, non_dominated
+from xkd_ray.core.metrics import dominates, hypervolume
 from xkd_ray.errors import XKDCheckpointError
-from xkd_ray.pareto.storage import is_remote, registry_snapshot
+from xkd_ray.pareto.plot import write_front_plot
+from xkd_ray.pareto.tables import (
+    MAX_TABLE_ROWS,
+    Objectives,
+    _atomic_write_table,
+    _core_columns,
+    _split_metrics,
+    check_metric_values,
+    front_columns,
+    front_rows,
+    read_objectives,
+    read_table,
+    read_trials,
+    readable,
+    record_trial,
+    summary,
+    trial_columns,
+)
+
+__all__ = [  # the registry's public names, wherever they are defined
+    "MAX_FRONT_ROWS", "MAX_TABLE_ROWS", "Objectives", "ParetoStudent", "front_columns", "front_rows",
+    "list_pareto_students", "load_pareto_student", "read_objectives", "read_table", "read_trials", "readable",
+    "record_trial", "student_folder", "summary", "trial_columns", "update_registry", "write_front_plot",
+]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Objectives:
-    """What a search optimises, as the registry needs it: metric names with their directions,
-    the hypervolume's reference point, and the constraints a front member must satisfy. Stored
-    in summary.json, so readers (``xkd pareto``, ``load_pareto_student``) need no space file."""
-
-    names: tuple[str, ...] = ("accuracy", "fidelity")
-    directions: tuple[str, ...] = ("max", "max")
-    reference_point: tuple[float, ...] = (0.0, 0.0)
-    constraints: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, settings: Any) -> Objectives:
-        """From a space's ``SearchSettings``."""
-        pairs = settings.objective_pairs()
-        return cls(
-            names=tuple(name for name, _ in pairs),
-            directions=tuple(direction for _, direction in pairs),
-            reference_point=tuple(settings.reference_point()),
-            constraints=tuple(settings.constraints),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "names": list(self.names),
-            "directions": list(self.directions),
-            "reference_point": list(self.reference_point),
-            "constraints": list(self.constraints),
-        }
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: Path) -> Objectives:
-        try:
-            objectives = cls(**{key: tuple(value) for key, value in raw.items()})
-        except TypeError as exc:
-            raise XKDCheckpointError(f"{where}: 'objectives' is not valid ({exc})") from None
-        if not (len(objectives.names) == len(objectives.directions) == len(objectives.reference_point) >= 2):
-            raise XKDCheckpointError(f"{where}: 'objectives' has mismatched names, directions and reference point")
-        return objectives
-
-    def point(self, row: dict[str, Any], split: str = "val") -> tuple[float, ...]:
-        return tuple(row[f"{split}_{name}"] for name in self.names)
-
-    def feasible(self, row: dict[str, Any]) -> bool:
-        metrics = {name: row.get(f"val_{name}") for name in METRICS}
-        return all(parse_constraint(text).violation(metrics) <= 0 for text in self.constraints)
-
-
-def trial_columns() -> dict[str, pa.DataType]:
-    """trials.parquet's schema: the trial's identity, then one column per registered metric
-    (read when a table is written, so entries a plugin registers later are columns too)."""
-    return {
-        "trial_id": pa.string(),
-        "method": pa.string(),
-        "status": pa.string(),  # ok | stopped (early, by the scheduler) | errored | diverged
-        "config": pa.string(),  # the trial's full experiment config, JSON
-        "student_dir": pa.string(),
-        "error": pa.string(),
-        "resumed_from_checkpoint": pa.int64(),
-        "nodes": pa.string(),  # JSON {"driver": node id, "workers": [node ids of every attempt]}
-        "epochs_trained": pa.int64(),
-        "feasible": pa.bool_(),  # satisfies search.constraints (never on the front otherwise)
-        "reference": pa.bool_(),  # the space's reference configuration
-        "finished_at": pa.float64(),  # Unix time the trial was recorded (hypervolume-over-time curves)
-        **{f"val_{name}": pa.float64() for name in METRICS},
-    }
-
-
-def _split_metrics() -> list[tuple[str, str]]:
-    return [(split, name) for split in ("val", "test") for name in METRICS]
-
-
-def front_columns() -> dict[str, pa.DataType]:
-    """front.parquet's schema: where each student is, and its val and test metrics."""
-    columns = {"trial_id": pa.string(), "method": pa.string(), "path": pa.string()}
-    return {**columns, **{f"{split}_{name}": pa.float64() for split, name in _split_metrics()}}
-
-
-def _atomic_write_table(path: Path, rows: list[dict[str, Any]], columns: dict[str, pa.DataType]) -> None:
-    table = pa.Table.from_pylist(rows, schema=pa.schema(list(columns.items())))
-    atomic_write(path, lambda temporary: pq.write_table(table, temporary))
-
-
-def read_table(path: Path, columns: dict[str, pa.DataType]) -> pa.Table:
-    """A registry table, read from one snapshot of its bytes; any problem (truncated, not
-    Parquet, a missing or mistyped column) is an ``XKDCheckpointError`` naming the file."""
-    try:
-        payload = path.read_bytes()
-    except FileNotFoundError:
-        raise XKDCheckpointError(f"{path}: file not found") from None
-    try:
-        table = pq.read_table(pa.BufferReader(payload))
-    except (pa.ArrowException, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise XKDCheckpointError(f"{path}: not a readable Parquet table ({reason[:200]})") from None
-    for name, kind in columns.items():
-        if name not in table.column_names:
-            raise XKDCheckpointError(f"{path}: column {name!r} is missing")
-        if not table.schema.field(name).type.equals(kind):
-            raise XKDCheckpointError(f"{path}: column {name!r} has type {table.schema.field(name).type}, not {kind}")
-    return table
-
-
-def read_trials(experiment: str | Path) -> list[dict[str, Any]]:
-    path = Path(experiment) / "trials.parquet"
-    return read_table(path, _core_columns(trial_columns())).to_pylist() if path.exists() else []
-
-
-def _core_columns(columns: dict[str, pa.DataType]) -> dict[str, pa.DataType]:
-    """The columns every reader needs: a trial's identity (metric columns are checked where an
-    objective needs them, so a metric a plugin adds later never makes an older file unreadable)."""
-    needed = {"trial_id", "method", "path", "status", "student_dir"}
-    return {name: kind for name, kind in columns.items() if name in needed}
-
-
-def read_objectives(experiment: str | Path) -> Objectives:
-    """The objectives the experiment's search used (the default pair before its first trial)."""
-    recorded = summary(experiment)
-    if recorded is None or "objectives" not in recorded:
-        return Objectives()
-    return Objectives.from_dict(recorded["objectives"], Path(experiment) / "summary.json")
-
-
-def record_trial(experiment: str | Path, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Add (or replace, on a retried trial) one finished trial's row; returns all rows."""
-    rows = [r for r in read_trials(experiment) if r["trial_id"] != row["trial_id"]]
-    columns = trial_columns()
-    clean = {column: row.get(column) for column in columns}
-    if not isinstance(clean["config"], str):
-        clean["config"] = json.dumps(clean["config"], sort_keys=True, default=str)
-    rows.append(clean)
-    _atomic_write_table(Path(experiment) / "trials.parquet", rows, columns)
-    return rows
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
-def front_rows(rows: list[dict[str, Any]], objectives: Objectives | None = None) -> list[dict[str, Any]]:
-    """The non-dominated trials among those that finished ok and satisfy the constraints
-    (stopped, errored, diverged and infeasible trials never enter the front)."""
-    objectives = objectives or Objectives()
-    candidates = [
-        r
-        for r in rows
-        if r["status"] == "ok"
-        and all(_finite(r.get(f"val_{name}")) for name in objectives.names)
-        and objectives.feasible(r)
-    ]
-    points = [objectives.point(r) for r in candidates]
-    return [candidates[i] for i in non_dominated(points, objectives.directions)]
+MAX_FRONT_ROWS = 2_000  # non-dominated students of one search; more means a crafted file
 
 
 TestEvaluator = Callable[[nn.Module, dict[str, Any]], dict[str, float]]
@@ -293,11 +154,6 @@ def _reference_summary(
     }
 
 
-def readable(experiment: str | Path) -> Path:
-    """The experiment folder to read: itself, or a fresh local copy of an ``s3://`` experiment's front."""
-    return registry_snapshot(experiment) if isinstance(experiment, str) and is_remote(experiment) else Path(experiment)
-
-
 def list_pareto_students(experiment: str | Path) -> pa.Table:
     """The current front as an Arrow table (``.to_pandas()`` for a DataFrame); each row checked:
     its ``path`` stays inside the experiment folder and its objectives are finite numbers.
@@ -309,29 +165,13 @@ def list_pareto_students(experiment: str | Path) -> pa.Table:
     objectives = read_objectives(experiment)
     needed = {f"val_{name}": pa.float64() for name in objectives.names}
     table = read_table(path, {**_core_columns(front_columns()), **needed})
-    for row in table.select(["trial_id", "path", *needed]).to_pylist():
+    if table.num_rows > MAX_FRONT_ROWS:
+        raise XKDCheckpointError(f"{path}: {table.num_rows} students, more than the {MAX_FRONT_ROWS} a front can hold")
+    rows = table.to_pylist()
+    for row in rows:
         student_folder(experiment, row["path"], path)
-        for name in objectives.names:
-            value = row[f"val_{name}"]
-            if value is None or not math.isfinite(value):
-                raise XKDCheckpointError(
-                    f"{path}: trial {row['trial_id']!r} has val_{name}={value}, not a finite number"
-                )
+    check_metric_values(rows, path, objectives.names)
     return table
-
-
-def summary(experiment: str | Path) -> dict[str, Any] | None:
-    """``summary.json`` of an experiment (None before the first trial finished)."""
-    path = readable(experiment) / "summary.json"
-    if not path.exists():
-        return None
-    payload = read_json_mapping(path)
-    for key, kind in (("trials", int), ("hypervolume", float | int)):
-        if not isinstance(payload.get(key), kind) or isinstance(payload.get(key), bool):
-            raise XKDCheckpointError(f"{path}: {key!r} is missing or not a number")
-    if "objectives" in payload and not isinstance(payload["objectives"], dict):
-        raise XKDCheckpointError(f"{path}: 'objectives' is not a mapping")
-    return payload
 
 
 def student_folder(experiment: Path, relative: str | None, table: Path) -> Path:
@@ -430,50 +270,3 @@ def _file_version(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return stat.st_ino, stat.st_mtime_ns
-
-
-def write_front_plot(experiment: str | Path, path: str | Path) -> Path:
-    """One panel per pair of objectives: every ok trial as a dot coloured by method, the front
-    members ringed, the reference configuration as a star, students whose explanation skill is
-    <= 0 crossed, and the constant map's fidelity as a line where fidelity is an axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    objectives = read_objectives(experiment)
-    rows = [r for r in read_trials(experiment) if r["status"] == "ok"]
-    front = front_rows(rows, objectives)
-    pairs = list(itertools.combinations(objectives.names, 2))
-    figure, panels = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.5), squeeze=False)
-    for axes, (x, y) in zip(panels[0], pairs, strict=True):
-        for method in sorted({r["method"] or "?" for r in rows}):
-            points = [r for r in rows if (r["method"] or "?") == method]
-            axes.scatter([r[f"val_{x}"] for r in points], [r[f"val_{y}"] for r in points], label=method, alpha=0.7)
-        if front:
-            axes.scatter(
-                [r[f"val_{x}"] for r in front], [r[f"val_{y}"] for r in front],
-                facecolors="none", edgecolors="black", s=140, label="Pareto front",
-            )  # fmt: skip
-        unskilled = [r for r in rows if (r.get("val_fidelity_skill") or 0.0) <= 0]
-        if unskilled:
-            axes.scatter(
-                [r[f"val_{x}"] for r in unskilled], [r[f"val_{y}"] for r in unskilled],
-                marker="x", color="red", s=60, label="skill <= 0 (no better than the constant map)",
-            )  # fmt: skip
-        reference = [r for r in rows if r.get("reference")]
-        if reference:
-            axes.scatter(
-                [r[f"val_{x}"] for r in reference], [r[f"val_{y}"] for r in reference],
-                marker="*", color="gold", edgecolors="black", s=260, label="reference config", zorder=5,
-            )  # fmt: skip
-        template = rows[0].get("val_fidelity_template") if rows else None
-        if template is not None and y == "fidelity":
-            axes.axhline(template, color="grey", linewidth=0.8, label="template map (bar to beat)")
-        axes.set_xlabel(f"validation {x} ({objectives.directions[objectives.names.index(x)]})")
-        axes.set_ylabel(f"validation {y} ({objectives.directions[objectives.names.index(y)]})")
-        axes.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
-    plt.close(figure)
-    return Path(path)

@@ -14,6 +14,7 @@ file after it changes; Tune and Train write to the bucket directly. Pure pyarrow
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from xkd_ray.errors import XKDConfigError
+from xkd_ray.errors import XKDCheckpointError, XKDConfigError
 
 SCHEME = "s3://"
 # Files Tune and Train keep in the bucket themselves: never mirrored to the staging folder.
@@ -38,12 +39,25 @@ def is_remote(location: str | os.PathLike[str]) -> bool:
     return str(location).startswith(SCHEME)
 
 
+_FINALIZE_REGISTERED: list[bool] = []
+
+
+def _finalize_at_exit() -> None:
+    """Shut pyarrow's S3 subsystem down before the interpreter does: left to the C++ static
+    destructors it can abort the process (SIGABRT, "terminate called without an active exception")
+    after a command has already printed its result."""
+    if not _FINALIZE_REGISTERED:
+        atexit.register(pafs.finalize_s3)
+        _FINALIZE_REGISTERED.append(True)
+
+
 def s3_filesystem(environ: Mapping[str, str] | None = None) -> pafs.S3FileSystem:
     """An S3 filesystem for the endpoint and region in the standard AWS variables; credentials come
     from the AWS SDK's own chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ~/.aws, an instance
     role), never passed in, so no key is pickled with the filesystem into Ray's state on storage.
     Short timeouts and 2 attempts: a wrong endpoint fails in seconds, not after minutes of retries."""
     environ = os.environ if environ is None else environ
+    _finalize_at_exit()
     options: dict[str, object] = {
         "connect_timeout": 5,
         "request_timeout": 30,
@@ -104,15 +118,17 @@ class Storage:
 
     def download(self, local: Path, *parts: str, skip: Iterable[str] = ()) -> list[str]:
         """Copy every file under the folder ``parts`` into the local folder ``local``; returns the
-        paths copied (relative to ``parts``). ``skip``: top-level names left out."""
+        paths copied (relative to ``parts``). ``skip``: top-level names left out. Every key is
+        checked before anything is written: one that would land outside ``local`` is refused."""
         base, skipped = "/".join(p.strip("/") for p in parts if p), set(skip)
-        copied = []
+        planned = []
         for relative in self.files(*parts):
             inside = relative.removeprefix(base).lstrip("/")
             if inside.split("/", 1)[0] not in skipped:
-                self.download_file(relative, local / inside)
-                copied.append(inside)
-        return copied
+                planned.append((relative, confined(local, inside, self.url_of(relative))))
+        for relative, destination in planned:
+            self.download_file(relative, destination)
+        return [destination.relative_to(local).as_posix() for _, destination in planned]
 
     def download_file(self, relative: str, destination: Path) -> None:
         """One object to a local file: written under a temporary name, then renamed into place."""
@@ -128,6 +144,15 @@ class Storage:
             self.filesystem.delete_dir(info.path)
         elif info.type == pafs.FileType.File:
             self.filesystem.delete_file(info.path)
+
+
+def confined(local: Path, relative: str, name: str) -> Path:
+    """``local / relative`` for a key read from storage, refused (naming it) when the key is empty,
+    absolute or has a ``.``/``..`` part: a crafted object name must never write outside ``local``."""
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\0" in relative:
+        raise XKDCheckpointError(f"{name}: object key {relative!r} leaves its folder; refusing to copy it")
+    return local.joinpath(*parts)
 
 
 def _reason(exc: BaseException) -> str:
@@ -250,10 +275,11 @@ def download_experiment(storage: Storage, staging: Path) -> None:
 def pull_cache(storage: Storage, cache_dir: Path) -> list[str]:
     """Fetch the experiment's teacher and explanation cache (``<out>/cache``) files the local
     cache lacks, so a resumed search or another machine reuses them instead of recomputing."""
-    missing = [p for p in storage.files("cache") if not (cache_dir / p.removeprefix("cache/")).exists()]
-    for path in missing:
-        storage.download_file(path, cache_dir / path.removeprefix("cache/"))
-    return missing
+    targets = [(p, confined(cache_dir, p.removeprefix("cache/"), storage.url_of(p))) for p in storage.files("cache")]
+    missing = [(p, target) for p, target in targets if not target.exists()]
+    for path, target in missing:
+        storage.download_file(path, target)
+    return [path for path, _ in missing]
 
 
 def push_cache(storage: Storage, cache_dir: Path, paths: Iterable[Path]) -> list[str]:
@@ -271,31 +297,67 @@ def push_cache(storage: Storage, cache_dir: Path, paths: Iterable[Path]) -> list
 
 
 SNAPSHOT_ATTEMPTS = 5  # a writer replaces the front at most once per finished trial
+_SNAPSHOTS_OF_THIS_PROCESS: list[Path] = []
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def _remove_snapshots_of_dead_processes(base: Path) -> None:
+    """Snapshots are named ``<url hash>-<pid>-<random>``: each process deletes its own at exit
+    (``atexit``); one left by a process that died without exiting is deleted here. A live
+    process's snapshot is never touched, so concurrent readers of one URL cannot break each other."""
+    for folder in base.glob("*-*-*"):
+        pid = folder.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_own_snapshots() -> None:
+    for folder in _SNAPSHOTS_OF_THIS_PROCESS:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+atexit.register(_remove_own_snapshots)
 
 
 def registry_snapshot(url: str, environ: Mapping[str, str] | None = None) -> Path:
     """A local copy of a remote experiment's front (``summary.json``, ``experiment.json``,
     ``pareto/``), for ``load_pareto_student("s3://...")`` and ``xkd pareto``: read-only use,
-    no write permission needed. A copy that raced a writer deleting a retired student is retaken."""
+    no write permission needed. Each call takes its own copy (kept until the process exits: the
+    caller may still read files from it); a copy that raced a writer deleting a retired student
+    is retaken. A missing bucket or an empty prefix is one line naming the URL."""
     environ = os.environ if environ is None else environ
     storage = open_storage(url, environ, check=False)
     base = _local_root(environ) / "snapshots"
-    for older in base.glob(f"{_url_hash(storage.url)}-*"):  # earlier calls' copies (their models are in memory)
-        shutil.rmtree(older, ignore_errors=True)
-    target = base / f"{_url_hash(storage.url)}-{uuid.uuid4().hex[:8]}"
+    _remove_snapshots_of_dead_processes(base)
+    target = base / f"{_url_hash(storage.url)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _SNAPSHOTS_OF_THIS_PROCESS.append(target)
     for attempt in range(SNAPSHOT_ATTEMPTS):
         shutil.rmtree(target, ignore_errors=True)
         try:
+            bucket = storage.root.split("/", 1)[0]
+            if storage.filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise XKDConfigError(f"{storage.url}: the bucket {bucket!r} does not exist")
             for name in ("summary.json", "experiment.json"):
                 if storage.exists(name):
                     storage.download_file(name, target / name)
             storage.download(target / "pareto", "pareto")
         except FileNotFoundError:
             if attempt + 1 == SNAPSHOT_ATTEMPTS:
-                raise
+                raise XKDCheckpointError(f"{storage.url}: the front kept changing while it was copied") from None
             continue
         except OSError as exc:
             raise _classify(url, exc, environ, what="") from None
         break
     target.mkdir(parents=True, exist_ok=True)
+    if not (target / "pareto" / "front.parquet").exists():
+        raise XKDCheckpointError(f"{storage.url}: no Pareto front yet (has any trial finished?)")
     return target

@@ -124,8 +124,13 @@ def command_distill(args: argparse.Namespace) -> int:
     config = config_from_args(args, extra)
     check_output_folder("--out", args.out)
     check_cache_folder(config)
-    started = time.perf_counter()
-    metrics = run_distill(config, args.out, address=args.address)
+    from xkd_ray.pareto.experiment_folder import FolderLock
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(args.out) as lock:  # the searches' lock: two runs into one --out would overwrite each other
+        lock.claim()
+        started = time.perf_counter()
+        metrics = run_distill(config, args.out, address=args.address)
     elapsed = time.perf_counter() - started
     console.print(metrics_table(f"{args.method} student, test split ({elapsed:.0f} s)", {args.method: metrics}))
     console.print(f"saved to {args.out}/ (model.pt, config.json, metrics.json)")

@@ -1,0 +1,52 @@
+"""What a job's Ray workers receive from the driver's environment (``ray.init(runtime_env=...)``).
+
+Ray writes a job's ``env_vars`` into its logs (``runtime_env_agent.log``, readable by every local
+user), so nothing secret goes there: object-storage *credentials* reach the workers through the
+AWS SDK's own chain on each node (the environment a local Ray's workers inherit from the driver,
+``~/.aws/credentials`` (mode 0600) or an instance role on a cluster's nodes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+# Storage settings that say where, never who: safe to forward (runtime_env env_vars are logged by
+# Ray). Credentials reach workers through the AWS SDK's own chain on each node (the environment a
+# raylet was started with, ~/.aws/credentials, an instance role), never through the job's env_vars.
+FORWARDED_AWS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
+def _plugin_folders(names: str) -> list[str]:
+    """The folder each ``XKD_PLUGINS`` module is imported from (the parent of its top-level
+    package), for modules loaded from a file rather than installed."""
+    import importlib.util
+
+    folders = []
+    for name in filter(None, (part.strip() for part in names.split(","))):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.has_location:
+            continue
+        origin = Path(spec.origin)
+        depth = name.count(".") + (1 if origin.name == "__init__.py" else 0)
+        folder = str(origin.parents[depth])
+        if folder not in folders and "site-packages" not in folder:
+            folders.append(folder)
+    return folders
+
+
+def job_runtime_env(environ: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """What every worker of this job needs from the driver's environment: the object-storage
+    endpoint and region (no credential), and ``XKD_PLUGINS`` with the folder of each plugin module
+    on ``PYTHONPATH`` (a raylet started by ``ray start`` without them would not know the plugin's
+    registry entries)."""
+    environ = dict(os.environ if environ is None else environ)
+    env_vars = {name: environ[name] for name in FORWARDED_AWS if environ.get(name)}
+    plugins = environ.get("XKD_PLUGINS", "").strip()
+    if plugins:
+        env_vars["XKD_PLUGINS"] = plugins
+        folders = _plugin_folders(plugins)
+        if folders:
+            env_vars["PYTHONPATH"] = os.pathsep.join([*folders, "${PYTHONPATH}"])
+    return {"env_vars": env_vars} if env_vars else None
