@@ -7,6 +7,7 @@ on the workers (xkd_ray.cluster.ray_teacher), and shared through the object stor
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -24,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
 from xkd_ray.cluster.ray_teacher import prepare_on_workers
 from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
-from xkd_ray.cluster.search_callbacks import LiveTableCallback, RegistryCallback
+from xkd_ray.cluster.search_callbacks import LiveTableCallback, ProgressLogCallback, RegistryCallback
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
 from xkd_ray.core.teacher import teacher_directory
 from xkd_ray.errors import XKDConfigError
@@ -33,6 +34,7 @@ from xkd_ray.pareto.front import summary as registry_summary
 from xkd_ray.pareto.storage import Storage, pull_cache, push_cache, upload_registry
 
 STUDY_NAME = "xkd"
+logger = logging.getLogger(__name__)
 
 
 def tune_domain(parameter: Parameter) -> Any:
@@ -98,7 +100,10 @@ def make_searcher(spec: SearchSpec, experiment: Path, stopped: Callable[[], Cont
     )
     names, directions = zip(*spec.search.objective_pairs(), strict=True)
     # Initial points go straight into the study's queue: Optuna fills the keys a point leaves
-    # out, whereas Tune's points_to_evaluate insists on every key.
+    # out, whereas Tune's points_to_evaluate insists on every key. OptunaSearch opens the study a
+    # second time (load_if_exists): Optuna's own INFO lines would read like a resume on a fresh
+    # folder, so they are silenced and this says which it is.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=storage,
         study_name=STUDY_NAME,
@@ -106,9 +111,13 @@ def make_searcher(spec: SearchSpec, experiment: Path, stopped: Callable[[], Cont
         load_if_exists=True,
     )
     if not study.trials:
-        reference = [spec.reference_point()] if spec.search.reference is not None else []
-        for point in [*reference, *spec.search.initial_points]:
+        # The reference and each method's `xkd distill` defaults first (trained as the CLI would,
+        # SearchSpec.config_for), then the space's own initial points.
+        for point in [*spec.cli_points(), *spec.search.initial_points]:
             study.enqueue_trial(dict(point))
+        logger.info("new Optuna study in %s: %d points queued first", experiment, len(study.trials))
+    else:
+        logger.info("Optuna study in %s continues with %d trials", experiment, len(study.trials))
     constraints = spec.search.parsed_constraints()
     return XKDOptunaSearch(
         constraints,
@@ -129,12 +138,17 @@ def make_scheduler(spec: SearchSpec) -> FIFOScheduler:
     settings = spec.search.scheduler
     if settings.name == "fifo":
         return FIFOScheduler()
+    epochs = spec.trial_config({}).distill.epochs
+    if spec.search.cli_point_givens():
+        epochs = max(epochs, spec.cli_config({}).distill.epochs)
     return MOASHAScheduler(
         spec.search.objective_pairs(),
         time_attr="training_iteration",
         grace_period=settings.grace_epochs,
         reduction_factor=settings.reduction_factor,
-        max_t=spec.base.distill.epochs,
+        max_t=epochs,
+        # The CLI-default trials are what the front is compared with: recorded at the rungs, never stopped.
+        protected=spec.is_cli_point,
     )
 
 
@@ -152,6 +166,18 @@ def concurrent_trials(spec: SearchSpec) -> int:
     if spec.base.ray.use_gpu:
         fitting = min(fitting, int(resources.get("GPU", 0) // spec.search.workers_per_trial))
     return max(1, fitting)
+
+
+def search_callbacks(spec: SearchSpec, experiment: Path, storage: Storage | None, live: bool) -> list[tune.Callback]:
+    """The registry, then the live table on a terminal or plain progress lines in a log, then
+    the trackers ``search.tracking`` names (xkd_ray.cluster.tracking)."""
+    objectives = Objectives.of(spec.search)
+    callbacks: list[tune.Callback] = [RegistryCallback(str(experiment), spec, storage)]
+    if live:
+        callbacks.append(LiveTableCallback(str(experiment), objectives))
+    else:
+        callbacks.append(ProgressLogCallback(str(experiment), objectives, spec.search.trials))
+    return callbacks
 
 
 def state_api_reachable() -> bool:
@@ -184,7 +210,8 @@ def run_search(
     experiment = Path(experiment).resolve()
     if not state_api_reachable():
         problem = "Ray's dashboard (state API) is not reachable"
-        if spec.search.scheduler.name != "fifo":
+        # Only Ray Train runs hold a placement group to free; a trial trained in its driver does not.
+        if spec.search.scheduler.name != "fifo" and not trains_in_driver(spec):
             raise XKDConfigError(
                 f"search.scheduler: {spec.search.scheduler.name} stops trials early, and {problem}: a stopped "
                 "trial's CPUs would never be freed; start Ray with its dashboard (the default of `ray start`)"
@@ -221,9 +248,7 @@ def run_search(
         )
     else:
         scheduler = make_scheduler(spec)
-        callbacks: list[tune.Callback] = [RegistryCallback(str(experiment), spec, storage)]
-        if live:
-            callbacks.append(LiveTableCallback(str(experiment), Objectives.of(spec.search)))
+        callbacks = search_callbacks(spec, experiment, storage, live)
         tuner = tune.Tuner(
             trainable,
             param_space={name: tune_domain(p) for name, p in spec.parameters.items() if p.kind != "fixed"},
