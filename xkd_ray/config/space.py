@@ -189,15 +189,13 @@ def _check_values(spec: SearchSpec) -> None:
         section, _, key = name.partition(".")
         if section not in defaults or key not in defaults[section]:
             raise XKDConfigError(f"space.{name}: unknown key; keys look like distill.temperature or student.ae_depth")
+        why = {
+            "ray": "resources come from one place: search.workers_per_trial, search.cpus_per_worker and base.ray",
+        }.get(section, "the data, teacher and explanations are prepared once, from base, for every trial")
         if section in PREPARED_ONCE and spec.parameters[name].kind != "fixed":
-            raise XKDConfigError(
-                f"space.{name}: cannot be sampled: the data, teacher and explanations are prepared once for the "
-                "whole search and ray.* comes from search.workers_per_trial/cpus_per_worker; set it in base"
-            )
+            raise XKDConfigError(f"space.{name}: cannot be sampled ({why}); set it in base")
         if name in ("ray.num_workers", "ray.cpus_per_worker"):
-            raise XKDConfigError(
-                f"space.{name}: set by search.{'workers_per_trial' if 'workers' in name else 'cpus_per_worker'}"
-            )
+            raise XKDConfigError(f"space.{name}: cannot be set here ({why})")
     try:  # the config shared by all trials (``trial_config({})``, e.g. the data every trial reads)
         spec.trial_config({})
     except XKDConfigError as exc:
