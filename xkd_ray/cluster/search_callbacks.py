@@ -246,8 +246,9 @@ class ProgressLogCallback(tune.Callback):
     line with trials done/running/stopped, the best value per objective, hypervolume and an ETA.
     Reads ``summary.json``, which ``RegistryCallback`` (earlier in the list) has just written."""
 
-    def __init__(self, experiment: str, objectives: Objectives, trials: int, every_s: float = PROGRESS_EVERY_S) -> None:
-        self.experiment, self.objectives, self.trials, self.every_s = experiment, objectives, trials, every_s
+    def __init__(self, experiment: str, objectives: Objectives, trials: int, every_s: float | None = None) -> None:
+        self.experiment, self.objectives, self.trials = experiment, objectives, trials
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
         self._started = time.monotonic()
         self._logged_at = self._started
         self._finished_here = 0  # trials finished by this run (a resumed search counts from its restart)
