@@ -26,6 +26,7 @@ from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
 from xkd_ray.cluster.ray_teacher import prepare_on_workers
 from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
 from xkd_ray.cluster.search_callbacks import LiveTableCallback, ProgressLogCallback, RegistryCallback
+from xkd_ray.cluster.tracking import log_search_to_parent, tracking_callbacks
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
 from xkd_ray.core.teacher import teacher_directory
 from xkd_ray.errors import XKDConfigError
@@ -242,13 +243,15 @@ def run_search(
     tune_path, filesystem = (
         (str(experiment / "tune"), None) if storage is None else (storage.path("tune"), storage.filesystem)
     )
+    # Before a restore too: the restored Tuner keeps its callbacks, and Tune's automatic loggers stay off.
+    trackers, parent_run = tracking_callbacks(spec, experiment)
     if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
         tuner = tune.Tuner.restore(
             tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
         )
     else:
         scheduler = make_scheduler(spec)
-        callbacks = search_callbacks(spec, experiment, storage, live)
+        callbacks = [*search_callbacks(spec, experiment, storage, live), *trackers]
         tuner = tune.Tuner(
             trainable,
             param_space={name: tune_domain(p) for name, p in spec.parameters.items() if p.kind != "fixed"},
@@ -279,6 +282,7 @@ def run_search(
         if storage is not None:
             upload_registry(storage, experiment)
     summary = registry_summary(experiment) or {}
+    log_search_to_parent(spec, experiment, parent_run, summary)
     summary["wall_seconds"] = time.perf_counter() - started
     summary["explanations_from_cache"] = cache_hits
     return summary

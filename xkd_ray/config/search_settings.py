@@ -17,6 +17,7 @@ from xkd_ray.core.metrics import METRICS
 
 SAMPLERS = ("tpe", "nsga2", "random")
 SCHEDULERS = ("fifo", "mo_asha")  # built in xkd_ray.cluster.ray_search.make_scheduler
+TRACKERS = ("mlflow", "tensorboard")  # built in xkd_ray.cluster.tracking
 
 
 class Objective(Schema):
@@ -116,6 +117,11 @@ class SearchSettings(Schema):
     # so the sampler starts from what a user gets without searching and the front can only
     # improve on it. Each is trained exactly as the CLI would (see ``reference``).
     cli_defaults: list[Literal[*METHODS]] = Field(default=[])
+    # Where trials are tracked besides the experiment folder (xkd_ray.cluster.tracking): each trial
+    # a run with its config and per-epoch metrics; with mlflow, a parent run with the front.
+    tracking: list[Literal[*TRACKERS]] = Field(default_factory=lambda: ["tensorboard"])
+    # MLflow's store: None is a SQLite file in the experiment folder; a server URI on a cluster.
+    tracking_uri: str | None = None
     # Configurations to try first (e.g. a known-good setting), each a partial {dotted key: value}
     # over the searched keys; the sampler fills in the rest. They count towards ``trials``.
     initial_points: list[dict[str, Any]] = Field(default=[])  # pydantic copies it per instance
