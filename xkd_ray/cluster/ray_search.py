@@ -25,7 +25,13 @@ from ray.tune.search.optuna import OptunaSearch
 from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
 from xkd_ray.cluster.ray_teacher import prepare_on_workers
 from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
-from xkd_ray.cluster.search_callbacks import LiveTableCallback, ProgressLogCallback, RegistryCallback
+from xkd_ray.cluster.search_callbacks import (
+    LiveTableCallback,
+    ProgressLogCallback,
+    RegistryCallback,
+    current_spec,
+    register_spec,
+)
 from xkd_ray.cluster.tracking import log_search_to_parent, tracking_callbacks
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
 from xkd_ray.core.teacher import teacher_directory
@@ -48,6 +54,10 @@ def tune_domain(parameter: Parameter) -> Any:
     if parameter.kind == "choice":
         return tune.choice(list(parameter.choices))
     return parameter.value
+
+
+def param_space(spec: SearchSpec) -> dict[str, Any]:
+    return {name: tune_domain(p) for name, p in spec.parameters.items() if p.kind != "fixed"}
 
 
 VIOLATIONS = "constraint_violations"  # Optuna user attribute read by ``_constraints``
@@ -81,9 +91,21 @@ class XKDOptunaSearch(PruneAwareOptunaSearch):
     scheduler stopped (its scores are not final), and each finished trial's constraint
     violations as a user attribute before it is told, for the sampler's constraints_func."""
 
-    def __init__(self, constraints: list[Constraint], *args: Any, **kwargs: Any) -> None:
+    def __init__(self, constraints: list[Constraint], experiment: Path, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._constraints = constraints
+        self._experiment = str(experiment)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tuner.restore brings back the first run's searcher, space included; a resumed search
+        whose space changed (``--allow-space-change``) samples from the new one."""
+        experiment = self._experiment
+        super().restore(checkpoint_path)
+        self._experiment = experiment
+        spec = current_spec(experiment, None)
+        if spec is not None:
+            self._space = self.convert_search_space(param_space(spec))
+            self._constraints = spec.search.parsed_constraints()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._constraints and result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
@@ -122,6 +144,7 @@ def make_searcher(spec: SearchSpec, experiment: Path, stopped: Callable[[], Cont
     constraints = spec.search.parsed_constraints()
     return XKDOptunaSearch(
         constraints,
+        experiment,
         stopped,
         metric=list(names),
         mode=list(directions),
@@ -240,6 +263,7 @@ def run_search(
     cache_hits = data.cache_hits
     del data
     trainable = build_trainable(shared)
+    register_spec(experiment, spec)  # what a restored searcher and callbacks use (``--allow-space-change``)
     tune_path, filesystem = (
         (str(experiment / "tune"), None) if storage is None else (storage.path("tune"), storage.filesystem)
     )
@@ -254,7 +278,7 @@ def run_search(
         callbacks = [*search_callbacks(spec, experiment, storage, live), *trackers]
         tuner = tune.Tuner(
             trainable,
-            param_space={name: tune_domain(p) for name, p in spec.parameters.items() if p.kind != "fixed"},
+            param_space=param_space(spec),
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(spec, experiment, lambda: getattr(scheduler, "stopped", {})),
                 scheduler=scheduler,

@@ -26,6 +26,20 @@ GAUGE_REFRESH_S = 5.0
 logger = logging.getLogger(__name__)
 
 
+# The spec each experiment's search was started with in this process. Tuner.restore brings back the
+# callbacks and the searcher pickled by the first run, with the space they were built with; after
+# ``--allow-space-change`` they take the new one from here (they run in this driver process).
+_CURRENT_SPECS: dict[str, SearchSpec] = {}
+
+
+def register_spec(experiment: str | Path, spec: SearchSpec) -> None:
+    _CURRENT_SPECS[str(Path(experiment).resolve())] = spec
+
+
+def current_spec(experiment: str | Path, fallback: SearchSpec | None) -> SearchSpec | None:
+    return _CURRENT_SPECS.get(str(Path(experiment).resolve()), fallback)
+
+
 def _last_error_line(trial: Any) -> str:
     """The exception line of the trial's traceback, for trials.parquet. Tune writes it to the
     trial's local folder first and copies it to storage later (``get_error`` reads storage), so
@@ -61,6 +75,9 @@ class RegistryCallback(tune.Callback):
 
     def setup(self, **info: Any) -> None:
         from ray.util.metrics import Gauge
+
+        self.spec = current_spec(self.experiment, self.spec)  # a restored search's new space
+        self.objectives = Objectives.of(self.spec.search)
 
         names = {
             "trials_finished": "finished trials",
