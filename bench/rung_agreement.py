@@ -14,6 +14,7 @@ Run: python bench/rung_agreement.py [--space search_spaces/default.yaml] [--conf
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -39,10 +40,16 @@ def main() -> None:
     parser.add_argument("--space", type=Path, default=Path("search_spaces/default.yaml"))
     parser.add_argument("--configs", type=int, default=12)
     parser.add_argument("--tau", type=float, default=0.6)
+    parser.add_argument("--smoke", action="store_true", help="smoke space (2 epochs), 4 configs")
     args = parser.parse_args()
+    if args.smoke:
+        args.space, args.configs = Path("search_spaces/smoke.yaml"), 4
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = load_search_space(args.space, {"cli_defaults": ["kd", "e2kd", "xd", "xd_e2kd"], "trials": args.configs})
+    plain = load_search_space(args.space)
+    methods = plain.parameters["distill.method"].choices if "distill.method" in plain.searched() else ()
+    methods = [m for m in ("kd", "e2kd", "xd", "xd_e2kd") if m in methods][: args.configs]
+    spec = load_search_space(args.space, {"cli_defaults": methods, "trials": max(args.configs, len(methods))})
     objectives = [name for name, _ in spec.search.objective_pairs()]
     data = prepare(spec.trial_config({}), progress=False)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.search.seed))
@@ -61,18 +68,21 @@ def main() -> None:
         print(f"config {index} ({config.distill.method}, {len(metrics['history'])} epochs): {final}", flush=True)
     epochs = min(len(h) for h in histories)
     print(f"epoch  {'  '.join(f'tau({name})' for name in objectives)}")
-    chosen = None
+    chosen, chosen_taus = epochs, [1.0] * len(objectives)  # no earlier epoch agrees: the last one
     for epoch in range(epochs - 1):
         taus = []
         for name in objectives:
             early = [h[epoch][name] for h in histories]
             final = [h[epochs - 1][name] for h in histories]
-            taus.append(float(kendalltau(early, final).statistic))
+            tau = float(kendalltau(early, final).statistic)
+            taus.append(tau if math.isfinite(tau) else 0.0)  # a constant ranking predicts nothing
         print(f"{epoch + 1:5d}  {'  '.join(f'{t:12.3f}' for t in taus)}")
-        if chosen is None and min(taus) >= args.tau:
-            chosen = epoch + 1
+        if chosen == epochs and min(taus) >= args.tau:
+            chosen, chosen_taus = epoch + 1, taus
     print(f"{args.configs} configs x {epochs} epochs in {time.perf_counter() - started:.0f} s")
-    print(f"RESULT first_epoch_with_tau_ge_{args.tau}={chosen} configs={args.configs} epochs={epochs}")
+    print(f"first epoch where every objective's tau >= {args.tau}: {chosen}")
+    shown = " ".join(f"tau_{name}={tau:.3f}" for name, tau in zip(objectives, chosen_taus, strict=True))
+    print(f"RESULT grace_epochs={chosen} {shown} configs={args.configs} epochs={epochs}")
 
 
 if __name__ == "__main__":
