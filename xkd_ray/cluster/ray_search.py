@@ -162,9 +162,8 @@ def make_scheduler(spec: SearchSpec) -> FIFOScheduler:
     settings = spec.search.scheduler
     if settings.name == "fifo":
         return FIFOScheduler()
+    # The sampled trials' epochs: a CLI-default trial may train longer, but it is never stopped.
     epochs = spec.trial_config({}).distill.epochs
-    if spec.search.cli_point_givens():
-        epochs = max(epochs, spec.cli_config({}).distill.epochs)
     return MOASHAScheduler(
         spec.search.objective_pairs(),
         time_attr="training_iteration",
