@@ -74,7 +74,9 @@ def test_a_space_sampling_what_is_prepared_once_is_refused_naming_the_key(tmp_pa
     assert not (tmp_path / "out").exists()
     # A plain (fixed) value of a prepared section is the base for every trial: allowed.
     if not key.startswith("ray."):
-        path.write_text(f"space:\n  distill.alpha: {{uniform: [0, 1]}}\n  {name}: {key.partition('[')[2].split(',')[0]}\n")
+        path.write_text(
+            f"space:\n  distill.alpha: {{uniform: [0, 1]}}\n  {name}: {key.partition('[')[2].split(',')[0]}\n"
+        )
         assert load_search_space(path).trial_config({}) is not None
 
 
