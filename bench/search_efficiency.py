@@ -4,7 +4,15 @@
     ``xkd_ray.core.distill.distill``), the same sampler and settings, the same objectives and
     reference point, one trial after another; what a user would write instead;
 (b) ``xkd search`` with the FIFO scheduler (every trial trains all its epochs);
-(c) ``xkd search`` with MO-ASHA (the space's ``search.scheduler``).
+(c) ``xkd search`` with MO-ASHA (the space's ``search.scheduler``, else grace 2, eta 3);
+(d) plain Optuna as (a) with Optuna's ``GPSampler`` (multi-objective since Optuna 4.4).
+
+Every arm starts from the same points: the reference and each ``search.cli_defaults`` method,
+trained exactly as ``xkd distill`` would (``SearchSpec.config_for``).
+
+``--long``: a budget where successive halving can pay (the MO-ASHA paper evaluates with tens to
+hundreds of trials): 20-epoch trials, rungs at 2, 6 and 18 epochs (max epochs 10x the first
+rung, 3 rungs), 20 minutes per arm; it prints whether every arm finished >= 27 trials.
 
 Each arm runs ``--seeds`` times for ``--budget-minutes`` of wall time (the teacher and its
 explanations are prepared once before, so no arm pays for them). Every finished trial's time is
@@ -15,6 +23,7 @@ recorded; the hypervolume of the val front over time gives the curves (a PNG) an
                              (a seed that never reaches it counts as 1.0; how many did is printed
                              as mo_asha_reached_fifo_hv_seeds)
     xkd_vs_plain_optuna      median over seeds of HV(b) / HV(a) at the budget
+    gp_vs_tpe_hv             median over seeds of HV(d) / HV(a) at the budget
 
 Run: python bench/search_efficiency.py [--space search_spaces/default.yaml] [--budget-minutes 6]
 """
@@ -50,15 +59,17 @@ def _distribution(parameter: Parameter) -> optuna.distributions.BaseDistribution
     return optuna.distributions.FloatDistribution(parameter.low, parameter.high, log=parameter.kind == "loguniform")
 
 
-def plain_optuna(spec: SearchSpec, budget_s: float) -> tuple[Curve, tuple[float, ...] | None]:
-    """Arm (a): ask/tell in this process; the reference config is the first trial, as in xkd."""
+def plain_optuna(spec: SearchSpec, budget_s: float, gp: bool = False) -> tuple[Curve, tuple[float, ...] | None]:
+    """Arms (a) and (d): ask/tell in this process; the CLI-default points first, as in xkd."""
     objectives = Objectives.of(spec.search)
-    study = optuna.create_study(
-        directions=[f"{d}imize" for d in objectives.directions],
-        sampler=make_sampler(spec.search.sampler, spec.search.seed, spec.search.trials),
+    sampler = (
+        optuna.samplers.GPSampler(seed=spec.search.seed)
+        if gp
+        else make_sampler(spec.search.sampler, spec.search.seed, spec.search.trials)
     )
-    if spec.search.reference is not None:
-        study.enqueue_trial(spec.reference_point())
+    study = optuna.create_study(directions=[f"{d}imize" for d in objectives.directions], sampler=sampler)
+    for point in spec.cli_points():
+        study.enqueue_trial(point)
     distributions = {name: _distribution(p) for name, p in spec.parameters.items() if p.kind != "fixed"}
     data = prepare(spec.trial_config({}), progress=False)
     curve: Curve = []
@@ -66,7 +77,7 @@ def plain_optuna(spec: SearchSpec, budget_s: float) -> tuple[Curve, tuple[float,
     started = time.perf_counter()
     while time.perf_counter() - started < budget_s:
         trial = study.ask(distributions)
-        config = spec.trial_config(trial.params).with_overrides({"ray.num_workers": 0})
+        config = spec.config_for(trial.params).with_overrides({"ray.num_workers": 0})
         _, metrics = distill(config, data, progress=False)
         values = tuple(metrics["val"][name] for name in objectives.names)
         if not all(math.isfinite(v) for v in values):
@@ -76,7 +87,7 @@ def plain_optuna(spec: SearchSpec, budget_s: float) -> tuple[Curve, tuple[float,
         elapsed = time.perf_counter() - started
         if elapsed <= budget_s and objectives.feasible({f"val_{k}": v for k, v in metrics["val"].items()}):
             curve.append((elapsed, values))
-        if trial.number == 0 and spec.search.reference is not None:
+        if spec.is_reference(trial.params):
             reference = values
     return curve, reference
 
@@ -128,7 +139,7 @@ def plot(curves: dict[str, list[Curve]], objectives: Objectives, budget_s: float
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for (arm, runs), color in zip(curves.items(), ("tab:grey", "tab:blue", "tab:orange"), strict=False):
+    for (arm, runs), color in zip(curves.items(), ("tab:grey", "tab:blue", "tab:orange", "tab:green"), strict=False):
         for index, curve in enumerate(runs):
             times = [0.0, *sorted(when for when, _ in curve), budget_s]
             volumes = [hv_at(curve, t, objectives) for t in times]
@@ -149,12 +160,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--plot", type=Path, default=Path(tempfile.gettempdir()) / "xkd_search_efficiency.png")
     parser.add_argument("--smoke", action="store_true", help="smoke space, 1 seed, 40 s per arm")
+    parser.add_argument("--long", action="store_true", help="20 min per arm, rungs 2/6/18 of 20 epochs")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.smoke:
         args.space, args.budget_minutes, args.seeds = Path("search_spaces/smoke.yaml"), 40 / 60, 1
+    if args.long and args.budget_minutes == parser.get_default("budget_minutes"):
+        args.budget_minutes = 20.0
     budget_s = 60 * args.budget_minutes
-    curves: dict[str, list[Curve]] = {"plain_optuna": [], "xkd_fifo": [], "xkd_mo_asha": []}
+    curves: dict[str, list[Curve]] = {"plain_optuna": [], "xkd_fifo": [], "xkd_mo_asha": [], "plain_optuna_gp": []}
+    finished: dict[str, list[int]] = {arm: [] for arm in curves}
     references: list[tuple[float, ...]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xkd-search-efficiency-") as root:
@@ -163,15 +178,18 @@ def main() -> None:
         for seed in range(args.seeds):
             trials = {"trials": 1000, "seed": seed}  # the budget, not the trial count, ends each arm
             asha = base.search.scheduler.model_dump() if base.search.scheduler.name != "fifo" else None
+            if args.long:
+                asha = {"name": "mo_asha", "grace_epochs": 2, "reduction_factor": 3}
             fifo = load_search_space(args.space, {**trials, "scheduler": {"name": "fifo"}})
             mo_asha = load_search_space(args.space, {**trials, "scheduler": asha or {"name": "mo_asha"}})
             for arm in curves:
-                if arm == "plain_optuna":
-                    curve, reference = plain_optuna(fifo, budget_s)
+                if arm.startswith("plain_optuna"):
+                    curve, reference = plain_optuna(fifo, budget_s, gp=arm == "plain_optuna_gp")
                 else:
                     spec = fifo if arm == "xkd_fifo" else mo_asha
                     curve, reference = xkd_search(spec, Path(root) / f"{arm}-{seed}", budget_s)
                 curves[arm].append(curve)
+                finished[arm].append(len(curve))
                 if reference is not None and arm == "xkd_mo_asha":
                     references.append(reference)
                 final = hv_at(curve, budget_s, Objectives.of(fifo.search))
@@ -194,9 +212,13 @@ def main() -> None:
     median: Any = statistics.median
     hv_vs_reference = _ratio(median(final["xkd_mo_asha"]), median(reference_hv) if reference_hv else 0.0)
     xkd_vs_plain = median([_ratio(b, a) for a, b in zip(final["plain_optuna"], final["xkd_fifo"], strict=True)])
+    gp_vs_tpe = median([_ratio(d, a) for a, d in zip(final["plain_optuna"], final["plain_optuna_gp"], strict=True)])
+    fewest = min(min(counts) for counts in finished.values())
+    print(f"fewest feasible trials finished by an arm: {fewest} (the long budget asks for >= 27)")
     print(
         f"RESULT hv_vs_reference={hv_vs_reference:.3f} mo_asha_time_to_fifo_hv={median(times):.3f} "
-        f"mo_asha_reached_fifo_hv_seeds={reached_seeds} xkd_vs_plain_optuna={xkd_vs_plain:.3f}"
+        f"mo_asha_reached_fifo_hv_seeds={reached_seeds} xkd_vs_plain_optuna={xkd_vs_plain:.3f} "
+        f"gp_vs_tpe_hv={gp_vs_tpe:.3f} fewest_trials_per_arm={fewest}"
     )
 
 

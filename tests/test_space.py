@@ -42,13 +42,42 @@ def test_a_float_range_over_an_integer_key_is_refused():
 
 
 def test_rules_between_two_searched_keys_are_checked():
-    space = {"space": {"student.ae_depth": {"choice": [1, 4]}, "data.image_size": {"choice": [32, 16]}}}
+    space = {"space": {"distill.head_warmup_epochs": {"choice": [0, 5]}, "distill.epochs": {"choice": [10, 4]}}}
     message = _refused(space)
-    assert message.startswith("space: the trial") and "too deep" in message, message
-    parse_search_space({**space, "base": {"distill": {"method": "kd"}}})  # no head, no rule
-    # Each value passes alone and the all-first / all-last corners pass; (4, 8) does not.
-    space = {"space": {"student.ae_depth": {"choice": [2, 4, 1]}, "data.image_size": {"choice": [32, 8, 16]}}}
-    assert "too deep" in _refused(space)
+    assert message.startswith("space: the trial") and "head_warmup_epochs" in message, message
+    # Each value passes alone and the all-first / all-last corners pass; (5, 3) does not.
+    space = {"space": {"distill.head_warmup_epochs": {"choice": [1, 5, 0]}, "distill.epochs": {"choice": [10, 3, 6]}}}
+    assert "head_warmup_epochs" in _refused(space)
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("data.image_size: {choice: [16, 32]}", "prepared once"),
+        ("explain.explainer: {choice: [gradcam, integrated_gradients]}", "prepared once"),
+        ("teacher.width: {choice: [8, 16]}", "prepared once"),
+        ("ray.amp: {choice: [true, false]}", "resources come from one place"),
+        ("ray.num_workers: 2", "resources come from one place"),
+    ],
+)
+def test_a_space_sampling_what_is_prepared_once_is_refused_naming_the_key(tmp_path, capsys, key, why):
+    """Every trial trains on the data, teacher and explanations prepared once from base: a sampled
+    value there would be recorded in the trial's config but never used, so `xkd search` refuses it."""
+    from xkd_ray.ui.cli import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text(f"space:\n  distill.alpha: {{uniform: [0, 1]}}\n  {key}\n")
+    assert main(["search", "--space", str(path), "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    name = key.partition(":")[0]
+    assert len(lines) == 1 and f"space.{name}: cannot be" in lines[0] and why in lines[0], lines
+    assert not (tmp_path / "out").exists()
+    # A plain (fixed) value of a prepared section is the base for every trial: allowed.
+    if not key.startswith("ray."):
+        path.write_text(
+            f"space:\n  distill.alpha: {{uniform: [0, 1]}}\n  {name}: {key.partition('[')[2].split(',')[0]}\n"
+        )
+        assert load_search_space(path).trial_config({}) is not None
 
 
 @pytest.mark.parametrize(
@@ -223,3 +252,37 @@ def test_objectives_default_to_the_registry_direction_and_reference_fills_from_b
     path.write_text(path.read_text().replace("[0.001, 0.01]", "[0.01, 0.1]"))
     with pytest.raises(XKDConfigError, match=r"search.reference.distill.lr: 0.005 is outside \[0.01, 0.1\]"):
         load_search_space(path)
+
+
+def test_the_reference_and_cli_defaults_train_exactly_what_xkd_distill_trains():
+    """The reference is `xkd distill --method xd` with its CLI defaults, on the base's data and
+    teacher: a base that trains fewer epochs or a smaller student does not handicap it."""
+    from xkd_ray.config.schema import ExperimentConfig
+
+    spec = parse_search_space(
+        {
+            "base": {"data": {"image_size": 16}, "student": {"width": 8}, "distill": {"epochs": 3}},
+            "space": {"distill.method": {"choice": ["kd", "xd"]}, "distill.temperature": {"uniform": [1, 10]}},
+            "search": {"trials": 4, "reference": {"distill.method": "xd"}, "cli_defaults": ["kd", "xd"]},
+        }
+    )
+    cli = ExperimentConfig().with_overrides({"distill.method": "xd", "data.image_size": 16})
+    reference, kd = spec.cli_points()
+    assert reference == {"distill.method": "xd", "distill.temperature": cli.distill.temperature}
+    trained = spec.config_for(reference)
+    assert trained.distill == cli.distill and trained.student == cli.student and trained.data.image_size == 16
+    assert spec.is_reference(reference) and not spec.is_reference(kd)
+    assert spec.config_for(kd).distill.method == "kd" and spec.config_for(kd).distill.epochs == 20
+    sampled = {"distill.method": "xd", "distill.temperature": 2.5}
+    assert spec.config_for(sampled).distill.epochs == 3 and spec.config_for(sampled).student.width == 8
+    assert spec.cli_differences() == [
+        "student.width: 16 (other trials: 8)",
+        "distill.epochs: 20 (other trials: 3)",
+    ]
+    # A CLI default outside the searched range could never be proposed: refused, naming the key.
+    message = _refused({**spec_raw_with("distill.temperature", [5, 10]), "search": {"cli_defaults": ["kd"]}})
+    assert message.startswith("search.cli_defaults[0].distill.temperature: 4.0 is outside [5, 10]"), message
+
+
+def spec_raw_with(name: str, bounds: list[float]) -> dict:
+    return {"space": {"distill.method": {"choice": ["kd", "xd"]}, name: {"uniform": bounds}}}

@@ -173,7 +173,9 @@ def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any 
     # After ray.init, which installs its own SIGTERM handler (exit 1, no Tune state saved).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    summary = run_search(spec, out, resume=args.resume, live=not args.no_live, storage=storage)
+    log_progress()
+    live = not args.no_live and sys.stdout.isatty()  # a log file gets plain progress lines instead
+    summary = run_search(spec, out, resume=args.resume, live=live, storage=storage)
     finished = len(read_trials(out))
     if finished < spec.search.trials:
         # Tune returns normally after SIGINT; only the count of recorded trials tells.
@@ -195,15 +197,30 @@ def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any 
     if reference:
         ratio = reference["hv_vs_reference"]
         console.print(
-            f"reference config (trial {reference['trial_id']}): "
+            f"reference config (trial {reference['trial_id']}, trained as `xkd distill` would): "
             f"{'dominated by' if reference['dominated_by_front'] else 'not dominated by'} the front; "
             f"front hypervolume / reference's = {'-' if ratio is None else f'{ratio:.3f}'}"
         )
+        for difference in reference.get("trains_differently", []):
+            console.print(f"  the reference differs from the space's base in {difference}")
     if front.num_rows == 0:
         raise XKDError(f"{out}: no trial finished ok, so the Pareto front is empty; see trials.parquet")
     knee = load_pareto_student(out, prefer="knee").path
     console.print(f"knee student: {knee if storage is None else storage.url_of(knee.relative_to(out).as_posix())}")
     return 0
+
+
+def log_progress() -> None:
+    """The search's own log lines (xkd_ray.cluster.search_callbacks.ProgressLogCallback) on stderr,
+    one plain line each, so a redirected log or ``ray job logs`` shows progress."""
+    import logging
+
+    package = logging.getLogger("xkd_ray")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s xkd: %(message)s", "%H:%M:%S"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,7 @@ class MOASHAScheduler(FIFOScheduler):
         grace_period: int = 1,
         reduction_factor: int = 3,
         max_t: int = 100,
+        protected: Callable[[dict], bool] | None = None,
     ) -> None:
         super().__init__()
         if not objectives or any(d not in ("max", "min") for _, d in objectives):
@@ -72,6 +73,8 @@ class MOASHAScheduler(FIFOScheduler):
             level *= reduction_factor
         self._rungs: dict[float, dict[str, tuple[float | None, ...]]] = {lv: {} for lv in levels}
         self.stopped: dict[str, dict[str, Any]] = {}
+        # Trials whose config this says True for (the search's reference) are ranked, never stopped.
+        self._protected = protected
 
     @property
     def rungs(self) -> dict[float, dict[str, tuple[float | None, ...]]]:
@@ -99,7 +102,8 @@ class MOASHAScheduler(FIFOScheduler):
         time = result.get(self._time_attr)
         if time is None:
             return TrialScheduler.CONTINUE
-        if self._record(trial.trial_id, time, result) is False:
+        keep = self._protected is not None and self._protected(trial.config)
+        if self._record(trial.trial_id, time, result) is False and not keep:
             level = max(lv for lv in self._rungs if lv <= time)
             metrics = {m: result.get(m) for m, _ in self._objectives}
             self.stopped[trial.trial_id] = {"rung": level, "time": time, "metrics": metrics}

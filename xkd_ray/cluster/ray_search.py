@@ -7,6 +7,7 @@ on the workers (xkd_ray.cluster.ray_teacher), and shared through the object stor
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -24,7 +25,14 @@ from ray.tune.search.optuna import OptunaSearch
 from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
 from xkd_ray.cluster.ray_teacher import prepare_on_workers
 from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
-from xkd_ray.cluster.search_callbacks import LiveTableCallback, RegistryCallback
+from xkd_ray.cluster.search_callbacks import (
+    LiveTableCallback,
+    ProgressLogCallback,
+    RegistryCallback,
+    current_spec,
+    register_spec,
+)
+from xkd_ray.cluster.tracking import log_search_to_parent, tracking_callbacks
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
 from xkd_ray.core.teacher import teacher_directory
 from xkd_ray.errors import XKDConfigError
@@ -34,6 +42,7 @@ from xkd_ray.pareto.front import summary as registry_summary
 from xkd_ray.pareto.storage import Storage, pull_cache, push_cache, upload_registry
 
 STUDY_NAME = "xkd"
+logger = logging.getLogger(__name__)
 
 
 def tune_domain(parameter: Parameter) -> Any:
@@ -46,6 +55,10 @@ def tune_domain(parameter: Parameter) -> Any:
     if parameter.kind == "choice":
         return tune.choice(list(parameter.choices))
     return parameter.value
+
+
+def param_space(spec: SearchSpec) -> dict[str, Any]:
+    return {name: tune_domain(p) for name, p in spec.parameters.items() if p.kind != "fixed"}
 
 
 VIOLATIONS = "constraint_violations"  # Optuna user attribute read by ``_constraints``
@@ -79,9 +92,21 @@ class XKDOptunaSearch(PruneAwareOptunaSearch):
     scheduler stopped (its scores are not final), and each finished trial's constraint
     violations as a user attribute before it is told, for the sampler's constraints_func."""
 
-    def __init__(self, constraints: list[Constraint], *args: Any, **kwargs: Any) -> None:
+    def __init__(self, constraints: list[Constraint], experiment: Path, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._constraints = constraints
+        self._experiment = str(experiment)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tuner.restore brings back the first run's searcher, space included; a resumed search
+        whose space changed (``--allow-space-change``) samples from the new one."""
+        experiment = self._experiment
+        super().restore(checkpoint_path)
+        self._experiment = experiment
+        spec = current_spec(experiment, None)
+        if spec is not None:
+            self._space = self.convert_search_space(param_space(spec))
+            self._constraints = spec.search.parsed_constraints()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._constraints and result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
@@ -99,7 +124,10 @@ def make_searcher(spec: SearchSpec, experiment: Path, stopped: Callable[[], Cont
     )
     names, directions = zip(*spec.search.objective_pairs(), strict=True)
     # Initial points go straight into the study's queue: Optuna fills the keys a point leaves
-    # out, whereas Tune's points_to_evaluate insists on every key.
+    # out, whereas Tune's points_to_evaluate insists on every key. OptunaSearch opens the study a
+    # second time (load_if_exists): Optuna's own INFO lines would read like a resume on a fresh
+    # folder, so they are silenced and this says which it is.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=storage,
         study_name=STUDY_NAME,
@@ -107,12 +135,17 @@ def make_searcher(spec: SearchSpec, experiment: Path, stopped: Callable[[], Cont
         load_if_exists=True,
     )
     if not study.trials:
-        reference = [spec.reference_point()] if spec.search.reference is not None else []
-        for point in [*reference, *spec.search.initial_points]:
+        # The reference and each method's `xkd distill` defaults first (trained as the CLI would,
+        # SearchSpec.config_for), then the space's own initial points.
+        for point in [*spec.cli_points(), *spec.search.initial_points]:
             study.enqueue_trial(dict(point))
+        logger.info("new Optuna study in %s: %d points queued first", experiment, len(study.trials))
+    else:
+        logger.info("Optuna study in %s continues with %d trials", experiment, len(study.trials))
     constraints = spec.search.parsed_constraints()
     return XKDOptunaSearch(
         constraints,
+        experiment,
         stopped,
         metric=list(names),
         mode=list(directions),
@@ -130,12 +163,16 @@ def make_scheduler(spec: SearchSpec) -> FIFOScheduler:
     settings = spec.search.scheduler
     if settings.name == "fifo":
         return FIFOScheduler()
+    # The sampled trials' epochs: a CLI-default trial may train longer, but it is never stopped.
+    epochs = spec.trial_config({}).distill.epochs
     return MOASHAScheduler(
         spec.search.objective_pairs(),
         time_attr="training_iteration",
         grace_period=settings.grace_epochs,
         reduction_factor=settings.reduction_factor,
-        max_t=spec.base.distill.epochs,
+        max_t=epochs,
+        # The CLI-default trials are what the front is compared with: recorded at the rungs, never stopped.
+        protected=spec.is_cli_point,
     )
 
 
@@ -153,6 +190,18 @@ def concurrent_trials(spec: SearchSpec) -> int:
     if spec.base.ray.use_gpu:
         fitting = min(fitting, int(resources.get("GPU", 0) // spec.search.workers_per_trial))
     return max(1, fitting)
+
+
+def search_callbacks(spec: SearchSpec, experiment: Path, storage: Storage | None, live: bool) -> list[tune.Callback]:
+    """The registry, then the live table on a terminal or plain progress lines in a log, then
+    the trackers ``search.tracking`` names (xkd_ray.cluster.tracking)."""
+    objectives = Objectives.of(spec.search)
+    callbacks: list[tune.Callback] = [RegistryCallback(str(experiment), spec, storage)]
+    if live:
+        callbacks.append(LiveTableCallback(str(experiment), objectives))
+    else:
+        callbacks.append(ProgressLogCallback(str(experiment), objectives, spec.search.trials))
+    return callbacks
 
 
 def state_api_reachable() -> bool:
@@ -185,7 +234,8 @@ def run_search(
     experiment = Path(experiment).resolve()
     if not state_api_reachable():
         problem = "Ray's dashboard (state API) is not reachable"
-        if spec.search.scheduler.name != "fifo":
+        # Only Ray Train runs hold a placement group to free; a trial trained in its driver does not.
+        if spec.search.scheduler.name != "fifo" and not trains_in_driver(spec):
             raise XKDConfigError(
                 f"search.scheduler: {spec.search.scheduler.name} stops trials early, and {problem}: a stopped "
                 "trial's CPUs would never be freed; start Ray with its dashboard (the default of `ray start`)"
@@ -213,21 +263,22 @@ def run_search(
     cache_hits = data.cache_hits
     del data
     trainable = build_trainable(shared)
+    register_spec(experiment, spec)  # what a restored searcher and callbacks use (``--allow-space-change``)
     tune_path, filesystem = (
         (str(experiment / "tune"), None) if storage is None else (storage.path("tune"), storage.filesystem)
     )
+    # Before a restore too: the restored Tuner keeps its callbacks, and Tune's automatic loggers stay off.
+    trackers, parent_run = tracking_callbacks(spec, experiment)
     if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
         tuner = tune.Tuner.restore(
             tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
         )
     else:
         scheduler = make_scheduler(spec)
-        callbacks: list[tune.Callback] = [RegistryCallback(str(experiment), spec, storage)]
-        if live:
-            callbacks.append(LiveTableCallback(str(experiment), Objectives.of(spec.search)))
+        callbacks = [*search_callbacks(spec, experiment, storage, live), *trackers]
         tuner = tune.Tuner(
             trainable,
-            param_space={name: tune_domain(p) for name, p in spec.parameters.items() if p.kind != "fixed"},
+            param_space=param_space(spec),
             tune_config=tune.TuneConfig(
                 search_alg=make_searcher(spec, experiment, lambda: getattr(scheduler, "stopped", {})),
                 scheduler=scheduler,
@@ -256,6 +307,7 @@ def run_search(
             upload_registry(storage, experiment)
             seal_tune_state(storage, experiment)  # Tune has stopped writing: sign its state for --resume
     summary = registry_summary(experiment) or {}
+    log_search_to_parent(spec, experiment, parent_run, summary)
     summary["wall_seconds"] = time.perf_counter() - started
     summary["explanations_from_cache"] = cache_hits
     return summary

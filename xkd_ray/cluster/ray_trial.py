@@ -32,7 +32,7 @@ from xkd_ray.cluster.ray_train import (
 )
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.config.space import SearchSpec
-from xkd_ray.core.distill import final_metrics, save_student
+from xkd_ray.core.distill import evaluate, final_metrics, save_student
 from xkd_ray.core.models import StudentNet
 from xkd_ray.core.prepared import DistillData
 from xkd_ray.errors import XKDTrainingDiverged
@@ -144,7 +144,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
 
     experiment = Path(shared["experiment"])
     spec: SearchSpec = shared["spec"]
-    config = spec.trial_config(sampled)
+    config = spec.config_for(sampled)  # a CLI-default point trains exactly as `xkd distill` would
     objectives = [name for name, _ in spec.search.objective_pairs()]
     if fault_rule("fail_driver", config.to_dict()) is not None:
         raise RuntimeError("injected fault: fail_driver (XKD_FAULTS), so this trial's driver fails on purpose")
@@ -163,7 +163,12 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     # Each resume from a checkpoint (after a worker or node died) starts a new start_epoch.
     resumed = len({int(record["start_epoch"]) for record in history}) - 1
     val = final_metrics(history)
-    metrics = {"val": val, "teacher": data.teacher_metrics}
+    # The test split here, on this trial's worker, not in the search's driver: Tune's control loop
+    # never waits on it, and the registry copies it from the student folder if the trial joins the front.
+    test_started = time.time()
+    test = evaluate(student, data, "test", config, device=assigned_device())
+    metrics = {"val": val, "test": test, "teacher": data.teacher_metrics}
+    test_seconds = time.time() - test_started
     if storage is None:
         student_dir = str(experiment / "students" / trial_id)
         save_student(student_dir, config, student, data, metrics)
@@ -188,6 +193,7 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
                 "driver_entered": entered,
                 "fit_called": fit_called,
                 "fit_returned": fit_returned,
+                "test_seconds": test_seconds,
                 "driver_reported": time.time(),
             },
         }

@@ -5,6 +5,7 @@ and the live trials table on a terminal (``LiveTableCallback``). Both run in the
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -14,16 +15,29 @@ from ray import tune
 from rich.console import Console
 from rich.live import Live
 
-from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.config.space import SearchSpec
-from xkd_ray.core.distill import evaluate
+from xkd_ray.core.checkpoints import atomic_write_json
 from xkd_ray.core.metrics import METRICS
-from xkd_ray.core.prepared import DistillData, prepare
 from xkd_ray.pareto.front import Objectives, front_rows, read_trials, record_trial, update_registry
 from xkd_ray.pareto.storage import Storage, upload_registry
 from xkd_ray.ui.tables import live_trials_table
 
 GAUGE_REFRESH_S = 5.0
+logger = logging.getLogger(__name__)
+
+
+# The spec each experiment's search was started with in this process. Tuner.restore brings back the
+# callbacks and the searcher pickled by the first run, with the space they were built with; after
+# ``--allow-space-change`` they take the new one from here (they run in this driver process).
+_CURRENT_SPECS: dict[str, SearchSpec] = {}
+
+
+def register_spec(experiment: str | Path, spec: SearchSpec) -> None:
+    _CURRENT_SPECS[str(Path(experiment).resolve())] = spec
+
+
+def current_spec(experiment: str | Path, fallback: SearchSpec | None) -> SearchSpec | None:
+    return _CURRENT_SPECS.get(str(Path(experiment).resolve()), fallback)
 
 
 def _last_error_line(trial: Any) -> str:
@@ -45,8 +59,8 @@ def _last_error_line(trial: Any) -> str:
 class RegistryCallback(tune.Callback):
     """After every finished trial: record it, update the Pareto registry and the dashboard gauges.
 
-    Holds only paths and the search spec (callbacks are pickled with the Tuner); the data is
-    read back from the explanation cache on first use, in the search's driver process.
+    Holds only paths and the search spec (callbacks are pickled with the Tuner); it never loads
+    the data: a front member's test metrics come from its student folder, written by its trial.
     """
 
     def __init__(self, experiment: str, spec: SearchSpec, storage: Storage | None = None) -> None:
@@ -54,7 +68,6 @@ class RegistryCallback(tune.Callback):
         self.spec = spec
         self.storage = storage
         self.objectives = Objectives.of(spec.search)
-        self._data: DistillData | None = None
         self._gauges: dict[str, Any] = {}
         self._summary: dict[str, Any] = {}
         self._gauges_set_at = 0.0
@@ -63,6 +76,9 @@ class RegistryCallback(tune.Callback):
 
     def setup(self, **info: Any) -> None:
         from ray.util.metrics import Gauge
+
+        self.spec = current_spec(self.experiment, self.spec)  # a restored search's new space
+        self.objectives = Objectives.of(self.spec.search)
 
         names = {
             "trials_finished": "finished trials",
@@ -77,10 +93,15 @@ class RegistryCallback(tune.Callback):
         except Exception:  # metrics are a nicety: never let them stop a search
             self._gauges = {}
 
-    def _evaluate_test(self, student: Any, record: dict[str, Any]) -> dict[str, float]:
-        if self._data is None:
-            self._data = prepare(self.spec.trial_config({}), progress=False)
-        return evaluate(student, self._data, "test", ExperimentConfig.from_dict(record["experiment"]))
+    @staticmethod
+    def _no_test_metrics(student: Any, record: dict[str, Any]) -> dict[str, float]:
+        """Each trial evaluates its student on the test split itself (xkd_ray.cluster.ray_trial), so
+        this driver never loads the data; a student without them (saved by an older version) is
+        listed with its test metrics missing rather than evaluated here."""
+        logger.warning(
+            "a front student has no test metrics in its folder (%s); listed without", record.get("teacher_id")
+        )
+        return {}
 
     def _finish(self, row: dict[str, Any]) -> None:
         if self.storage is not None and row.get("student_dir"):  # fetch the student a trial put on storage
@@ -88,7 +109,12 @@ class RegistryCallback(tune.Callback):
             self.storage.download(local, row["student_dir"])
             row = {**row, "student_dir": str(local)}
         record_trial(self.experiment, {**row, "finished_at": time.time()})
-        self._summary = update_registry(self.experiment, self._evaluate_test, self.objectives)
+        self._summary = update_registry(self.experiment, self._no_test_metrics, self.objectives)
+        differences = self.spec.cli_differences()
+        if differences and self._summary.get("reference_config"):
+            # The reference trains as `xkd distill` does, not as the space's base: say where they differ.
+            self._summary["reference_config"]["trains_differently"] = differences
+            atomic_write_json(Path(self.experiment) / "summary.json", self._summary)
         if self.storage is not None:
             upload_registry(self.storage, Path(self.experiment))
         self._set_gauges()
@@ -136,8 +162,7 @@ class RegistryCallback(tune.Callback):
             self._set_gauges()
 
     def _is_reference(self, trial: Any) -> bool:
-        reference = self.spec.reference_point()
-        return reference is not None and all(trial.config.get(key) == value for key, value in reference.items())
+        return self.spec.is_reference(trial.config)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial ended without an error: it finished (status ok or diverged, from its final
@@ -146,7 +171,7 @@ class RegistryCallback(tune.Callback):
         status = result.get("status", "stopped")
         if status == "ok" and not all(math.isfinite(float(result.get(m, math.nan))) for m in self.objectives.names):
             status = "diverged"
-        config = result.get("experiment_config") or self.spec.trial_config(trial.config).to_dict()
+        config = result.get("experiment_config") or self.spec.config_for(trial.config).to_dict()
         measured = status in ("ok", "stopped")
         row = {
             "trial_id": trial.trial_id,
@@ -165,7 +190,7 @@ class RegistryCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Called once the trial's retries (``search.max_failures``) are used up."""
-        config = self.spec.trial_config(trial.config)
+        config = self.spec.config_for(trial.config)
         self._finish(
             {
                 "trial_id": trial.trial_id,
@@ -247,3 +272,66 @@ class LiveTableCallback(tune.Callback):
             "_latest": {},
             "_epochs": None,
         }
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+class ProgressLogCallback(tune.Callback):
+    """Plain log lines for a search whose output is a file (``ray job logs``, a redirect), where
+    the live table is off: one line per finished trial, and at most every ``every_s`` seconds a
+    line with trials done/running/stopped, the best value per objective, hypervolume and an ETA.
+    Reads ``summary.json``, which ``RegistryCallback`` (earlier in the list) has just written."""
+
+    def __init__(self, experiment: str, objectives: Objectives, trials: int, every_s: float | None = None) -> None:
+        self.experiment, self.objectives, self.trials = experiment, objectives, trials
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self._started = time.monotonic()
+        self._logged_at = self._started
+        self._finished_here = 0  # trials finished by this run (a resumed search counts from its restart)
+
+    def _summary(self) -> dict[str, Any]:
+        from xkd_ray.pareto.front import summary
+
+        return summary(self.experiment) or {}
+
+    def _finished(self, trial: Any, status: str) -> None:
+        self._finished_here += 1
+        result = trial.last_result or {}
+        values = ", ".join(f"{name} {_shown(result.get(name))}" for name in self.objectives.names)
+        logger.info(
+            "trial %s %s after %s epoch(s): %s", trial.trial_id, status, result.get("training_iteration", 0), values
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial, (trial.last_result or {}).get("status", "stopped"))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial, "errored")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self._logged_at < self.every_s:
+            return
+        self._logged_at = now
+        summary = self._summary()
+        done = int(summary.get("trials", 0))
+        running = sum(trial.status == "RUNNING" for trial in trials)
+        elapsed = now - self._started
+        left = max(0, self.trials - done)
+        eta = f"{elapsed / self._finished_here * left:.0f} s" if self._finished_here else "-"
+        best = ", ".join(f"best {name} {_shown(summary.get(f'best_{name}'))}" for name in self.objectives.names)
+        logger.info(
+            "search: %d/%d trials done (%d stopped early), %d running; %s; hypervolume %s; ETA %s",
+            done,
+            self.trials,
+            summary.get("trials_stopped", 0),
+            running,
+            best,
+            _shown(summary.get("hypervolume")),
+            eta,
+        )
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.4g}"

@@ -16,19 +16,28 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from xkd_ray.config.schema import ExperimentConfig, PositiveFloat, Schema, Seed, config_error, read_yaml, rule
-from xkd_ray.core.metrics import METRICS
+from xkd_ray.config.schema import ExperimentConfig, config_error, read_yaml
+from xkd_ray.config.search_settings import (  # noqa: F401 (the names callers import from here)
+    SAMPLERS,
+    SCHEDULERS,
+    Constraint,
+    Objective,
+    SchedulerSettings,
+    SearchSettings,
+    parse_constraint,
+)
 from xkd_ray.errors import XKDConfigError
 
-SAMPLERS = ("tpe", "nsga2", "random")
-SCHEDULERS = ("fifo", "mo_asha")  # built in xkd_ray.cluster.ray_search.make_scheduler
+CLI_SECTIONS = ("student", "distill")  # what `xkd distill` takes from its defaults; the rest from base
+# Sections prepared once from the base for the whole search (data, teacher, explanations) or set by
+# the search's worker settings: a sampled value there would be recorded but never trained with.
+PREPARED_ONCE = ("data", "teacher", "explain", "ray")
 KINDS = ("uniform", "loguniform", "int", "choice")
 ENUMERATED_INT_VALUES = 16  # int ranges up to this many values are checked value by value
 MAX_COMBINATIONS = 4096  # probe combinations checked together (~20 us each)
@@ -60,147 +69,6 @@ class Parameter:
         return [low, low + 1, high - 1, high]
 
 
-class Objective(Schema):
-    """One objective of the search: any registered metric; its direction defaults to the
-    registry's (``params`` and ``latency_ms`` are minimised, accuracy maximised)."""
-
-    where: ClassVar[str] = "search.objectives"
-    metric: Literal[*METRICS]
-    direction: Literal["max", "min"] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _registry_direction(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and raw.get("direction") is None and raw.get("metric") in METRICS:
-            return {**raw, "direction": METRICS[raw["metric"]].direction}
-        return raw
-
-
-CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+0-9.eE]+)\s*$")
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """``metric >= value`` or ``metric <= value`` on a trial's validation metrics."""
-
-    metric: str
-    operator: str
-    value: float
-
-    def violation(self, metrics: dict[str, Any]) -> float:
-        """Optuna's convention: <= 0 when satisfied, else by how much it is missed (a missing or
-        non-finite metric counts as violated by 1)."""
-        measured = metrics.get(self.metric)
-        if measured is None or not math.isfinite(float(measured)):
-            return 1.0
-        return self.value - float(measured) if self.operator == ">=" else float(measured) - self.value
-
-    def __str__(self) -> str:
-        return f"{self.metric} {self.operator} {self.value:g}"
-
-
-def parse_constraint(text: str) -> Constraint:
-    found = CONSTRAINT.match(text) if isinstance(text, str) else None
-    if found is None:
-        raise ValueError(f"{text!r} is not 'metric >= value' or 'metric <= value'")
-    metric, operator, value = found.groups()
-    if metric not in METRICS:
-        raise ValueError(f"{text!r}: unknown metric {metric!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{text!r}: {value!r} is not a number") from None
-    return Constraint(metric, operator, number)
-
-
-class SchedulerSettings(Schema):
-    """How trials are stopped early: ``fifo`` runs every trial to the end; ``mo_asha`` is
-    multi-objective asynchronous successive halving (xkd_ray.cluster.mo_asha) with rungs at
-    grace_epochs * reduction_factor^k epochs."""
-
-    where: ClassVar[str] = "search.scheduler"
-    name: Literal[*SCHEDULERS] = "fifo"
-    grace_epochs: Annotated[int, Field(ge=1)] = 1
-    reduction_factor: Annotated[int, Field(ge=2)] = 3
-
-
-DEFAULT_OBJECTIVES = [{"metric": "accuracy"}, {"metric": "fidelity"}]
-
-
-class SearchSettings(Schema):
-    """The budget and sampler of a search; the worker settings become each trial's ``ray``."""
-
-    where: ClassVar[str] = "search"
-    trials: Annotated[int, Field(ge=1)] = 16
-    sampler: Literal[*SAMPLERS] = "tpe"
-    seed: Seed = 0
-    workers_per_trial: Annotated[int, Field(ge=1)] = 1
-    cpus_per_worker: PositiveFloat = 1.0
-    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
-    max_failures: Annotated[int, Field(ge=0)] = 1
-    # A one-worker trial trains inside its Tune trial process (no Ray Train run: no controller,
-    # no worker process; Tune's checkpoints, retries from them, and reuses the process for the
-    # next trial). False: every trial is a Ray Train run, as trials of 2+ workers always are.
-    one_worker_in_driver: bool = True
-    objectives: list[Objective] = Field(default_factory=lambda: [Objective(**o) for o in DEFAULT_OBJECTIVES])
-    constraints: list[str] = Field(default=[])
-    # One value per objective: the worst point the hypervolume counts from. Defaults to 0 for
-    # maximised objectives; a minimised one (params, latency_ms) has no natural worst, so set it.
-    hypervolume_reference: list[float] | None = None
-    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
-    # The configuration the search must beat (usually the defaults a user would train by hand):
-    # a partial {dotted key: value} over the searched keys, evaluated first, drawn on the front
-    # plot and compared with the front in summary.json.
-    reference: dict[str, Any] | None = None
-    # Configurations to try first (e.g. a known-good setting), each a partial {dotted key: value}
-    # over the searched keys; the sampler fills in the rest. They count towards ``trials``.
-    initial_points: list[dict[str, Any]] = Field(default=[])  # pydantic copies it per instance
-
-    @field_validator("constraints")
-    @classmethod
-    def _parse_constraints(cls, value: list[str]) -> list[str]:
-        for index, text in enumerate(value):
-            try:
-                parse_constraint(text)
-            except ValueError as exc:
-                raise rule(f"search.constraints[{index}]", str(exc)) from None
-        return value
-
-    @model_validator(mode="after")
-    def _points_fit_the_budget(self) -> SearchSettings:
-        points = len(self.initial_points) + (self.reference is not None)
-        if points > self.trials:
-            raise rule(
-                "search.initial_points",
-                f"{points} points but search.trials={self.trials} (search.reference counts as one); "
-                "raise trials or drop points",
-            )
-        names = [o.metric for o in self.objectives]
-        if len(names) < 2 or len(set(names)) != len(names):
-            raise rule("search.objectives", f"needs 2 or more different metrics, got {names}")
-        if self.hypervolume_reference is None:
-            unset = [o.metric for o in self.objectives if o.direction == "min"]
-            if unset:
-                raise rule("search.hypervolume_reference", f"set one value per objective ({unset[0]} is minimised)")
-        elif len(self.hypervolume_reference) != len(names):
-            raise rule(
-                "search.hypervolume_reference",
-                f"{len(self.hypervolume_reference)} values for {len(names)} objectives ({', '.join(names)})",
-            )
-        return self
-
-    def objective_pairs(self) -> list[tuple[str, str]]:
-        """(metric, direction) per objective, in the space file's order."""
-        return [(o.metric, str(o.direction)) for o in self.objectives]
-
-    def reference_point(self) -> list[float]:
-        """The hypervolume's reference point: as given, or 0 for each (maximised) objective."""
-        return list(self.hypervolume_reference or [0.0] * len(self.objectives))
-
-    def parsed_constraints(self) -> list[Constraint]:
-        return [parse_constraint(text) for text in self.constraints]
-
-
 @dataclass
 class SearchSpec:
     base: ExperimentConfig
@@ -210,16 +78,63 @@ class SearchSpec:
     def fixed_overrides(self) -> dict[str, Any]:
         return {name: p.value for name, p in self.parameters.items() if p.kind == "fixed"}
 
+    def searched(self) -> list[str]:
+        return [name for name, p in self.parameters.items() if p.kind != "fixed"]
+
+    def cli_config(self, given: dict[str, Any]) -> ExperimentConfig:
+        """What ``xkd distill`` trains with its CLI defaults, plus ``given`` (e.g. the method): every
+        ``student.*`` and ``distill.*`` key at the config default (epochs included), on the data,
+        teacher and explainer every trial of this search uses."""
+        defaults = ExperimentConfig().to_dict()
+        cli = {f"{section}.{key}": value for section in CLI_SECTIONS for key, value in defaults[section].items()}
+        return self.trial_config({}).with_overrides({**cli, **given})
+
+    def cli_point(self, given: dict[str, Any]) -> dict[str, Any]:
+        """``cli_config(given)`` as a point of the space: its value of every searched key."""
+        config = self.cli_config(given).to_dict()
+        return {name: config[name.partition(".")[0]][name.partition(".")[2]] for name in self.searched()}
+
+    def cli_points(self) -> list[dict[str, Any]]:
+        """The reference, then each ``search.cli_defaults`` method, as points to evaluate first."""
+        return [self.cli_point(given) for given in self.search.cli_point_givens()]
+
     def reference_point(self) -> dict[str, Any] | None:
-        """``search.reference`` completed with the base config's value for every searched key it
-        leaves out: the configuration a user gets without searching."""
-        if self.search.reference is None:
-            return None
-        shared = self.trial_config({}).to_dict()
-        searched = [name for name, p in self.parameters.items() if p.kind != "fixed"]
-        base = {name: shared[name.partition(".")[0]][name.partition(".")[2]] for name in searched}
-        given = self.search.reference
-        return {**given, **{name: value for name, value in base.items() if name not in given}}
+        """``search.reference`` as a point: the given keys, and the CLI's default for every other
+        searched key (the configuration a user gets without searching)."""
+        return None if self.search.reference is None else self.cli_point(self.search.reference)
+
+    def cli_given(self, sampled: dict[str, Any]) -> dict[str, Any] | None:
+        """Which CLI-default point ``sampled`` is (what it sets over the CLI's defaults), or None."""
+        for given in self.search.cli_point_givens():
+            point = self.cli_point(given)
+            if all(sampled.get(name) == value for name, value in point.items()):
+                return given
+        return None
+
+    def is_cli_point(self, sampled: dict[str, Any]) -> bool:
+        return self.cli_given(sampled) is not None
+
+    def is_reference(self, sampled: dict[str, Any]) -> bool:
+        given = self.cli_given(sampled)
+        return given is not None and given == self.search.reference
+
+    def config_for(self, sampled: dict[str, Any]) -> ExperimentConfig:
+        """The config a trial trains with: a CLI-default point (the reference, ``cli_defaults``)
+        trains exactly as ``xkd distill`` would, every other point as ``trial_config``."""
+        given = self.cli_given(sampled)
+        return self.trial_config(sampled) if given is None else self.cli_config(given)
+
+    def cli_differences(self) -> list[str]:
+        """The keys where the CLI-default trials train differently from the sampled ones (the base
+        or a fixed space value changes a training budget the CLI keeps at its default)."""
+        cli, trials = self.cli_config({}).to_dict(), self.trial_config({}).to_dict()
+        searched = set(self.searched())
+        return [
+            f"{section}.{key}: {cli[section][key]!r} (other trials: {trials[section][key]!r})"
+            for section in CLI_SECTIONS
+            for key in cli[section]
+            if cli[section][key] != trials[section][key] and f"{section}.{key}" not in searched
+        ]
 
     def trial_config(self, sampled: dict[str, Any]) -> ExperimentConfig:
         """The full config of one trial: base, the search's worker settings, the space's fixed
@@ -274,6 +189,13 @@ def _check_values(spec: SearchSpec) -> None:
         section, _, key = name.partition(".")
         if section not in defaults or key not in defaults[section]:
             raise XKDConfigError(f"space.{name}: unknown key; keys look like distill.temperature or student.ae_depth")
+        why = {
+            "ray": "resources come from one place: search.workers_per_trial, search.cpus_per_worker and base.ray",
+        }.get(section, "the data, teacher and explanations are prepared once, from base, for every trial")
+        if section in PREPARED_ONCE and spec.parameters[name].kind != "fixed":
+            raise XKDConfigError(f"space.{name}: cannot be sampled ({why}); set it in base")
+        if name in ("ray.num_workers", "ray.cpus_per_worker"):
+            raise XKDConfigError(f"space.{name}: cannot be set here ({why})")
     try:  # the config shared by all trials (``trial_config({})``, e.g. the data every trial reads)
         spec.trial_config({})
     except XKDConfigError as exc:
@@ -298,27 +220,51 @@ def _check_values(spec: SearchSpec) -> None:
             raise XKDConfigError(f"space: the trial {point} is not valid ({exc})") from None
 
 
+def _cli_points(spec: SearchSpec) -> list[tuple[str, dict[str, Any]]]:
+    """The reference and ``search.cli_defaults`` as named points; what they set must be searched."""
+    searched = spec.searched()
+    givens: list[tuple[str, dict[str, Any]]] = []
+    if spec.search.reference is not None:
+        givens.append(("search.reference", spec.search.reference))
+    for index, method in enumerate(spec.search.cli_defaults):
+        if {"distill.method": method} != spec.search.reference:  # the reference is that point already
+            givens.append((f"search.cli_defaults[{index}]", {"distill.method": method}))
+    points = []
+    for where, given in givens:
+        for name in given:
+            if name not in searched:
+                raise XKDConfigError(f"{where}.{name}: not a searched key; searched keys are {', '.join(searched)}")
+        try:
+            spec.cli_config(given)
+        except XKDConfigError as exc:
+            raise XKDConfigError(f"{where}: not a valid configuration ({exc})") from None
+        points.append((where, spec.cli_point(given)))
+    return points
+
+
 def _check_initial_points(spec: SearchSpec) -> None:
     """Each point may only name searched keys, with a value its range or choice list allows; the
-    keys it leaves out are filled by the sampler, tried here at their first and last probes."""
+    keys it leaves out are filled by the sampler, tried here at their first and last probes. The
+    CLI-default points (reference, ``cli_defaults``) hold the CLI's default for every searched key
+    they do not set: a range that excludes it is refused (the point could not be proposed)."""
     searched = {name: p.probes() for name, p in spec.parameters.items() if p.kind != "fixed"}
-    points = [(f"search.initial_points[{i}]", point) for i, point in enumerate(spec.search.initial_points)]
-    if spec.search.reference is not None:
-        points.insert(0, ("search.reference", spec.reference_point()))
-    for where, point in points:
+    initial = [(f"search.initial_points[{i}]", point) for i, point in enumerate(spec.search.initial_points)]
+    cli = _cli_points(spec)
+    for where, point in [*cli, *initial]:
+        hint = " (xkd distill's default; widen the range)" if (where, point) in cli else ""
         for name, value in point.items():
             parameter = spec.parameters.get(name)
             if parameter is None or parameter.kind == "fixed":
                 raise XKDConfigError(f"{where}.{name}: not a searched key; searched keys are {', '.join(searched)}")
             if parameter.kind == "choice":
                 if value not in parameter.choices:
-                    raise XKDConfigError(f"{where}.{name}: {value!r} is not one of {list(parameter.choices)}")
+                    raise XKDConfigError(f"{where}.{name}: {value!r} is not one of {list(parameter.choices)}{hint}")
             elif not (
                 isinstance(value, (int, float))
                 and not isinstance(value, bool)
                 and parameter.low <= value <= parameter.high
             ):
-                raise XKDConfigError(f"{where}.{name}: {value!r} is outside [{parameter.low}, {parameter.high}]")
+                raise XKDConfigError(f"{where}.{name}: {value!r} is outside [{parameter.low}, {parameter.high}]{hint}")
             if parameter.kind == "int" and not isinstance(value, int):
                 raise XKDConfigError(f"{where}.{name}: {value!r} must be an integer")
         for end in (0, -1):
@@ -326,6 +272,8 @@ def _check_initial_points(spec: SearchSpec) -> None:
                 spec.trial_config({**{name: values[end] for name, values in searched.items()}, **point})
             except XKDConfigError as exc:
                 raise XKDConfigError(f"{where}: not a valid configuration ({exc})") from None
+    if len({tuple(sorted(point.items())) for _, point in cli}) != len(cli):
+        raise XKDConfigError("search.cli_defaults: two CLI-default points are the same configuration")
 
 
 def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
@@ -358,10 +306,11 @@ def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
     _check_values(spec)
     _check_initial_points(spec)
     scheduler = spec.search.scheduler
-    if scheduler.name != "fifo" and scheduler.grace_epochs >= spec.base.distill.epochs:
+    epochs = spec.trial_config({}).distill.epochs
+    if scheduler.name != "fifo" and scheduler.grace_epochs >= epochs:
         raise XKDConfigError(
             f"search.scheduler.grace_epochs: {scheduler.grace_epochs} leaves no epoch to stop early "
-            f"(base.distill.epochs is {spec.base.distill.epochs})"
+            f"(distill.epochs is {epochs})"
         )
     return spec
 

@@ -79,7 +79,8 @@ def update_registry(
     experiment: str | Path, evaluate_test: TestEvaluator, objectives: Objectives | None = None
 ) -> dict[str, Any]:
     """Bring ``pareto/`` in line with ``trials.parquet``: add new front members (evaluated once
-    on the test split), drop students that left the front, rewrite the front table and summary."""
+    on the test split unless the student folder has its test metrics), drop students that left
+    the front, rewrite the front table and summary."""
     experiment = Path(experiment)
     objectives = objectives or Objectives()
     rows = read_trials(experiment)
@@ -91,7 +92,8 @@ def update_registry(
         folder = pareto_dir / row["trial_id"]
         if not (folder / "metrics.json").exists():
             student, record, metrics = load_student(row["student_dir"])
-            metrics = {**metrics, "test": evaluate_test(student, record)}
+            if "test" not in metrics:  # a search's trial evaluates its own test split
+                metrics = {**metrics, "test": evaluate_test(student, record)}
             write_model_folder(folder, student, record, metrics)
         metrics = read_json_mapping(folder / "metrics.json")
         table_rows.append(
