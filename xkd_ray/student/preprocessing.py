@@ -182,17 +182,18 @@ def _from_image(image: Any, prep: Preprocessing) -> torch.Tensor:
     return pixels
 
 
-def _as_nchw(array: torch.Tensor) -> torch.Tensor:
+def _as_nchw(array: torch.Tensor, channels: int) -> torch.Tensor:
     """Arrays of any layout -> [N, C, H, W]: 2-D is one grey image; 3-D is H x W x C when the last
-    axis has 1, 3 or 4 entries, C x H x W when the first has 1 or 3, else N grey images; 4-D is
-    N x C x H x W when axis 1 has 1, 3 or 4 entries, else N x H x W x C."""
+    axis has 1, 3 or 4 entries, C x H x W when the first axis has the student's channel count
+    (so [3, H, W] is one RGB image for an RGB student, three grey images for a grey one), else N
+    grey images; 4-D is N x C x H x W when axis 1 has 1, 3 or 4 entries, else N x H x W x C."""
     shape = tuple(array.shape)
     if array.ndim == 2:
         return array[None, None]
     if array.ndim == 3:
         if shape[-1] in (1, 3, 4):
             return array.permute(2, 0, 1)[None]
-        if shape[0] in (1, 3):
+        if shape[0] == channels:
             return array[None]
         return array[:, None]
     if array.ndim == 4:
@@ -218,11 +219,11 @@ def _from_array(item: Any, prep: Preprocessing, pixel_max: float | None) -> torc
     if isinstance(item, np.ndarray):
         if item.dtype.kind not in "uif":
             raise XKDDataError(f"input dtype {item.dtype} is not a number type an image can have")
-        item = torch.from_numpy(np.ascontiguousarray(item))
+        item = torch.from_numpy(np.array(item, copy=True))  # a read-only view (np.asarray of a PIL image)
     tensor = item
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise XKDDataError(f"input dtype {tensor.dtype} is not a number type an image can have")
-    images = _as_nchw(tensor.detach().cpu()).float()
+    images = _as_nchw(tensor.detach().cpu(), prep.channels).float()
     if images.numel() == 0:
         raise XKDDataError(f"input of shape {list(tensor.shape)} holds no pixels")
     if not torch.isfinite(images).all():
