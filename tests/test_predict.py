@@ -113,3 +113,36 @@ def test_old_folders_and_bad_inputs_are_refused(saved, tmp_path) -> None:
     with pytest.raises(XKDCheckpointError, match=f"no {FILE}.*xkd upgrade"):
         load_student_folder(old)
     assert (folder / "card.md").read_text().count("fidelity_skill") == 1
+
+
+def test_cli_predict_export_and_upgrade(saved, tmp_path, capsys) -> None:
+    from xkd_ray.ui.cli import main
+
+    folder, config = saved
+    raw, _ = raw_test_digits(config)
+    files = []
+    for index in range(3):
+        files.append(tmp_path / f"d{index}.png")
+        Image.fromarray((raw[index] * 255 // 16).astype(np.uint8)).save(files[-1])
+    assert main(["predict", str(folder), *map(str, files), "--json", "--maps", str(tmp_path / "maps.png")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    expected = load_student_folder(folder).predict([str(f) for f in files])
+    assert [line["label"] for line in lines] == expected.labels.tolist()
+    assert [line["file"] for line in lines] == [str(f) for f in files]
+    assert Image.open(tmp_path / "maps.png").size[0] > 100  # the grid of images and maps
+
+    assert main(["export", str(folder), "--format", "onnx", "--out", str(tmp_path / "s.onnx")]) == 0
+    assert (tmp_path / "s.onnx").stat().st_size > 1000 and "head_map" in capsys.readouterr().out
+    assert main(["export", str(folder), "--format", "onnx", "--out", str(tmp_path)]) == 2  # a folder
+    assert "is a folder" in capsys.readouterr().err
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("model.pt", "config.json", "metrics.json"):
+        (old / name).write_bytes((folder / name).read_bytes())
+    assert main(["predict", str(old), str(files[0])]) == 2
+    assert "xkd upgrade" in capsys.readouterr().err
+    assert main(["upgrade", str(old)]) == 0
+    assert (old / FILE).read_text() == (folder / FILE).read_text()  # recovered from the data its config names
+    assert main(["predict", str(old), str(files[0]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label"] == int(expected.labels[0])

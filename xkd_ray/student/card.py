@@ -133,3 +133,33 @@ def write_student_folder(directory: str | Path, config: Any, student: Any, data:
     }
     prep = preprocessing_of(data.splits, config.explain, student.head is not None)
     return write_model_folder(directory, student, record, metrics, files=folder_files(record, metrics, prep))
+
+
+def upgrade_folder(folder: str | Path) -> Path:
+    """Give a student folder saved before students carried ``preprocessing.json`` its record and
+    card: the data its config.json names is reloaded (same config, same tensors), its description
+    checked against the one saved at training time, and the two files are added (the weights,
+    config.json and metrics.json are not touched)."""
+    from xkd_ray.config.schema import ExperimentConfig
+    from xkd_ray.core.checkpoints import atomic_write_bytes, read_json_mapping
+    from xkd_ray.data.datasets import load_splits
+    from xkd_ray.errors import XKDCheckpointError
+    from xkd_ray.student.preprocessing import preprocessing_of
+
+    folder = Path(folder)
+    record = read_json_mapping(folder / "config.json")
+    if not isinstance(record.get("experiment"), dict) or not isinstance(record.get("architecture"), dict):
+        raise XKDCheckpointError(f"{folder / 'config.json'}: no 'experiment'/'architecture' entry to rebuild from")
+    config = ExperimentConfig.from_dict(record["experiment"])
+    splits = load_splits(config.data)
+    if record.get("data") is not None and record["data"] != splits.describe():
+        raise XKDCheckpointError(
+            f"{folder}: the data its config names now loads as {splits.describe()}, not {record['data']} "
+            "as at training; cannot recover its preprocessing"
+        )
+    prep = preprocessing_of(splits, config.explain, bool(record["architecture"].get("ae_depth")))
+    metrics = read_json_mapping(folder / "metrics.json") if (folder / "metrics.json").exists() else {}
+    shown = {**record, "data_fingerprint": record.get("data_fingerprint", splits.fingerprint())}
+    for name, text in folder_files(shown, metrics, prep).items():
+        atomic_write_bytes(folder / name, text.encode())
+    return folder
