@@ -146,3 +146,20 @@ def test_cli_predict_export_and_upgrade(saved, tmp_path, capsys) -> None:
     assert (old / FILE).read_text() == (folder / FILE).read_text()  # recovered from the data its config names
     assert main(["predict", str(old), str(files[0]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label"] == int(expected.labels[0])
+
+
+def test_front_members_stay_self_contained(saved, tmp_path) -> None:
+    """A trial's student copied onto the front keeps its preprocessing, and its card names the front."""
+    from xkd_ray.pareto.front import open_student, record_trial, update_registry
+
+    folder, _ = saved
+    metrics = json.loads((folder / "metrics.json").read_text())
+    row = {"trial_id": "t0", "method": "xd", "status": "ok", "config": {}, "student_dir": str(folder)}
+    record_trial(tmp_path, {**row, **{f"val_{k}": v for k, v in metrics["val"].items()}})
+    update_registry(tmp_path, lambda model, record: metrics["test"])
+    member = tmp_path / "pareto" / "t0"
+    assert (member / FILE).read_text() == (folder / FILE).read_text()
+    assert "Pareto front of" in (member / "card.md").read_text()
+    knee = open_student(tmp_path, "knee")
+    raw, _ = raw_test_digits(saved[1])
+    assert torch.equal(knee.predict(raw[:5]).logits, load_student_folder(folder).predict(raw[:5]).logits)
