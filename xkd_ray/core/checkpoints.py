@@ -138,11 +138,16 @@ def atomic_write_json(path: str | Path, payload: Any) -> Path:
 
 
 def write_model_folder(
-    directory: str | Path, model: nn.Module, config: dict[str, Any], metrics: dict[str, Any]
+    directory: str | Path,
+    model: nn.Module,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """Write model.pt + config.json + metrics.json into a staging folder, then rename it into
-    place: readers only ever see a complete folder (a folder cannot be written atomically file
-    by file, so the folder itself is the unit that is renamed)."""
+    """Write model.pt + config.json + metrics.json (+ ``files``: name -> text, e.g. a student's
+    preprocessing.json and card.md) into a staging folder, then rename it into place: readers only
+    ever see a complete folder (a folder cannot be written atomically file by file, so the folder
+    itself is the unit that is renamed)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
@@ -150,8 +155,10 @@ def write_model_folder(
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, staging / "model.pt")
         (staging / "config.json").write_text(json_text(config))
         (staging / "metrics.json").write_text(json_text(metrics))
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
         if DURABLE:
-            for name in ("model.pt", "config.json", "metrics.json"):
+            for name in ("model.pt", "config.json", "metrics.json", *(files or {})):
                 _fsync_file(staging / name)
             _fsync_folder(staging)
         if directory.exists():

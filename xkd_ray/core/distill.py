@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.core.checkpoints import write_model_folder
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
 from xkd_ray.core.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
@@ -346,11 +345,8 @@ def epoch_loader(config: ExperimentConfig, data: DistillData, epoch: int) -> Dat
 def save_student(
     directory: str | Path, config: ExperimentConfig, student: StudentNet, data: DistillData, metrics: dict[str, Any]
 ) -> Path:
-    """config.json holds enough to rebuild the student without the experiment's code paths."""
-    record = {
-        "architecture": student.architecture(),
-        "experiment": config.to_dict(),
-        "teacher_id": data.teacher_id,
-        "data": data.splits.describe(),
-    }
-    return write_model_folder(directory, student, record, metrics)
+    """config.json holds enough to rebuild the student without the experiment's code paths;
+    preprocessing.json and card.md make the folder usable on its own (``xkd_ray.student.card``)."""
+    from xkd_ray.student.card import write_student_folder
+
+    return write_student_folder(directory, config, student, data, metrics)

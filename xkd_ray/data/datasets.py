@@ -53,6 +53,7 @@ def _load_digits(config: DataConfig) -> Splits:
         },
         {split: labels[idx] for split, idx in index.items()},
         [str(digit) for digit in range(10)],
+        pixel_max=16.0,  # scikit-learn's digits count ink from 0 to 16
     )
 
 
@@ -275,6 +276,7 @@ def _load_imagefolder(config: DataConfig) -> Splits:
         },
         {"train": train_labels[train_idx], "val": train_labels[val_idx], "test": test_labels},
         train_classes,
+        resize_rule="pil_bilinear",
     )
 
 

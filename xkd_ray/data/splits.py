@@ -105,6 +105,13 @@ class Splits:
     image_size: int
     name: str
     class_names: tuple[str, ...]
+    # How raw images became these tensors, saved with every student (``xkd_ray.student.preprocessing``)
+    # so it can be applied to new images: the train split's per-channel mean and std, the raw value
+    # of full intensity (16 in scikit-learn's digits, 255 in 8-bit images) and the resize rule.
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    pixel_max: float = 255.0
+    resize_rule: str = "torch_bilinear_antialias"  # or "pil_bilinear" (image folders: PIL resizes the files)
     # Hashing CIFAR-sized tensors takes about a second and the pipeline asks several times;
     # the tensors are treated as read-only, so the first answer stays valid.
     _fingerprint: list[str] = field(default_factory=list, init=False, repr=False)
@@ -222,14 +229,16 @@ def uint8_to_float(raw: torch.Tensor, indices: np.ndarray, size: int) -> torch.T
     return out
 
 
-def _normalise(parts: dict[str, torch.Tensor]) -> None:
-    """Standardise with train statistics only, so nothing about val/test leaks into training."""
+def _normalise(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardise with train statistics only, so nothing about val/test leaks into training;
+    returns the float32 mean and std used (saved with every student)."""
     train = parts["train"].double()
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True, unbiased=False).clamp_min(1e-6)
     mean, std = mean.float(), std.float()
     for images in parts.values():
         images.sub_(mean).div_(std)
+    return mean.flatten(), std.flatten()
 
 
 def assemble(
@@ -239,6 +248,9 @@ def assemble(
     images: dict[str, torch.Tensor],
     labels: dict[str, np.ndarray],
     class_names: Sequence[str],
+    *,
+    pixel_max: float = 255.0,
+    resize_rule: str = "torch_bilinear_antialias",
 ) -> Splits:
     _check_not_empty(where, {split: len(labels[split]) for split in SPLIT_NAMES}, config)
     for split in SPLIT_NAMES:
@@ -246,7 +258,7 @@ def assemble(
             raise XKDDataError(
                 f"{where}: {split} labels fall outside 0..{len(class_names) - 1}; the dataset files look corrupted"
             )
-    _normalise(images)
+    mean, std = _normalise(images)
     parts = {
         split: Split(images[split].contiguous(), torch.as_tensor(labels[split], dtype=torch.int64).clone())
         for split in SPLIT_NAMES
@@ -260,4 +272,8 @@ def assemble(
         image_size=config.image_size,
         name=name,
         class_names=tuple(str(c) for c in class_names),
+        mean=tuple(float(value) for value in mean.tolist()),
+        std=tuple(float(value) for value in std.tolist()),
+        pixel_max=float(pixel_max),
+        resize_rule=resize_rule,
     )

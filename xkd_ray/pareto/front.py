@@ -31,19 +31,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import torch
 from torch import nn
 
 from xkd_ray.core.checkpoints import atomic_write_json, load_student, read_json_mapping, write_model_folder
-from xkd_ray.core.explain import explain_maps
 from xkd_ray.core.metrics import dominates, hypervolume
 from xkd_ray.errors import XKDCheckpointError
 from xkd_ray.pareto.plot import write_front_plot
+from xkd_ray.pareto.storage import is_remote
 from xkd_ray.pareto.tables import (
     MAX_TABLE_ROWS,
     Objectives,
@@ -61,6 +59,9 @@ from xkd_ray.pareto.tables import (
     summary,
     trial_columns,
 )
+from xkd_ray.student.card import folder_files
+from xkd_ray.student.predict import Student, load_student_folder
+from xkd_ray.student.preprocessing import read_preprocessing
 
 __all__ = [  # the registry's public names, wherever they are defined
     "MAX_FRONT_ROWS", "MAX_TABLE_ROWS", "Objectives", "ParetoStudent", "front_columns", "front_rows",
@@ -94,7 +95,9 @@ def update_registry(
             student, record, metrics = load_student(row["student_dir"])
             if "test" not in metrics:  # a search's trial evaluates its own test split
                 metrics = {**metrics, "test": evaluate_test(student, record)}
-            write_model_folder(folder, student, record, metrics)
+            origin = {"experiment": str(experiment), "trial_id": row["trial_id"], "objectives": list(objectives.names)}
+            files = folder_files(record, metrics, read_preprocessing(row["student_dir"]), origin)
+            write_model_folder(folder, student, record, metrics, files=files)
         metrics = read_json_mapping(folder / "metrics.json")
         table_rows.append(
             {
@@ -188,29 +191,9 @@ def student_folder(experiment: Path, relative: str | None, table: Path) -> Path:
     return experiment / relative
 
 
-@dataclass
-class ParetoStudent:
-    """A student from the front, ready to use: ``model(x)`` gives logits, ``explain(x)`` maps."""
-
-    model: nn.Module
-    metrics: dict[str, Any]
-    config: dict[str, Any]
-    path: Path
-
-    def explain(self, images: torch.Tensor) -> torch.Tensor:
-        """The student's own explanation: its head's maps, or captum on it when it has no head."""
-        with torch.no_grad():
-            output = self.model(images, return_all=True)
-        if output.maps is not None:
-            return output.maps
-        explain = self.config.get("experiment", {}).get("explain", {})
-        return explain_maps(
-            self.model,
-            images,
-            explainer=explain.get("explainer", "gradcam"),
-            ig_steps=explain.get("ig_steps", 32),
-            blur_sigma=explain.get("blur_sigma", 1.0),
-        ).maps
+class ParetoStudent(Student):
+    """A student from the front, ready to use: ``predict(x)`` / ``explain(x)`` on raw images,
+    ``model(x)`` on standardised tensors (``xkd_ray.student.predict.Student``)."""
 
 
 def _choose(rows: list[dict[str, Any]], prefer: str | dict[str, float], objectives: Objectives) -> dict[str, Any]:
@@ -257,13 +240,24 @@ def load_pareto_student(experiment: str | Path, prefer: str | dict[str, float] =
         folder = student_folder(experiment, chosen["path"], front_file)
         try:
             model, config, metrics = load_student(folder)
+            preprocessing = read_preprocessing(folder)
         except XKDCheckpointError:
             if attempt + 1 == READ_ATTEMPTS or _file_version(front_file) == before:
                 raise  # the front did not move: the student is really missing or broken
             time.sleep(0.01 * (attempt + 1))
             continue
-        return ParetoStudent(model=model, metrics=metrics, config=config, path=folder)
+        return ParetoStudent(model=model, metrics=metrics, config=config, path=folder, preprocessing=preprocessing)
     raise AssertionError("unreachable")
+
+
+def open_student(target: str | Path, prefer: str | dict[str, float] = "knee") -> Student:
+    """A student folder (it holds model.pt), or an experiment (folder or ``s3://``) whose front
+    member ``prefer`` picks; refused without ``preprocessing.json`` (one line: how to re-save)."""
+    if not (isinstance(target, str) and is_remote(target)) and (Path(target) / "model.pt").exists():
+        return load_student_folder(target)
+    student = load_pareto_student(target, prefer)
+    student.prep  # noqa: B018 (refuses an old folder here, before any work)
+    return student
 
 
 def _file_version(path: Path) -> tuple[int, int] | None:

@@ -1,4 +1,4 @@
-"""The ``xkd`` command: train a teacher, distill one student, search, inspect Pareto fronts.
+"""The ``xkd`` command: train a teacher, distill one student, search, inspect Pareto fronts, use a student.
 
 Every user error is an ``XKDError``: it is printed as one line naming the field or file and
 the command exits with status 2, before anything is written.
@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("experiment", type=experiment_location, help="experiment folder or s3://bucket/prefix")
     pareto.add_argument("--plot", type=Path, help="also write the accuracy vs fidelity plot (PNG)")
     pareto.set_defaults(handler=command_pareto)
+    from xkd_ray.ui.student_commands import add_student_commands
+
+    add_student_commands(commands)  # predict, export, serve, upgrade
     return parser
 
 
