@@ -171,7 +171,9 @@ def distill_stream(
 ) -> tuple[StudentNet, dict[str, Any]]:
     """``distill.distill`` over streamed batches (one process; Ray Train is not wired for streams)."""
     if METHODS[config.distill.method].needs_teacher:
-        raise XKDConfigError(f"distill.method: {config.distill.method!r} needs the live teacher; not with data.storage=stream")
+        raise XKDConfigError(
+            f"distill.method: {config.distill.method!r} needs the live teacher; not with data.storage=stream"
+        )
     torch.manual_seed(config.distill.seed)
     student = build_student(config, data.splits)  # type: ignore[arg-type]
     optimizer, scheduler = make_optimizer(config, student)
