@@ -36,6 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.cluster.runtime_env import job_runtime_env
 from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.distill import (
     StudentPredictions,
     build_student,
@@ -332,13 +333,18 @@ def train_student_loop(
     teacher = teacher.to(device) if teacher is not None else None
     dataset = distill_dataset(data.splits.train, data.teacher_outputs["train"])
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    loader = session.prepare_loader(DataLoader(dataset, batch_size=settings.batch_size // world, sampler=sampler))
+    collate = AugmentCollate(settings.seed, start_epoch) if config.data.augment_on else None
+    loader = session.prepare_loader(
+        DataLoader(dataset, batch_size=settings.batch_size // world, sampler=sampler, collate_fn=collate)
+    )
     amp_dtype = _amp_dtype(config, device)
     node_ids = worker_node_ids()
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, settings.epochs):
         maybe_kill_worker(config, epoch, loop_config["run_folder"], last_rank=rank == world - 1)
         sampler.set_epoch(epoch)
+        if collate is not None:  # the same draws for (seed, epoch, batch) as the plain loop
+            collate.epoch, collate.batch = epoch, 0
         if timings:
             timings["first_epoch_started"] = time.time()
         record = train_one_epoch(

@@ -88,6 +88,11 @@ class DataConfig(Schema):
     test_fraction: Fraction = 0.2
     max_train_samples: PositiveInt | None = None
     seed: Seed = 0
+    # Larger than memory (docs/DATA.md): ``auto`` streams image folders whose float32 tensors would
+    # exceed ``stream_threshold_mb``; ``augment`` None = on for image folders and CIFAR, off otherwise.
+    storage: Literal["auto", "memory", "stream"] = "auto"
+    stream_threshold_mb: PositiveInt = 2048
+    augment: bool | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> DataConfig:
@@ -106,7 +111,16 @@ class DataConfig(Schema):
                 f"dataset {self.dataset!r} reads no folder, so {self.root!r} would be ignored; "
                 f"name the dataset it holds (--dataset {' | '.join(reading)})",
             )
+        if self.storage == "stream" and self.dataset != "imagefolder":
+            raise rule("data.storage", f"stream reads image folders only; {self.dataset!r} loads in memory")
         return self
+
+    @property
+    def augment_on(self) -> bool:
+        """``augment`` resolved: on by default where crops and flips are standard (real photos)."""
+        if self.augment is not None:
+            return self.augment
+        return self.dataset in ("imagefolder", "cifar10", "cifar100")
 
 
 class TeacherConfig(Schema):

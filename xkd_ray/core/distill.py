@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
 from xkd_ray.core.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
@@ -339,7 +340,8 @@ def epoch_loader(config: ExperimentConfig, data: DistillData, epoch: int) -> Dat
     dataset = distill_dataset(data.splits.train, data.teacher_outputs["train"])
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=config.distill.seed)
     sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=config.distill.batch_size, sampler=sampler)
+    collate = AugmentCollate(config.distill.seed, epoch) if config.data.augment_on else None
+    return DataLoader(dataset, batch_size=config.distill.batch_size, sampler=sampler, collate_fn=collate)
 
 
 def save_student(

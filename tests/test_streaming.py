@@ -1,0 +1,98 @@
+"""Streamed image folders: the same images, labels and teacher maps as the in-memory path, read
+one batch at a time (scikit-learn digits written to a temporary ImageFolder)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from xkd_ray.config.schema import DataConfig, ExperimentConfig
+from xkd_ray.core.explain import cached_teacher_outputs, explain_settings
+from xkd_ray.core.models import build_teacher
+from xkd_ray.core.streamed import stream_epoch_loader, stream_teacher_outputs
+from xkd_ray.data.datasets import load_splits
+from xkd_ray.data.streaming import resolve_storage, stream_imagefolder
+from xkd_ray.errors import XKDDataError
+
+
+def _digits_tree(root: Path, count: int = 300) -> Path:
+    bunch = load_digits()
+    for index in range(count):
+        split = "test" if index % 7 == 0 else "train"
+        folder = root / split / str(bunch.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((bunch.images[index] / 16 * 255).astype(np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return _digits_tree(tmp_path_factory.mktemp("digits_tree"))
+
+
+def test_streamed_splits_equal_the_in_memory_splits(tree: Path, tmp_path: Path) -> None:
+    config = DataConfig(dataset="imagefolder", root=str(tree), image_size=16, val_fraction=0.2)
+    memory = load_splits(config)
+    stream = stream_imagefolder(config, tmp_path)
+    for name in ("train", "val", "test"):
+        assert torch.equal(stream.split(name).labels, memory.split(name).labels)
+        ids = np.arange(len(stream.split(name)))[::-1].copy()  # any order: rows come back as asked
+        # Same uint8 decode; only the mean/std are summed differently (float64 moments): 1e-4.
+        assert torch.allclose(stream.split(name).read(ids), memory.split(name).images[ids], atol=1e-4)
+    assert (stream.num_classes, stream.in_channels) == (memory.num_classes, memory.in_channels)
+    assert len(pickle.dumps(stream)) < 20_000  # paths and labels, no pixels
+    again = stream_imagefolder(config, tmp_path)  # the shards are reused, not rewritten
+    assert again.train.path == stream.train.path
+
+
+def test_streamed_teacher_maps_equal_the_parquet_cache(tree: Path, tmp_path: Path) -> None:
+    config = DataConfig(dataset="imagefolder", root=str(tree), image_size=16, val_fraction=0.2)
+    stream = stream_imagefolder(config, tmp_path)
+    torch.manual_seed(0)
+    teacher = build_teacher("vgg", 3, 10, 8).eval()
+    settings = explain_settings("gradcam", None, 32, 1.0)
+    split = stream.train
+    streamed, hit = stream_teacher_outputs(
+        teacher, "t", split, "train", "fp", settings, batch_size=32, cache_dir=tmp_path
+    )
+    images = split.read(np.arange(len(split)))
+    memory, _, _ = cached_teacher_outputs(
+        teacher, "t", images, "train", "fp", explainer="gradcam", layer=None, ig_steps=32, blur_sigma=1.0,
+        batch_size=32, cache_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    ids = np.array([5, 0, len(split) - 1, 17])
+    logits, maps = streamed.read(ids)
+    assert not hit
+    assert torch.allclose(maps, memory.maps[ids], atol=1e-5)
+    assert torch.allclose(logits, memory.logits[ids], atol=1e-5)
+    assert torch.allclose(streamed.template_map, memory.maps.mean(0), atol=1e-5)
+    assert stream_teacher_outputs(teacher, "t", split, "train", "fp", settings, batch_size=32, cache_dir=tmp_path)[1]
+    # An epoch's batches cover every train image once, each with its own map.
+    seen = []
+    for batch_images, labels, _, batch_maps in stream_epoch_loader(
+        split, streamed, batch_size=64, seed=0, epoch=0, augment=False
+    ):
+        assert batch_images.shape[1:] == (3, 16, 16) and len(batch_maps) == len(labels)
+        seen.append(len(labels))
+    assert sum(seen) == len(split)
+
+
+def test_storage_choice_and_refusals(tree: Path, tmp_path: Path) -> None:
+    small = DataConfig(dataset="imagefolder", root=str(tree), image_size=16)
+    assert resolve_storage(small, 300, 3) == "memory"
+    assert resolve_storage(small.model_copy(update={"stream_threshold_mb": 1}), 300_000, 3) == "stream"
+    assert ExperimentConfig().data.storage == "auto"  # digits keep the in-memory path
+    with pytest.raises(ValueError, match=r"data\.storage: stream reads image folders only"):
+        DataConfig(dataset="digits", storage="stream")
+    broken = _digits_tree(tmp_path / "broken", 300)
+    next((broken / "train").rglob("*.png")).write_bytes(b"not a png")
+    cache = tmp_path / "cache"
+    with pytest.raises(XKDDataError, match="cannot read image"):
+        stream_imagefolder(DataConfig(dataset="imagefolder", root=str(broken), image_size=16), cache)
+    assert list((cache / "streams").iterdir()) == []  # nothing half-written left behind
