@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.checkpoints import atomic_write
 from xkd_ray.core.distill import StudentPredictions, distill, split_metrics, student_predictions
 from xkd_ray.core.explain import EXPLAINERS, explain_maps
 from xkd_ray.core.losses import explanation_loss
-from xkd_ray.core.methods import METHODS
 from xkd_ray.core.metrics import METRICS, fidelity, topk_iou
 from xkd_ray.core.models import ConvAutoencoder, StudentNet
 from xkd_ray.core.prepared import DistillData, prepare

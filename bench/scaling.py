@@ -19,10 +19,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from train_overhead import repeat_train  # bench/ is on sys.path when run as a script
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.distill import build_student, evaluate, make_optimizer
 from xkd_ray.core.losses import distillation_loss
-from xkd_ray.core.methods import METHODS
 from xkd_ray.core.prepared import DistillData, prepare
 
 PHASES = (

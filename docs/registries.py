@@ -18,11 +18,11 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from xkd_ray.config.methods import METHODS, Method
+from xkd_ray.config.registries import EXPLANATION_LOSSES, Lazy
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.config.space import Objective, SchedulerSettings, SearchSettings
 from xkd_ray.core.explain import EXPLAINERS
-from xkd_ray.core.losses import EXPLANATION_LOSSES
-from xkd_ray.core.methods import METHODS, Method
 from xkd_ray.core.metrics import METRICS
 from xkd_ray.core.models import FUSIONS, TEACHERS, StudentNet
 from xkd_ray.data.datasets import DATASETS
@@ -77,6 +77,7 @@ def paragraphs(obj: Any) -> list[str]:
 
 def summary(obj: Any) -> str:
     """The first line of an object's docstring, or its qualified name when it has none."""
+    obj = obj.resolve() if isinstance(obj, Lazy) else obj  # a registry's lazy reference: document its target
     doc = inspect.getdoc(obj)
     return doc.splitlines()[0] if doc else f"{obj.__module__}.{obj.__qualname__}"
 
@@ -88,7 +89,7 @@ def yes(flag: bool) -> str:
 def methods() -> list[str]:
     switches = [field.name for field in dataclasses.fields(Method) if field.type in (bool, "bool")]
     lines = [
-        "## Methods: `distill.method` (`xkd_ray.core.methods.METHODS`)",
+        "## Methods: `distill.method` (`xkd_ray.config.methods.METHODS`)",
         "",
         "Every method is a set of switches over one joint loss (`xkd_ray.core.losses.distillation_loss`); "
         "cross-entropy on the labels is part of every method, and the weights come from the `distill` section.",

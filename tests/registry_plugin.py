@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from captum.attr import InputXGradient
 
-from xkd_ray.core.explain import EXPLAINERS, Explainer
-from xkd_ray.core.methods import METHODS, Method
+from xkd_ray.config.methods import METHODS, Method
+from xkd_ray.config.registries import DATASETS, EXPLAINERS, Dataset, Explainer
 from xkd_ray.core.metrics import METRICS, Metric
-from xkd_ray.data.datasets import DATASETS, Dataset
 
 PLUGIN_METHOD = "ce_head"
 PLUGIN_METRIC = "explanation_mass"

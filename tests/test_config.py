@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig, load_config, parse_override, parse_overrides, read_yaml
 from xkd_ray.config.space import load_search_space
 from xkd_ray.core.losses import EXPLANATION_LOSSES
-from xkd_ray.core.methods import METHODS
 from xkd_ray.core.models import FUSIONS
 from xkd_ray.errors import XKDConfigError
 
@@ -353,7 +353,7 @@ FIELDS = {
     "student.width": (st.integers(1, 4), COUNT_EDGES),
     "student.ae_width": (st.integers(1, 4), COUNT_EDGES),
     "student.ae_depth": (st.integers(1, 4), [0, -1, 5, True, 2.0]),
-    "student.fusion": (st.sampled_from(FUSIONS), ["add", 1, None]),
+    "student.fusion": (st.sampled_from(list(FUSIONS)), ["add", 1, None]),
     "distill.method": (st.sampled_from(list(METHODS)), ["magic", None, 1]),
     "distill.temperature": (st.floats(0.1, 20), NUMBER_EDGES),
     "distill.alpha": (st.floats(0, 1), NUMBER_EDGES),

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import xkd_ray.core.explain as explain_module
+from xkd_ray.config.methods import METHODS
 from xkd_ray.core.checkpoints import load_student
 from xkd_ray.core.distill import distill, save_student
-from xkd_ray.core.methods import METHODS
 from xkd_ray.core.metrics import METRICS
 from xkd_ray.core.prepared import prepare
 from xkd_ray.errors import XKDCheckpointError

@@ -9,8 +9,8 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.space import SearchSpec, load_search_space, parse_search_space
-from xkd_ray.core.methods import METHODS
 from xkd_ray.errors import XKDConfigError
 
 

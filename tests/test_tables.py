@@ -22,7 +22,7 @@ from tests.conftest import SMOKE
 from tests.registry_plugin import PLUGIN_METRIC
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.metrics import METRICS
-from xkd_ray.ui.tables import (
+from xkd_ray.pareto.display import (
     Fitted,
     epoch_progress,
     front_table,

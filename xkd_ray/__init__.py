@@ -22,7 +22,6 @@ def _load_plugins() -> None:
 _load_plugins()
 
 from xkd_ray.errors import XKDCheckpointError, XKDConfigError, XKDDataError, XKDError, XKDTrainingDiverged  # noqa: E402
-from xkd_ray.pareto.front import list_pareto_students, load_pareto_student  # noqa: E402
 
 __all__ = [
     "XKDCheckpointError",
@@ -34,3 +33,11 @@ __all__ = [
     "load_pareto_student",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # PEP 562: the readers (and torch) load on first use, not on `import xkd_ray`
+    if name in ("list_pareto_students", "load_pareto_student"):
+        from xkd_ray.pareto import front
+
+        return getattr(front, name)
+    raise AttributeError(f"module 'xkd_ray' has no attribute {name!r}")

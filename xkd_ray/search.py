@@ -160,6 +160,7 @@ def _run_on_object_storage(args: argparse.Namespace, spec: SearchSpec) -> int:
 def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any = None) -> int:
     from xkd_ray.cluster.ray_search import run_search
     from xkd_ray.cluster.ray_train import ensure_ray
+    from xkd_ray.pareto.display import front_table
     from xkd_ray.pareto.front import (
         list_pareto_students,
         load_pareto_student,
@@ -167,7 +168,6 @@ def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any 
         read_trials,
         write_front_plot,
     )
-    from xkd_ray.ui.tables import front_table
 
     ensure_ray(args.address)
     # After ray.init, which installs its own SIGTERM handler (exit 1, no Tune state saved).

@@ -18,9 +18,9 @@ from rich.live import Live
 from xkd_ray.config.space import SearchSpec
 from xkd_ray.core.checkpoints import atomic_write_json
 from xkd_ray.core.metrics import METRICS
+from xkd_ray.pareto.display import live_trials_table
 from xkd_ray.pareto.front import Objectives, front_rows, read_trials, record_trial, update_registry
 from xkd_ray.pareto.storage import Storage, upload_registry
-from xkd_ray.ui.tables import live_trials_table
 
 GAUGE_REFRESH_S = 5.0
 logger = logging.getLogger(__name__)

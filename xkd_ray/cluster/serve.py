@@ -181,4 +181,6 @@ def deploy(
 
 
 def undeploy() -> None:
+    """Take the application down and stop Serve's proxy and controller (``xkd serve`` after Ctrl-C)."""
     serve.delete(APP_NAME)
+    serve.shutdown()

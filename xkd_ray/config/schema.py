@@ -19,13 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from xkd_ray.core.explain import EXPLAINERS
-from xkd_ray.core.losses import EXPLANATION_LOSSES
-from xkd_ray.core.methods import METHODS
-from xkd_ray.core.models import FUSIONS, MAX_AE_DEPTH, TEACHERS
-from xkd_ray.data.datasets import DATASETS
+from xkd_ray.config.methods import METHODS
+from xkd_ray.config.registries import DATASETS, EXPLAINERS, EXPLANATION_LOSSES, FUSIONS, MAX_AE_DEPTH, TEACHERS, choice
 from xkd_ray.errors import XKDConfigError
 
 # numpy/scikit-learn seeds must fit 32 bits (data adds up to 2 to its seed); torch's fit 64.
@@ -45,6 +42,11 @@ Epochs = Annotated[int, Field(gt=0, le=MAX_EPOCHS)]
 Batch = Annotated[int, Field(gt=0, le=MAX_BATCH)]
 Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
 LearningRate = Annotated[float, Field(gt=0, le=1e6)]  # 1e6 still trains (and diverges): the fault tests use it
+
+
+def Choice(registry: dict[str, Any], field: str) -> Any:
+    """A name of ``registry``, looked up when a config is validated (entries a plugin adds later count)."""
+    return Annotated[str, AfterValidator(lambda value: choice(registry, field, value))]
 
 
 class Schema(BaseModel):
@@ -80,7 +82,7 @@ class DataConfig(Schema):
     Splits are fixed by ``seed`` so every method and every trial sees the same images.
     """
 
-    dataset: Literal[*DATASETS] = "digits"
+    dataset: Choice(DATASETS, "data.dataset") = "digits"
     root: str | None = None
     download: bool = False
     image_size: Annotated[int, Field(ge=8, le=2048)] = 32
@@ -126,7 +128,7 @@ class DataConfig(Schema):
 class TeacherConfig(Schema):
     """The teacher CNN and how it is trained; its hash keys the saved checkpoint."""
 
-    arch: Literal[*TEACHERS] = "vgg"
+    arch: Choice(TEACHERS, "teacher.arch") = "vgg"
     width: Width = 32
     epochs: Epochs = 15
     lr: LearningRate = 2e-3
@@ -143,7 +145,7 @@ class ExplainConfig(Schema):
     the result depends on it, so it is part of the cache key.
     """
 
-    explainer: Literal[*EXPLAINERS] = "gradcam"
+    explainer: Choice(EXPLAINERS, "explain.explainer") = "gradcam"
     layer: NonEmptyStr | None = None
     ig_steps: PositiveInt = 32
     blur_sigma: NonNegativeFloat = 1.0
@@ -166,7 +168,7 @@ class StudentConfig(Schema):
     width: Width = 16
     ae_depth: Annotated[int, Field(ge=1, le=MAX_AE_DEPTH)] = 2
     ae_width: Width = 16
-    fusion: Literal[*FUSIONS] = "concat"
+    fusion: Choice(FUSIONS, "student.fusion") = "concat"
 
 
 class DistillConfig(Schema):
@@ -175,17 +177,17 @@ class DistillConfig(Schema):
     Every weight is a field even when the chosen method ignores it (``METHODS[m].loss_weights``
     zeroes it), so a search can switch methods without changing its keys."""
 
-    method: Literal[*METHODS] = "xd"
+    method: Choice(METHODS, "distill.method") = "xd"
     temperature: Annotated[float, Field(ge=1e-2, le=1e3)] = 4.0  # 1e-300 would overflow logits / T
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
     beta: NonNegativeFloat = 5.0
-    explanation_loss: Literal[*EXPLANATION_LOSSES] = "pearson"
+    explanation_loss: Choice(EXPLANATION_LOSSES, "distill.explanation_loss") = "pearson"
     at_weight: NonNegativeFloat = 5.0
     # e2kd, xd_e2kd: the weight and distance of the term that pulls the student's own Grad-CAM to E_T.
     # e2KD's authors use cosine with weight 1; on digits (validation split, seed 0) Pearson with weight 2
     # moved the student's own map most at no accuracy cost (README, "Whose explanation is it?").
     e2kd_weight: NonNegativeFloat = 2.0
-    e2kd_loss: Literal[*EXPLANATION_LOSSES] = "pearson"
+    e2kd_loss: Choice(EXPLANATION_LOSSES, "distill.e2kd_loss") = "pearson"
     head_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     lr: LearningRate = 5e-3
     weight_decay: NonNegativeFloat = 5e-4

@@ -11,8 +11,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import PositiveFloat, Schema, Seed, rule
-from xkd_ray.core.methods import METHODS
 from xkd_ray.core.metrics import METRICS
 
 SAMPLERS = ("tpe", "nsga2", "random")

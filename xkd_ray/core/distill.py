@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
 from xkd_ray.core.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
-from xkd_ray.core.methods import METHODS
 from xkd_ray.core.metrics import METRICS, Evidence, compute_metrics
 from xkd_ray.core.models import StudentNet, autocast, parameter_count
 from xkd_ray.core.prepared import DistillData

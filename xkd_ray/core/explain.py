@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Sal
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
+from xkd_ray.config.registries import EXPLAINERS
 from xkd_ray.core.checkpoints import atomic_write, stable_hash
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves
 from xkd_ray.core.models import find_layer, predict_logits
@@ -55,7 +55,7 @@ def _blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(maps.unsqueeze(1), [kernel, kernel], [sigma, sigma]).squeeze(1)
 
 
-def _gradcam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: nn.Module | None, **_: Any):
+def gradcam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: nn.Module | None, **_: Any):
     size = images.shape[-2:]
     raw = LayerGradCam(model, layer).attribute(images, target=targets, relu_attributions=False)
     raw = LayerAttribution.interpolate(raw, size, interpolate_mode="bilinear")[:, 0]
@@ -72,7 +72,7 @@ def _input_attribution_map(attribution: torch.Tensor, blur_sigma: float) -> tupl
     return _min_max(_blur(attribution.detach().abs().sum(dim=1), blur_sigma)), 0
 
 
-def _integrated_gradients(
+def integrated_gradients(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, ig_steps: int, blur_sigma: float, **_: Any
 ):
     attribution = IntegratedGradients(model).attribute(
@@ -81,31 +81,8 @@ def _integrated_gradients(
     return _input_attribution_map(attribution, blur_sigma)
 
 
-def _saliency(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, blur_sigma: float, **_: Any):
+def saliency(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, blur_sigma: float, **_: Any):
     return _input_attribution_map(Saliency(model).attribute(images, target=targets, abs=True), blur_sigma)
-
-
-@dataclass(frozen=True)
-class Explainer:
-    """One captum explainer: ``attribute(model, images, targets, layer, **settings) -> (maps, degenerate)``.
-
-    ``settings`` are the ``explain.*`` fields it reads; with ``explainer`` and ``layer`` they form
-    the cache key, so a setting it ignores never splits the cache.
-    """
-
-    attribute: Callable[..., tuple[torch.Tensor, int]]
-    description: str
-    settings: tuple[str, ...] = ()
-    uses_layer: bool = False
-
-
-EXPLAINERS: dict[str, Explainer] = {
-    "gradcam": Explainer(_gradcam, "LayerGradCam on the explained layer, ReLU, upsampled (default)", uses_layer=True),
-    "integrated_gradients": Explainer(
-        _integrated_gradients, "Integrated Gradients from a black baseline", ("ig_steps", "blur_sigma")
-    ),
-    "saliency": Explainer(_saliency, "absolute input gradients", ("blur_sigma",)),
-}
 
 
 def explain_maps(

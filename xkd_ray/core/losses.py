@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xkd_ray.config.registries import EXPLANATION_LOSSES
+
 _EPS = 1e-8
 
 
@@ -46,35 +48,24 @@ def pearson_per_image(maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tenso
     return torch.where(denominator > _EPS, correlation, torch.zeros_like(correlation))
 
 
-def _pearson_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def pearson_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - pearson_per_image(predicted, target)).mean()
 
 
-def _mse(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def mse_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(predicted.float(), target.float())
 
 
-def _cosine_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def cosine_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     cosine = F.cosine_similarity(predicted.flatten(1).float(), target.flatten(1).float(), dim=1)
     return (1.0 - cosine).mean()
 
 
-def _spatial_kl(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def spatial_kl(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Maps as spatial probability distributions: KL(teacher || predicted)."""
     p_teacher = _as_distribution(target)
     p_predicted = _as_distribution(predicted)
     return (p_teacher * (torch.log(p_teacher + _EPS) - torch.log(p_predicted + _EPS))).sum(dim=1).mean()
-
-
-# ``pearson`` (1 - r per image) is the default because it is invariant to the map's scale and
-# offset: with a sigmoid head, ``mse`` is minimised by a near-zero map when the teacher's maps
-# are sparse, which is the collapse measured in the README ("Our formulation").
-EXPLANATION_LOSSES = {
-    "pearson": _pearson_distance,
-    "mse": _mse,
-    "kl": _spatial_kl,
-    "cosine": _cosine_distance,
-}
 
 
 def explanation_loss(predicted_maps: torch.Tensor, teacher_maps: torch.Tensor, kind: str = "pearson") -> torch.Tensor:

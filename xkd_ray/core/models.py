@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from xkd_ray.config.registries import FUSIONS, TEACHERS
 from xkd_ray.errors import XKDCheckpointError, XKDConfigError
 
 
@@ -89,10 +90,7 @@ class ResNet18Teacher(nn.Module):
         return self.net.fc(torch.flatten(self.net.avgpool(self.stages(x)[-1]), 1))
 
 
-TEACHERS: dict[str, type[nn.Module]] = {"vgg": VGGTeacher, "resnet18": ResNet18Teacher}
 # How the head's map enters the classifier (see ``StudentNet``).
-FUSIONS = ("concat", "gate")
-MAX_AE_DEPTH = 4
 
 
 def build_teacher(arch: str, in_channels: int, num_classes: int, width: int) -> nn.Module:

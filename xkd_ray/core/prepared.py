@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.explain import TeacherOutputs, cached_teacher_outputs
-from xkd_ray.core.methods import METHODS
 from xkd_ray.core.models import build_teacher
 from xkd_ray.core.teacher import load_or_train_teacher, teacher_architecture
 from xkd_ray.data.datasets import load_splits

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.checkpoints import write_model_folder
 from xkd_ray.core.distill import build_student, final_metrics, make_optimizer, student_predictions, train_one_epoch
 from xkd_ray.core.explain import TeacherOutputs, explain_settings
 from xkd_ray.core.faithfulness import IMAGES
-from xkd_ray.core.methods import METHODS
 from xkd_ray.core.metrics import Evidence, compute_metrics
 from xkd_ray.core.models import StudentNet, build_teacher, predict_logits
 from xkd_ray.core.progress import track

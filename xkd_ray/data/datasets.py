@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import torch
 
+from xkd_ray.config.registries import DATASETS, Dataset
 from xkd_ray.data.splits import SPLIT_NAMES, Split, Splits, assemble, carve_val, count_for, resize, take, uint8_to_float
 from xkd_ray.errors import XKDDataError
 
@@ -280,24 +280,12 @@ def _load_imagefolder(config: DataConfig) -> Splits:
     )
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """One dataset the config can name: how to load it, and whether it lives in ``data.root``."""
-
-    load: Callable[[DataConfig], Splits]
-    description: str
-    needs_root: bool = True
-    downloadable: bool = False  # torchvision can fetch it into the root with --download
-
-
-DATASETS: dict[str, Dataset] = {
-    "digits": Dataset(_load_digits, "scikit-learn's 1,797 8x8 digits, shipped offline (default)", needs_root=False),
-    "mnist": Dataset(partial(_load_torchvision, "MNIST"), "torchvision MNIST", downloadable=True),
-    "fashion_mnist": Dataset(partial(_load_torchvision, "FashionMNIST"), "torchvision FashionMNIST", downloadable=True),
-    "cifar10": Dataset(partial(_load_torchvision, "CIFAR10"), "torchvision CIFAR-10", downloadable=True),
-    "cifar100": Dataset(partial(_load_torchvision, "CIFAR100"), "torchvision CIFAR-100", downloadable=True),
-    "imagefolder": Dataset(_load_imagefolder, "your images: root/train/<class>/*, root/test/<class>/*"),
-}
+load_digits = _load_digits
+load_mnist = partial(_load_torchvision, "MNIST")
+load_fashion_mnist = partial(_load_torchvision, "FashionMNIST")
+load_cifar10 = partial(_load_torchvision, "CIFAR10")
+load_cifar100 = partial(_load_torchvision, "CIFAR100")
+load_imagefolder = _load_imagefolder
 
 
 def load_splits(config: DataConfig) -> Splits:

@@ -16,11 +16,11 @@ from typing import Any
 
 from rich.console import Console
 
+from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig, load_config, parse_overrides
-from xkd_ray.core.methods import METHODS
 from xkd_ray.data.datasets import DATASETS
 from xkd_ray.errors import XKDConfigError, XKDError
-from xkd_ray.ui.tables import items_table, metrics_table
+from xkd_ray.pareto.display import items_table, metrics_table
 
 console = Console()
 
@@ -240,8 +240,8 @@ def command_search(args: argparse.Namespace) -> int:
 
 def command_pareto(args: argparse.Namespace) -> int:
     """Print the front of a finished or running experiment (reads only its files)."""
+    from xkd_ray.pareto.display import front_table
     from xkd_ray.pareto.front import list_pareto_students, read_objectives, readable, summary, write_front_plot
-    from xkd_ray.ui.tables import front_table
 
     if args.plot is not None:  # before reading anything, like every command's output
         check_output_folder("--plot", args.plot.parent)

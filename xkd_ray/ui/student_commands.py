@@ -113,8 +113,6 @@ def command_serve(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise XKDConfigError(f"--replicas: got {args.replicas}; must be >= 1")
     student = _open(args)
-    from ray import serve
-
     from xkd_ray.cluster.ray_train import ensure_ray
     from xkd_ray.cluster.serve import deploy, undeploy
 
@@ -125,7 +123,6 @@ def command_serve(args: argparse.Namespace) -> int:
         threading.Event().wait()
     except KeyboardInterrupt:
         undeploy()
-        serve.shutdown()
     return 0
 
 
