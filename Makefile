@@ -51,6 +51,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/trial_overhead.py --trials 6
 	$(BIN)/python bench/search_efficiency.py --budget-minutes 3 --seeds 3
 	$(BIN)/python bench/gpu_path.py  # measures the CPU alone where there is no GPU
+	$(BIN)/python bench/rung_agreement.py --configs 12
+	$(BIN)/python bench/fsync_cost.py --trials 40
+	$(BIN)/python bench/data_scale.py --scales 1,4,16 --size 32
+	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/faithfulness.py  # with XKD_QUANTUS_PATH=DIR (Quantus installed there) it also compares with Quantus
 
 # Every bench script in its --smoke mode (pyproject's addopts leave these out of `make test`).

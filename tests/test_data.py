@@ -89,11 +89,6 @@ def test_unknown_split_name(digits: Splits) -> None:
         digits.split("validation")
 
 
-def test_zero_val_fraction_is_an_empty_split_error() -> None:
-    with pytest.raises(XKDDataError, match=r"val split is empty.*val_fraction"):
-        load_splits(DataConfig(val_fraction=0.0))
-
-
 # ----------------------------------------------------------------------------- official formats
 
 

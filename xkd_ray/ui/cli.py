@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -126,11 +127,17 @@ def command_distill(args: argparse.Namespace) -> int:
     check_cache_folder(config)
     from xkd_ray.pareto.experiment_folder import FolderLock
 
+    created = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)
-    with FolderLock(args.out) as lock:  # the searches' lock: two runs into one --out would overwrite each other
-        lock.claim()
-        started = time.perf_counter()
-        metrics = run_distill(config, args.out, address=args.address)
+    try:
+        with FolderLock(args.out) as lock:  # the searches' lock: two runs into one --out would overwrite each other
+            lock.claim()
+            started = time.perf_counter()
+            metrics = run_distill(config, args.out, address=args.address)
+    except BaseException:
+        if created:  # refused or interrupted: leave nothing half-written behind
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     elapsed = time.perf_counter() - started
     console.print(metrics_table(f"{args.method} student, test split ({elapsed:.0f} s)", {args.method: metrics}))
     console.print(f"saved to {args.out}/ (model.pt, config.json, metrics.json)")
