@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from xkd_ray.config.methods import METHODS
-from xkd_ray.config.schema import ExperimentConfig, load_config, parse_override, parse_overrides, read_yaml
+from xkd_ray.config.schema import ExperimentConfig, load_config
 from xkd_ray.config.space import load_search_space
+from xkd_ray.config.yaml_loader import parse_override, parse_overrides, read_yaml
 from xkd_ray.core.losses import EXPLANATION_LOSSES
 from xkd_ray.core.models import FUSIONS
 from xkd_ray.errors import XKDConfigError

@@ -213,7 +213,8 @@ def state_api_reachable() -> bool:
         from ray.util.state import list_nodes
 
         list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10)
-    except Exception:
+    except Exception as exc:  # any failure means the same: no state API to rely on
+        logger.info("Ray's state API does not answer (%s)", exc)
         return False
     return True
 

@@ -48,7 +48,8 @@ def _last_error_line(trial: Any) -> str:
     for read in (lambda: Path(trial.error_file).read_text(), lambda: str(trial.get_error() or "")):
         try:
             text = read()
-        except Exception:  # the record of an error must never become a second error
+        except Exception as exc:  # the record of an error must never become a second error
+            logger.debug("cannot read the error of trial %s: %s", trial.trial_id, exc)
             text = ""
         if text.strip():
             break
@@ -90,7 +91,8 @@ class RegistryCallback(tune.Callback):
             self._gauges = {
                 key: Gauge(f"xkd_{key}", description=text, tag_keys=("experiment",)) for key, text in names.items()
             }
-        except Exception:  # metrics are a nicety: never let them stop a search
+        except Exception as exc:  # metrics are a nicety: never let them stop a search
+            logger.warning("dashboard gauges unavailable (%s); the search goes on without them", exc)
             self._gauges = {}
 
     @staticmethod
@@ -231,7 +233,8 @@ class LiveTableCallback(tune.Callback):
             if fixed.get("kind") == "fixed":
                 return int(fixed["value"])
             return None if fixed else int(spec["base"]["distill"]["epochs"])
-        except Exception:  # a display nicety must never stop a search
+        except Exception as exc:  # a display nicety must never stop a search
+            logger.debug("live table: no epoch budget from the manifest (%s)", exc)
             return None
 
     def _render(self) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from xkd_ray.config.schema import ExperimentConfig, config_error, read_yaml
+from xkd_ray.config.schema import ExperimentConfig, config_error
 from xkd_ray.config.search_settings import (  # noqa: F401 (the names callers import from here)
     SAMPLERS,
     SCHEDULERS,
@@ -32,6 +32,7 @@ from xkd_ray.config.search_settings import (  # noqa: F401 (the names callers im
     SearchSettings,
     parse_constraint,
 )
+from xkd_ray.config.yaml_loader import read_yaml
 from xkd_ray.errors import XKDConfigError
 
 CLI_SECTIONS = ("student", "distill")  # what `xkd distill` takes from its defaults; the rest from base

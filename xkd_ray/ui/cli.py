@@ -7,6 +7,7 @@ the command exits with status 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -18,7 +19,8 @@ from typing import Any
 from rich.console import Console
 
 from xkd_ray.config.methods import METHODS
-from xkd_ray.config.schema import ExperimentConfig, load_config, parse_overrides
+from xkd_ray.config.schema import ExperimentConfig, load_config
+from xkd_ray.config.yaml_loader import parse_overrides
 from xkd_ray.data.datasets import DATASETS
 from xkd_ray.errors import XKDConfigError, XKDError
 from xkd_ray.pareto.display import items_table, metrics_table
@@ -268,6 +270,10 @@ def command_pareto(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xkd", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--log-level", default=os.environ.get("XKD_LOG_LEVEL", "WARNING"), type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="diagnostics of the xkd_ray loggers (XKD_LOG_LEVEL)",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
 
     teacher = commands.add_parser("teacher", help="train (or reuse) the teacher and cache its explanations")
@@ -326,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # One named logger per module under "xkd_ray"; the CLI only picks the level and the format.
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("xkd_ray").setLevel(args.log_level)
     try:
         return args.handler(args)
     except XKDError as exc:
