@@ -61,7 +61,7 @@ def main() -> None:
 
     import ray
 
-    from xkd_ray.cluster.ray_train import distill_with_ray
+    from xkd_ray.cluster.ray_run import distill_with_ray
 
     storage = tempfile.mkdtemp(prefix="xkd-bench-")
     plain_seconds = epoch_seconds(distill(config, data, progress=False, evaluate_every_epoch=True)[1]["history"])

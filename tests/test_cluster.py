@@ -76,7 +76,7 @@ def _run_on_cluster(tmp_path: Path, cache_dir: str, out: str) -> dict:
 
 def _uninterrupted(config_json: str, storage: Path) -> dict:
     """The same trial config trained start to end with Ray Train on the session's local Ray."""
-    from xkd_ray.cluster.ray_train import distill_with_ray
+    from xkd_ray.cluster.ray_run import distill_with_ray
     from xkd_ray.config.schema import ExperimentConfig
     from xkd_ray.core.prepared import prepare
 

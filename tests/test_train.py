@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import injected_faults
-from xkd_ray.cluster.ray_train import distill_with_ray
+from xkd_ray.cluster.ray_run import distill_with_ray
 from xkd_ray.core.distill import distill
 
 # Global batch and sampler order are the same for any worker count (each rank takes every

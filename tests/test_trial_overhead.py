@@ -16,13 +16,9 @@ import ray
 from ray.train import BackendConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from xkd_ray.cluster.ray_train import (
-    POLL_INTERVAL_ENV,
-    QUICK_POLL_INTERVAL_S,
-    make_trainer,
-    process_started_at,
-    quick_polling,
-)
+from xkd_ray.cluster.fault_hooks import POLL_INTERVAL_ENV
+from xkd_ray.cluster.ray_run import make_trainer, quick_polling
+from xkd_ray.cluster.ray_train import QUICK_POLL_INTERVAL_S, process_started_at
 
 IMPORTED = time.time()
 WORKER_PHASES = (

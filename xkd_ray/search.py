@@ -158,8 +158,8 @@ def _run_on_object_storage(args: argparse.Namespace, spec: SearchSpec) -> int:
 
 
 def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any = None) -> int:
+    from xkd_ray.cluster.ray_run import ensure_ray
     from xkd_ray.cluster.ray_search import run_search
-    from xkd_ray.cluster.ray_train import ensure_ray
     from xkd_ray.pareto.display import front_table
     from xkd_ray.pareto.front import (
         list_pareto_students,

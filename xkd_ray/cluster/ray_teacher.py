@@ -46,17 +46,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from xkd_ray.cluster.ray_train import (
-    _amp_dtype,
-    _set_rng_state,
-    assigned_device,
-    build_trainer,
-    ensure_ray,
-    maybe_kill_worker,
-    quick_polling,
-    training_state,
-    worker_node_ids,
-)
+from xkd_ray.cluster.fault_hooks import maybe_kill_worker
+from xkd_ray.cluster.ray_run import build_trainer, ensure_ray, quick_polling
+from xkd_ray.cluster.ray_train import _amp_dtype, _set_rng_state, assigned_device, training_state, worker_node_ids
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.explain import (
     TeacherOutputs,

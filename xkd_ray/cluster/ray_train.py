@@ -9,16 +9,12 @@ shards are gathered) so the reported numbers do not depend on the worker count e
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import random
-import signal
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,21 +24,19 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import BackendConfig, Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+from ray.train import Checkpoint
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from xkd_ray.cluster.runtime_env import job_runtime_env
+from xkd_ray.cluster.fault_hooks import (
+    maybe_kill_worker,
+)
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.distill import (
     StudentPredictions,
     build_student,
     distill_dataset,
-    evaluate,
-    final_metrics,
     make_optimizer,
     split_metrics,
     student_predictions,
@@ -51,14 +45,10 @@ from xkd_ray.core.distill import (
 from xkd_ray.core.faithfulness import IMAGES
 from xkd_ray.core.models import StudentNet
 from xkd_ray.core.prepared import DistillData
-from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
-from xkd_ray.testing.faults import fault_rule
 
 CHECKPOINT_FILE = "state.pt"
 # Ray Train's controller collects the workers' reports, and notices that a run has ended, only
 # when it polls them: every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S seconds (Ray's default: 2).
-POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-DEFAULT_POLL_INTERVAL_S = 2.0
 QUICK_POLL_INTERVAL_S = 0.25
 # When this module finished importing: in a Ray Train worker, that is when the train function was
 # unpickled, i.e. the end of the worker's torch / xkd_ray imports (``worker_loop``'s timings).
@@ -155,69 +145,9 @@ def _gather_evaluation(
     )
 
 
-FAULT_MARKER = ".fault-injected"
-
-
-def fault_marker_folder(storage_path: str | Path, name: str, on_object_storage: bool) -> str:
-    """Where ``maybe_kill_worker`` leaves its once-per-run marker: the run's folder, or on object
-    storage (no local folder) a temporary folder every local worker of the run sees."""
-    if on_object_storage:
-        return str(Path(tempfile.gettempdir()) / "xkd-runs" / name)
-    return str(Path(storage_path) / name)
-
-
 def assigned_device() -> torch.device:
     """The GPU Ray assigned this task or actor, else the CPU."""
     return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-
-
-def maybe_kill_worker(
-    config: ExperimentConfig, epoch: int, run_folder: str, stage: str | None = None, last_rank: bool | None = None
-) -> None:
-    """Test hook (``xkd_ray.testing.faults``): the last worker kills its own process (SIGKILL, a real
-    crash) at the rule's epoch, once per run (a marker file in the run's folder says it happened).
-    ``stage``: a run other than a student's (the teacher's) fires only rules keyed on its
-    ``stage.name``, so a student's rule never kills a teacher worker. ``last_rank``: whether this
-    process is the last rank (asked of Ray Train's context when not given).
-
-    It first waits until the previous epoch's report and checkpoint have been collected: the
-    fault under test is "a worker dies after a checkpoint", and a report still in flight when its
-    worker dies is lost by design. In a Ray Train run that is when the controller's snapshot in
-    the run's folder names that checkpoint; elsewhere (a trial trained in its Tune driver, a run on
-    object storage) it waits three of the controller's health-check intervals (at least three of
-    Ray's default 2 s, also under ``quick_polling``: the same margin on a loaded machine)."""
-    keys = config.to_dict() if stage is None else {**config.to_dict(), "stage": {"name": stage}}
-    rule = fault_rule("kill_worker", keys)
-    if rule is None or epoch != rule.get("epoch"):
-        return
-    if stage is not None and rule.get("when", {}).get("stage.name") != stage:
-        return
-    marker = Path(run_folder) / FAULT_MARKER
-    if last_rank is None:
-        context = ray.train.get_context()
-        last_rank = context.get_world_rank() == context.get_world_size() - 1
-    if marker.exists() or not last_rank:
-        return
-    interval = float(os.environ.get(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_S))
-    deadline = time.monotonic() + 3 * max(interval, DEFAULT_POLL_INTERVAL_S)
-    while time.monotonic() < deadline and not _checkpoint_registered(run_folder, epoch - 1):
-        time.sleep(0.1)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's registered checkpoints, per run
-
-
-def _checkpoint_registered(run_folder: str, epoch: int) -> bool:
-    """Whether Ray Train's controller has registered this run's checkpoint of ``epoch`` (its
-    snapshot file in the run's folder; none for a run that is not a local Ray Train run)."""
-    try:
-        snapshot = json.loads((Path(run_folder) / CHECKPOINT_SNAPSHOT).read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"]) >= epoch
-    except (OSError, ValueError, KeyError, TypeError):  # no snapshot (yet), or one being written
-        return False
 
 
 def worker_node_ids() -> list[str]:
@@ -377,163 +307,6 @@ def train_student_loop(
     return bare.cpu().eval(), history
 
 
-@contextlib.contextmanager
-def quick_polling(interval_s: float = QUICK_POLL_INTERVAL_S) -> Iterator[None]:
-    """Around ``fit()``: the Ray Train run polls its workers every ``interval_s`` instead of
-    Ray's 2 s, unless the user set ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (then theirs holds).
-
-    Ray Train 2.60 moves reports only when its controller polls: each worker's result queue holds
-    one report, so a worker's ``ray.train.report`` blocks until the previous one was collected,
-    i.e. a run makes at most one report (one epoch) per interval, and its end is noticed one or
-    two polls late. At 2 s a 12-epoch student whose epochs take 0.5 s needs 24 s instead of 6
-    (measured: 8 empty reports took 26 s at 2 s, 11 s at 0.25 s; the end of the run was seen
-    4-5 s after the last report, against 1.2-1.5 s). A poll is one small actor call per worker,
-    and one that does not answer in time is awaited again at the next (it takes
-    ``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S``, 10 min, to declare a worker dead), so a short
-    interval costs little and changes no failure handling. Ray Train reads the variable when
-    ``fit()`` starts the controller and hands it on to the controller and the workers, so it is
-    set only for that call."""
-    if POLL_INTERVAL_ENV in os.environ:
-        yield
-        return
-    os.environ[POLL_INTERVAL_ENV] = str(interval_s)
-    try:
-        yield
-    finally:
-        os.environ.pop(POLL_INTERVAL_ENV, None)
-
-
-def make_trainer(
-    config: ExperimentConfig,
-    data_ref: ray.ObjectRef,
-    *,
-    name: str,
-    storage_path: str | Path,
-    callbacks: list[Any] | None = None,
-    objectives: tuple[str, ...] = (),
-    storage_filesystem: Any = None,
-) -> DataParallelTrainer:
-    """A Ray Train run of the students' ``worker_loop``. ``objectives``: metrics a diverged run
-    still reports (as NaN), because Tune checks every report for the search's objectives."""
-    extra = {"data_ref": data_ref, "objectives": list(objectives)}
-    return build_trainer(
-        worker_loop, config, extra, name=name, storage_path=storage_path,
-        storage_filesystem=storage_filesystem, callbacks=callbacks,
-    )  # fmt: skip
-
-
-def build_trainer(
-    loop: Callable[[dict[str, Any]], None],
-    config: ExperimentConfig,
-    loop_config: dict[str, Any],
-    *,
-    name: str,
-    storage_path: str | Path,
-    storage_filesystem: Any = None,
-    callbacks: list[Any] | None = None,
-) -> DataParallelTrainer:
-    """A Ray Train run of ``loop`` (students' and teacher's alike) over ``config.ray``'s workers;
-    ``loop`` gets ``loop_config`` plus ``config`` (as a dict) and ``run_folder``. With
-    ``storage_filesystem`` (object storage, ``xkd_ray.pareto.storage``), ``storage_path`` is a path in it.
-
-    Several workers train with DDP (``TorchTrainer``: a gloo / nccl process group). One worker
-    needs no process group (``prepare_model`` wraps nothing at world size 1, and the loop's
-    collectives are skipped when ``torch.distributed`` is not initialised), so it runs under
-    Ray Train's plain ``DataParallelTrainer``: the controller then never imports torch (unpickling
-    ``TorchConfig`` does) and the worker skips the process group's set-up and tear-down round
-    trips. Checkpoints, restarts (``FailureConfig``) and reports are the same Ray Train run."""
-    ray_settings = config.ray
-    if storage_filesystem is None:
-        storage_path = str(Path(storage_path).resolve())
-    else:
-        storage_path = str(storage_path)
-    run_folder = fault_marker_folder(storage_path, name, on_object_storage=storage_filesystem is not None)
-    resources = {"CPU": ray_settings.cpus_per_worker}
-    if ray_settings.use_gpu:
-        resources["GPU"] = 1
-    common: dict[str, Any] = {
-        "train_loop_config": {**loop_config, "config": config.to_dict(), "run_folder": run_folder},
-        "scaling_config": ScalingConfig(
-            num_workers=ray_settings.num_workers, use_gpu=ray_settings.use_gpu, resources_per_worker=resources
-        ),
-        "run_config": RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=ray_settings.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=ray_settings.max_failures),
-            callbacks=callbacks or [],
-        ),
-    }
-    if ray_settings.num_workers == 1:
-        return DataParallelTrainer(loop, backend_config=BackendConfig(), **common)
-    return TorchTrainer(loop, torch_config=TorchConfig(backend="nccl" if ray_settings.use_gpu else "gloo"), **common)
-
-
 def read_checkpoint(checkpoint: Checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
-
-def student_from_checkpoint(
-    config: ExperimentConfig, data: DistillData, checkpoint: Checkpoint
-) -> tuple[StudentNet, list[dict[str, Any]]]:
-    """The trained student and the per-epoch history (kept in the checkpoint, so it survives
-    restarts). A run whose loss became NaN/inf ends with a weights-free checkpoint that says
-    so, and raises here like the plain loop does."""
-    state = read_checkpoint(checkpoint)
-    if state.get("diverged"):
-        raise XKDTrainingDiverged(f"Ray Train: the loss became NaN/inf at epoch {state['epoch']}; lower distill.lr")
-    student = build_student(config, data.splits)
-    student.load_state_dict(state["model"])
-    return student.eval(), list(state["history"])
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Join ``address`` (or a running cluster) or start a local Ray; never start a second one.
-    Workers get ``job_runtime_env``: storage settings and plugins, never a credential (Ray logs
-    a job's env_vars; a local Ray's workers inherit the driver's environment, a cluster's nodes
-    use the AWS SDK's chain)."""
-    if ray.is_initialized():
-        return
-    ray.init(
-        address=address,
-        ignore_reinit_error=True,
-        logging_level="WARNING",
-        log_to_driver=False,
-        runtime_env=job_runtime_env(),
-    )
-
-
-def distill_with_ray(
-    config: ExperimentConfig,
-    data: DistillData,
-    *,
-    address: str | None = None,
-    storage_path: str | Path | None = None,
-    name: str | None = None,
-) -> tuple[StudentNet, dict[str, Any]]:
-    """Train one student with Ray Train and evaluate it like the plain loop does.
-
-    Re-running with the same ``name`` and ``storage_path`` resumes from the run's last
-    checkpoint (Ray Train restores its own state from storage).
-    """
-    if config.ray.num_workers < 1:
-        raise XKDConfigError("ray.num_workers: must be >= 1 to train with Ray (0 = plain loop)")
-    ensure_ray(address)
-    storage_path = storage_path or Path(config.explain.cache_dir) / "ray_train"
-    name = name or f"distill-{config.distill.method}-{uuid.uuid4().hex[:8]}"
-    trainer = make_trainer(config, ray.put(data), name=name, storage_path=storage_path)
-    with quick_polling():
-        result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
-    student, history = student_from_checkpoint(config, data, result.checkpoint)
-    metrics = {
-        "val": final_metrics(history),
-        "test": evaluate(student, data, "test", config),
-        "teacher": data.teacher_metrics,
-        "history": history,
-        "ray": {"name": name, "storage_path": str(storage_path), "last_report": dict(result.metrics or {})},
-    }
-    return student, metrics

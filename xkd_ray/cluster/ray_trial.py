@@ -22,14 +22,9 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from xkd_ray.cluster.ray_train import (
-    LoopSession,
-    assigned_device,
-    fault_marker_folder,
-    make_trainer,
-    student_from_checkpoint,
-    train_student_loop,
-)
+from xkd_ray.cluster.fault_hooks import fault_marker_folder
+from xkd_ray.cluster.ray_run import make_trainer, student_from_checkpoint
+from xkd_ray.cluster.ray_train import LoopSession, assigned_device, train_student_loop
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.config.space import SearchSpec
 from xkd_ray.core.distill import evaluate, final_metrics, save_student
@@ -112,7 +107,7 @@ def _train_with_ray_train(
 ) -> tuple[StudentNet, list[dict[str, Any]]] | None:
     """A Ray Train run named after the trial (a restored search resumes it from its checkpoints),
     its reports forwarded to Tune; None if it diverged."""
-    from xkd_ray.cluster.ray_train import quick_polling
+    from xkd_ray.cluster.ray_run import quick_polling
 
     storage: Storage | None = shared.get("storage")
     trainer = make_trainer(

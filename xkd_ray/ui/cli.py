@@ -83,8 +83,8 @@ def command_teacher(args: argparse.Namespace) -> int:
     check_cache_folder(config)
     started = time.perf_counter()
     if args.workers:
+        from xkd_ray.cluster.ray_run import ensure_ray
         from xkd_ray.cluster.ray_teacher import prepare_on_workers
-        from xkd_ray.cluster.ray_train import ensure_ray
 
         ensure_ray(args.address)
         data = prepare_on_workers(config, workers=args.workers, use_gpu=args.gpu, progress=True)
@@ -106,7 +106,7 @@ def run_distill(config: ExperimentConfig, out: Path | None, address: str | None 
 
     data = prepare(config, progress=True)
     if config.ray.num_workers > 0:
-        from xkd_ray.cluster.ray_train import distill_with_ray
+        from xkd_ray.cluster.ray_run import distill_with_ray
 
         student, metrics = distill_with_ray(config, data, address=address)
     else:

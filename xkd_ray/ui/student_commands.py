@@ -113,7 +113,7 @@ def command_serve(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise XKDConfigError(f"--replicas: got {args.replicas}; must be >= 1")
     student = _open(args)
-    from xkd_ray.cluster.ray_train import ensure_ray
+    from xkd_ray.cluster.ray_run import ensure_ray
     from xkd_ray.cluster.serve import deploy, undeploy
 
     ensure_ray(args.address)
