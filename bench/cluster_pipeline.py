@@ -112,7 +112,7 @@ def part_teacher(root: Path, overrides: dict):
 
 def part_explain(root: Path, teacher, splits, overrides: dict, teacher_overrides: dict) -> None:
     """(b): IG in this process, then as the Ray actor job on 1 and 2 workers."""
-    from xkd_ray.cluster.ray_teacher import explain_on_workers
+    from xkd_ray.cluster.ray_explain import explain_on_workers
     from xkd_ray.core.explain import cached_teacher_outputs
     from xkd_ray.data.splits import SPLIT_NAMES
 
@@ -156,7 +156,7 @@ def memory_child(mode: str, cache: str, address: str, overrides: dict) -> None:
     """One fresh driver process: import, run one path, print its peak RSS as JSON."""
     import ray
 
-    from xkd_ray.cluster.ray_teacher import prepare_on_workers
+    from xkd_ray.cluster.ray_explain import prepare_on_workers
     from xkd_ray.core.prepared import prepare
 
     config = _config(Path(cache), overrides)
@@ -188,7 +188,7 @@ def transfer_child(mode: str, cache: str, address: str, overrides: dict) -> None
     trial-like tasks, print the driver's peak RSS and each reader's added private memory as JSON."""
     import ray
 
-    from xkd_ray.cluster.ray_teacher import prepare_on_workers
+    from xkd_ray.cluster.ray_explain import prepare_on_workers
 
     config = _config(Path(cache), overrides)
     imported_kb = _rss_now_kb()

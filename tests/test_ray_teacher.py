@@ -17,7 +17,8 @@ import xkd_ray.core.explain as explain_module
 import xkd_ray.core.teacher as teacher_module
 from tests.conftest import injected_faults
 from xkd_ray.cluster.fault_hooks import FAULT_MARKER
-from xkd_ray.cluster.ray_teacher import prepare_on_workers, train_teacher_with_ray
+from xkd_ray.cluster.ray_explain import prepare_on_workers
+from xkd_ray.cluster.ray_teacher import train_teacher_with_ray
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.prepared import prepare
 from xkd_ray.core.teacher import load_or_train_teacher, teacher_directory

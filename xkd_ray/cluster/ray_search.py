@@ -23,7 +23,7 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
-from xkd_ray.cluster.ray_teacher import prepare_on_workers
+from xkd_ray.cluster.ray_explain import prepare_on_workers
 from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
 from xkd_ray.cluster.search_callbacks import (
     LiveTableCallback,

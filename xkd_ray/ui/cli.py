@@ -83,8 +83,8 @@ def command_teacher(args: argparse.Namespace) -> int:
     check_cache_folder(config)
     started = time.perf_counter()
     if args.workers:
+        from xkd_ray.cluster.ray_explain import prepare_on_workers
         from xkd_ray.cluster.ray_run import ensure_ray
-        from xkd_ray.cluster.ray_teacher import prepare_on_workers
 
         ensure_ray(args.address)
         data = prepare_on_workers(config, workers=args.workers, use_gpu=args.gpu, progress=True)
