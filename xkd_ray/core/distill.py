@@ -24,7 +24,7 @@ from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
 from xkd_ray.core.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
-from xkd_ray.core.metrics import METRICS, Evidence, compute_metrics
+from xkd_ray.core.metrics import METRICS, metrics_of
 from xkd_ray.core.models import StudentNet, autocast, parameter_count
 from xkd_ray.core.prepared import DistillData
 from xkd_ray.core.progress import track
@@ -250,20 +250,8 @@ def split_metrics(
     if predictions.diagnostics is not None:
         teacher = {"deletion_teacher": outputs.deletion_auc, "insertion_teacher": outputs.insertion_auc}
         diagnostics = {**predictions.diagnostics, **{k: v for k, v in teacher.items() if v is not None}}
-    return compute_metrics(
-        Evidence(
-            logits=predictions.logits,
-            labels=data.splits.split(split_name).labels,
-            head_maps=predictions.head_maps,
-            posthoc_maps=predictions.posthoc_maps,
-            teacher_logits=outputs.logits,
-            teacher_maps=outputs.maps,
-            template_map=data.template_map,
-            degenerate_maps=outputs.degenerate_maps,
-            seed=config.distill.seed,
-            diagnostics=diagnostics,
-            cost=predictions.cost,
-        )
+    return metrics_of(
+        predictions, data.splits.split(split_name).labels, outputs, data.template_map, config, diagnostics
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -319,3 +319,29 @@ METRICS: dict[str, Metric] = {
 def compute_metrics(evidence: Evidence) -> dict[str, float | int]:
     """Every registered metric on one split."""
     return {name: metric.compute(evidence) for name, metric in METRICS.items()}
+
+
+def metrics_of(
+    predictions: Any,  # core.distill.StudentPredictions: logits, head_maps, posthoc_maps, cost
+    labels: torch.Tensor,
+    outputs: Any,  # core.explain.TeacherOutputs: logits, maps, degenerate_maps
+    template_map: torch.Tensor,
+    seed: int,
+    diagnostics: dict[str, torch.Tensor] | None,
+) -> dict[str, float]:
+    """Every registered metric from a student's predictions and the teacher's outputs on the same images."""
+    return compute_metrics(
+        Evidence(
+            logits=predictions.logits,
+            labels=labels,
+            head_maps=predictions.head_maps,
+            posthoc_maps=predictions.posthoc_maps,
+            teacher_logits=outputs.logits,
+            teacher_maps=outputs.maps,
+            template_map=template_map,
+            degenerate_maps=outputs.degenerate_maps,
+            seed=seed,
+            diagnostics=diagnostics,
+            cost=predictions.cost,
+        )
+    )

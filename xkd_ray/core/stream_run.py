@@ -20,10 +20,16 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.checkpoints import write_model_folder
-from xkd_ray.core.distill import build_student, final_metrics, make_optimizer, student_predictions, train_one_epoch
+from xkd_ray.core.distill import (
+    build_student,
+    final_metrics,
+    make_optimizer,
+    student_predictions,
+    train_one_epoch,
+)
 from xkd_ray.core.explain import TeacherOutputs, explain_settings
 from xkd_ray.core.faithfulness import IMAGES
-from xkd_ray.core.metrics import Evidence, compute_metrics
+from xkd_ray.core.metrics import metrics_of
 from xkd_ray.core.models import StudentNet, build_teacher, predict_logits
 from xkd_ray.core.progress import track
 from xkd_ray.core.streamed import StreamTeacherOutputs, stream_epoch_loader, stream_teacher_outputs
@@ -138,20 +144,8 @@ def evaluate_stream(student: StudentNet, data: StreamData, split_name: str, conf
     logits, maps = data.teacher_outputs[split_name].read(ids)
     predictions = student_predictions(student, images, logits.argmax(dim=1), config, diagnostics=IMAGES)
     outputs = TeacherOutputs(logits, maps, data.teacher_outputs[split_name].degenerate_maps)
-    return compute_metrics(
-        Evidence(
-            logits=predictions.logits,
-            labels=split.labels,
-            head_maps=predictions.head_maps,
-            posthoc_maps=predictions.posthoc_maps,
-            teacher_logits=outputs.logits,
-            teacher_maps=outputs.maps,
-            template_map=data.template_map,
-            degenerate_maps=outputs.degenerate_maps,
-            seed=config.distill.seed,
-            diagnostics=predictions.diagnostics,
-            cost=predictions.cost,
-        )
+    return metrics_of(
+        predictions, split.labels, outputs, data.template_map, config.distill.seed, predictions.diagnostics
     )
 
 
