@@ -251,7 +251,7 @@ def split_metrics(
         teacher = {"deletion_teacher": outputs.deletion_auc, "insertion_teacher": outputs.insertion_auc}
         diagnostics = {**predictions.diagnostics, **{k: v for k, v in teacher.items() if v is not None}}
     return metrics_of(
-        predictions, data.splits.split(split_name).labels, outputs, data.template_map, config, diagnostics
+        predictions, data.splits.split(split_name).labels, outputs, data.template_map, config.distill.seed, diagnostics
     )
 
 
