@@ -26,7 +26,13 @@ def tiny_args(cache_dir) -> list[str]:
 def test_distill_writes_model_config_and_metrics(tiny_args, tiny_data, tmp_path, capsys):
     out = tmp_path / "kd"
     assert main(["distill", "--method", "kd", "--out", str(out), *tiny_args]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "card.md",
+        "config.json",
+        "metrics.json",
+        "model.pt",
+        "preprocessing.json",
+    ]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"val", "test", "teacher"}
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
