@@ -228,11 +228,11 @@ def smoke_experiment(ray_local, cache_dir, tiny_data, tmp_path_factory, request)
         writes.append(str(path))
         return original(path, outputs, metadata)
 
-    import xkd_ray.cluster.ray_teacher as ray_teacher_module
+    import xkd_ray.cluster.ray_explain as ray_explain_module
 
     patcher = pytest.MonkeyPatch()
     patcher.setattr(explain_module, "write_teacher_outputs", counting_write)  # the single-process path
-    patcher.setattr(ray_teacher_module, "write_teacher_outputs", counting_write)  # the workers' job (the search's)
+    patcher.setattr(ray_explain_module, "write_teacher_outputs", counting_write)  # the workers' job (the search's)
     try:
         summary = run_search(spec, tmp / "experiment", live=False)
     finally:

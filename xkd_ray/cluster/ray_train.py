@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
