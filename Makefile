@@ -15,7 +15,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[dev,serve,tracking]"
+	$(BIN)/pip install -q -e ".[dev,serve,tracking,datasets]"
 	touch $(STAMP)
 
 install: $(STAMP)

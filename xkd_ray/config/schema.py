@@ -127,7 +127,7 @@ class DataConfig(Schema):
 class TeacherConfig(Schema):
     """The teacher CNN and how it is trained; its hash keys the saved checkpoint."""
 
-    arch: Choice(TEACHERS, "teacher.arch") = "vgg"
+    arch: NonEmptyStr = "vgg"  # a TEACHERS entry, or ``torchvision.<model>`` (see docs/TEACHER.md)
     width: Width = 32
     epochs: Epochs = 15
     lr: LearningRate = 2e-3
@@ -135,6 +135,21 @@ class TeacherConfig(Schema):
     weight_decay: NonNegativeFloat = 5e-4
     seed: Seed = 0
     checkpoint: NonEmptyStr | None = None
+    weights: NonEmptyStr | None = None  # a state_dict (.pt/.pth/.safetensors): the teacher is never retrained
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        """torchvision's model list is read only for a ``torchvision.`` name: plain configs import no torch."""
+        if value.startswith("torchvision."):
+            from torchvision.models import list_models
+
+            if value.removeprefix("torchvision.") not in list_models():
+                raise ValueError(
+                    f"teacher.arch: got {value!r}; not a torchvision model (torchvision.models.list_models())"
+                )
+            return value
+        return choice(TEACHERS, "teacher.arch", value)
 
 
 class ExplainConfig(Schema):

@@ -93,22 +93,54 @@ class ResNet18Teacher(nn.Module):
 # How the head's map enters the classifier (see ``StudentNet``).
 
 
+class TorchvisionTeacher(nn.Module):
+    """Any torchvision classification model, as its user trained it (``teacher.arch: torchvision.<name>``).
+
+    Its state_dict is the bare torchvision model's (``self.net`` is saved/loaded directly), so a
+    file from ``torch.save(model.state_dict())`` loads as is. Grey images (1 channel) are repeated
+    to the 3 channels torchvision's stems expect, the usual way to feed grey data to them.
+    """
+
+    def __init__(self, name: str, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        self.repeat = 3 if in_channels == 1 else 1
+        self.default_explain_layer = "net." + last_conv_name(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.repeat(1, self.repeat, 1, 1) if self.repeat > 1 else x)
+
+
+def conv_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+
+
+def last_conv_name(model: nn.Module) -> str:
+    names = conv_layer_names(model)
+    if not names:
+        raise XKDConfigError("explain.layer: the teacher has no Conv2d layer; name the layer to explain")
+    return names[-1]
+
+
 def build_teacher(arch: str, in_channels: int, num_classes: int, width: int) -> nn.Module:
+    if arch.startswith("torchvision."):
+        return TorchvisionTeacher(arch.removeprefix("torchvision."), in_channels, num_classes)
     if arch not in TEACHERS:
         raise XKDConfigError(f"teacher.arch: got {arch!r}; allowed values are {', '.join(TEACHERS)}")
     return TEACHERS[arch](in_channels, num_classes, width)
 
 
 def find_layer(model: nn.Module, name: str | None) -> nn.Module:
-    """The module to explain: ``name`` (dotted path) or the model's default last conv stage."""
-    name = name or getattr(model, "default_explain_layer", None)
-    if name is None:
-        raise XKDConfigError("explain.layer: this model has no default layer; name one")
+    """The module to explain: ``name`` (dotted path), the model's default stage, or its last Conv2d."""
+    name = name or getattr(model, "default_explain_layer", None) or last_conv_name(model)
     try:
         return model.get_submodule(name)
     except AttributeError:
-        names = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
-        raise XKDConfigError(f"explain.layer: no layer {name!r}; some valid names: {', '.join(names[:12])}") from None
+        convs = conv_layer_names(model)
+        shown = ", ".join(convs[-8:]) if convs else "none"
+        raise XKDConfigError(
+            f"explain.layer: no layer {name!r}; candidate conv layers (last {min(len(convs), 8)}): {shown}"
+        ) from None
 
 
 class ConvAutoencoder(nn.Module):

