@@ -13,6 +13,7 @@ per trial down to 0.005 s).
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from xkd_ray.cluster.ray_run import make_trainer, student_from_checkpoint
 from xkd_ray.cluster.ray_train import LoopSession, assigned_device, train_student_loop
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.config.space import SearchSpec
+from xkd_ray.core.checkpoints import atomic_write_json
 from xkd_ray.core.distill import evaluate, final_metrics, save_student
 from xkd_ray.core.models import StudentNet
 from xkd_ray.core.prepared import DistillData
@@ -35,6 +37,22 @@ from xkd_ray.pareto.storage import Storage
 from xkd_ray.testing.faults import fault_rule, hold_while_armed
 
 DRIVER_CPU = 0.1  # a trial's driver only waits on its Ray Train run; Tune refuses 0
+TRIAL_REPORT = "trial_report.json"  # a finished trial's final report, written last into its student folder
+
+
+def _saved_report(experiment: Path, storage: Storage | None, trial_id: str) -> dict[str, Any] | None:
+    """The final report of this trial if its student was already saved (``TRIAL_REPORT``, written
+    after everything else), else None. After a SIGKILL, Tune's last saved state can predate a
+    trial's end; on ``--resume`` that trial's driver replays this report instead of training
+    again. A folder without it (killed while saving) is trained anew and overwritten."""
+    relative = f"students/{trial_id}/{TRIAL_REPORT}"
+    try:
+        if storage is None:
+            path = experiment / relative
+            return json.loads(path.read_text()) if path.is_file() else None
+        return json.loads(storage.read_bytes(relative)) if storage.exists(relative) else None
+    except (OSError, ValueError):
+        return None
 
 
 def trains_in_driver(spec: SearchSpec) -> bool:
@@ -144,9 +162,13 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     if fault_rule("fail_driver", config.to_dict()) is not None:
         raise RuntimeError("injected fault: fail_driver (XKD_FAULTS), so this trial's driver fails on purpose")
     hold_while_armed(config.to_dict())
-    data: DistillData = ray.get(shared["data_ref"])
     trial_id = tune.get_context().get_trial_id()
     storage: Storage | None = shared.get("storage")
+    saved = _saved_report(experiment, storage, trial_id)
+    if saved is not None:
+        tune.report(saved)
+        return
+    data: DistillData = ray.get(shared["data_ref"])
     fit_called = time.time()
     train = _train_in_driver if trains_in_driver(spec) else _train_with_ray_train
     trained = train(config, trial_id, shared, objectives, data)
@@ -164,35 +186,37 @@ def trial_driver(sampled: dict[str, Any], *, shared: dict[str, Any]) -> None:
     test = evaluate(student, data, "test", config, device=assigned_device())
     metrics = {"val": val, "test": test, "teacher": data.teacher_metrics}
     test_seconds = time.time() - test_started
+    student_dir = str(experiment / "students" / trial_id) if storage is None else f"students/{trial_id}"
+    report = {
+        **val,
+        "status": "ok",
+        "epochs_trained": len({int(record["epoch"]) for record in history}),
+        "nodes": {
+            "driver": ray.get_runtime_context().get_node_id(),
+            "workers": sorted({node for record in history for node in record.get("node_ids", [])}),
+        },
+        "student_dir": student_dir,
+        "resumed_from_checkpoint": resumed,
+        "experiment_config": config.to_dict(),
+        "timings": {
+            "driver_process_started": process_started_at(),
+            "driver_entered": entered,
+            "fit_called": fit_called,
+            "fit_returned": fit_returned,
+            "test_seconds": test_seconds,
+            "driver_reported": time.time(),
+        },
+    }
     if storage is None:
-        student_dir = str(experiment / "students" / trial_id)
         save_student(student_dir, config, student, data, metrics)
+        atomic_write_json(Path(student_dir) / TRIAL_REPORT, report)
     else:  # this node's disk is not the search driver's: the student goes to storage, named relative to it
-        student_dir = f"students/{trial_id}"
         with tempfile.TemporaryDirectory(prefix="xkd-student-") as local:
-            storage.upload(save_student(Path(local) / trial_id, config, student, data, metrics), student_dir)
-    tune.report(
-        {
-            **val,
-            "status": "ok",
-            "epochs_trained": len({int(record["epoch"]) for record in history}),
-            "nodes": {
-                "driver": ray.get_runtime_context().get_node_id(),
-                "workers": sorted({node for record in history for node in record.get("node_ids", [])}),
-            },
-            "student_dir": student_dir,
-            "resumed_from_checkpoint": resumed,
-            "experiment_config": config.to_dict(),
-            "timings": {
-                "driver_process_started": process_started_at(),
-                "driver_entered": entered,
-                "fit_called": fit_called,
-                "fit_returned": fit_returned,
-                "test_seconds": test_seconds,
-                "driver_reported": time.time(),
-            },
-        }
-    )
+            folder = save_student(Path(local) / trial_id, config, student, data, metrics)
+            storage.upload(folder, student_dir)
+            atomic_write_json(Path(local) / TRIAL_REPORT, report)
+            storage.upload(Path(local) / TRIAL_REPORT, student_dir, TRIAL_REPORT)
+    tune.report(report)
 
 
 def build_trainable(shared: dict[str, Any]) -> Any:

@@ -8,6 +8,7 @@ AWS SDK's own chain on each node (the environment a local Ray's workers inherit 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -49,4 +50,13 @@ def job_runtime_env(environ: dict[str, str] | None = None) -> dict[str, Any] | N
         folders = _plugin_folders(plugins)
         if folders:
             env_vars["PYTHONPATH"] = os.pathsep.join([*folders, "${PYTHONPATH}"])
+    # Inside a Ray job, ray.init refuses an env var the job's own runtime_env also sets (Ray 2.60
+    # ``_merge_runtime_env``): the submitter's value already reaches every worker, so it wins.
+    job = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job:
+        try:
+            submitted = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            submitted = {}
+        env_vars = {name: value for name, value in env_vars.items() if name not in submitted}
     return {"env_vars": env_vars} if env_vars else None

@@ -129,13 +129,20 @@ class RegistryCallback(tune.Callback):
                 gauge.set(float(value), tags=tags)
         self._gauges_set_at = time.monotonic()
 
-    def _record_missed(self, iteration: int, trials: list) -> None:
+    def _record_missed(self, iteration: int, trials: list, *, final_reports_only: bool = False) -> None:
         """Record every trial Tune holds as finished that the registry lacks: one that completed
         while the search was being interrupted (Tune saves it TERMINATED, but no callback ran), or,
-        after ``--resume`` on another machine, any such trial of the interrupted run. Each once."""
+        after ``--resume`` on another machine, any such trial of the interrupted run. Each once.
+
+        ``final_reports_only`` (at the experiment's end): an interrupted search's cleanup marks
+        every trial still running TERMINATED in memory without a callback (Ray 2.60
+        ``TuneController._cleanup_trials``); its saved state keeps them RUNNING and ``--resume``
+        trains them, so only a trial whose final report arrived is one that finished."""
         recorded = {row["trial_id"] for row in read_trials(self.experiment)}
         for trial in trials:
             if trial.trial_id in recorded or trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            if final_reports_only and trial.status == "TERMINATED" and "status" not in (trial.last_result or {}):
                 continue
             if trial.status == "TERMINATED":
                 self.on_trial_complete(iteration, trials, trial)
@@ -143,7 +150,7 @@ class RegistryCallback(tune.Callback):
                 self.on_trial_error(iteration, trials, trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._record_missed(-1, trials)
+        self._record_missed(-1, trials, final_reports_only=True)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """Ray 2.60 exports a gauge's value only for ~15 s after it was set (measured), so a
@@ -168,7 +175,14 @@ class RegistryCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A trial ended without an error: it finished (status ok or diverged, from its final
-        report), or the scheduler stopped it early (no final report: its last epoch's metrics)."""
+        report), or the scheduler stopped it early (no final report: its last epoch's metrics).
+
+        A trial already recorded is kept as it was: after a SIGKILL, Tune's last saved state may
+        predate a trial's end, so ``--resume`` runs it again and its driver replays the saved
+        student's final report (``ray_trial.trial_driver``): recorded once, not twice."""
+        if any(row["trial_id"] == trial.trial_id for row in read_trials(self.experiment)):
+            logger.info("trial %s was recorded before the search restarted; kept as it was", trial.trial_id)
+            return
         result = trial.last_result or {}
         status = result.get("status", "stopped")
         if status == "ok" and not all(math.isfinite(float(result.get(m, math.nan))) for m in self.objectives.names):
