@@ -23,11 +23,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/xkd demo
 
+# Two pytest workers (pytest-xdist): the Ray tests stay together in one (conftest's "ray" group,
+# one Ray per session), the Ray-free tests run beside them.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

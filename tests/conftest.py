@@ -79,6 +79,10 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is not None:
+            # With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every Ray test runs in one
+            # worker, in order, on that worker's one Ray; the other worker takes the Ray-free tests.
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @contextmanager
