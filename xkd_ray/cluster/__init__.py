@@ -2,9 +2,10 @@
 callbacks and Ray Serve. The only package that imports ``ray``.
 
 The glue reaches into a few Ray internals that have no public counterpart in 2.60
-(``OptunaSearch._ot_trials``, the Train V2 trainer class, the session of a Tune trial), so the
-Ray minor version it was tested on is pinned in pyproject.toml and checked here, at import:
-another minor fails at once with one line instead of deep inside a trial.
+(``OptunaSearch._ot_trials``, the Train V2 trainer class, the session of a Tune trial, the list of
+variables Tune copies into its trials' runtime env), so the Ray minor version it was tested on is
+pinned in pyproject.toml and checked here, at import: another minor fails at once with one line
+instead of deep inside a trial.
 """
 
 import ray

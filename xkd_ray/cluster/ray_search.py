@@ -25,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
 from xkd_ray.cluster.ray_explain import prepare_on_workers
 from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
+from xkd_ray.cluster.runtime_env import keep_credentials_out_of_tune
 from xkd_ray.cluster.search_callbacks import (
     LiveTableCallback,
     ProgressLogCallback,
@@ -264,6 +265,7 @@ def run_search(
     cache_hits = data.cache_hits
     del data
     trainable = build_trainable(shared)
+    keep_credentials_out_of_tune()  # Tune would copy the driver's AWS secret into every trial's runtime env
     register_spec(experiment, spec)  # what a restored searcher and callbacks use (``--allow-space-change``)
     tune_path, filesystem = (
         (str(experiment / "tune"), None) if storage is None else (storage.path("tune"), storage.filesystem)

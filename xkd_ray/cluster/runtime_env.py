@@ -1,9 +1,17 @@
 """What a job's Ray workers receive from the driver's environment (``ray.init(runtime_env=...)``).
 
-Ray writes a job's ``env_vars`` into its logs (``runtime_env_agent.log``, readable by every local
-user), so nothing secret goes there: object-storage *credentials* reach the workers through the
-AWS SDK's own chain on each node (the environment a local Ray's workers inherit from the driver,
-``~/.aws/credentials`` (mode 0600) or an instance role on a cluster's nodes).
+Ray writes every ``env_vars`` of a runtime environment into its logs (``runtime_env_agent.log``,
+mode 0644, readable by every local user), so nothing secret goes there: object-storage
+*credentials* reach the workers through the AWS SDK's own chain on each node. On a local Ray
+(started by the driver's ``ray.init``) the raylet, and so every worker, inherits the driver's
+environment, ``AWS_SECRET_ACCESS_KEY`` included; on a cluster each node uses its own chain
+(``~/.aws/credentials`` with mode 0600, or an instance role), set up when the node is.
+
+Ray Tune forwards the driver's ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+``AWS_SECURITY_TOKEN`` / ``AWS_SESSION_TOKEN`` to every trial actor as runtime-env ``env_vars``
+(``ray/tune/execution/class_cache.py``, ``ENV_VARS_TO_PROPAGATE``, read by
+``_ActorClassCache.get``), which put the secret into that log several times per trial:
+``keep_credentials_out_of_tune`` takes them off that list before a search.
 """
 
 from __future__ import annotations
@@ -17,6 +25,21 @@ from typing import Any
 # Ray). Credentials reach workers through the AWS SDK's own chain on each node (the environment a
 # raylet was started with, ~/.aws/credentials, an instance role), never through the job's env_vars.
 FORWARDED_AWS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+
+
+def keep_credentials_out_of_tune() -> list[str]:
+    """Take the AWS credential names off the variables Ray Tune copies from the driver into each
+    trial actor's runtime env (Ray 2.60: ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``),
+    so no secret is written to Ray's logs; the trial's workers read credentials from the node's own
+    chain instead. Only ``AWS_*`` names that say *who* are taken off (endpoint and region are not
+    on Tune's list; ``job_runtime_env`` forwards them). Returns the names removed (none on a second
+    call). Called before every search, since Tune reads the list each time it creates a trial."""
+    from ray.tune.execution import class_cache
+
+    propagated: set[str] = class_cache.ENV_VARS_TO_PROPAGATE
+    credentials = sorted(name for name in propagated if name.startswith("AWS_") and name not in FORWARDED_AWS)
+    propagated.difference_update(credentials)
+    return credentials
 
 
 def _plugin_folders(names: str) -> list[str]:
