@@ -79,10 +79,16 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("slow") is not None:
-            # With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every Ray test runs in one
-            # worker, in order, on that worker's one Ray; the other worker takes the Ray-free tests.
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("xdist_group") is None:
+            # With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every test on the session's
+            # Ray runs in one worker, in order, on that worker's one Ray; the other worker takes the
+            # Ray-free tests and the few that start a cluster of their own (``OWN_CLUSTER``).
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+# For a test that starts and stops a Ray cluster of its own (``ray start``, ``cluster_utils``):
+# it runs beside the session-Ray tests, not after them (``pytest_collection_modifyitems``).
+OWN_CLUSTER = pytest.mark.xdist_group("own_cluster")
 
 
 @contextmanager

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO, smoke_space
+from tests.conftest import OWN_CLUSTER, REPO, smoke_space
 from xkd_ray.pareto.front import front_rows, read_trials
 from xkd_ray.pareto.storage import Storage
 
@@ -86,6 +86,7 @@ def _uninterrupted(config_json: str, storage: Path) -> dict:
 
 
 @pytest.mark.slow
+@OWN_CLUSTER
 def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path, s3_server, request):
     url = "s3://xkd/cluster"
     fresh_cache = tmp_path / "cache"  # no teacher yet: the search trains and explains it on the workers

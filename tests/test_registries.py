@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_OVERRIDES, _free_port, wait_for
+from tests.conftest import OWN_CLUSTER, REPO, TINY_OVERRIDES, _free_port, wait_for
 from tests.registry_plugin import PLUGIN_DATASET, PLUGIN_EXPLAINER, PLUGIN_METHOD, PLUGIN_METRIC
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.errors import XKDConfigError
@@ -90,6 +90,7 @@ PLUGIN_DISTILL_DRIVER = textwrap.dedent(
 
 
 @pytest.mark.slow
+@OWN_CLUSTER
 def test_a_plugin_method_trains_on_a_cluster_started_without_the_plugin(tiny_data, cache_dir, tmp_path):
     """A head started by `ray start` from an environment without ``XKD_PLUGINS`` and without the
     repository (the folder holding ``tests/``) on ``PYTHONPATH``, as a cluster's nodes are; a driver

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, SMOKE, held_trial_points, injected_faults, smoke_space, wait_for
+from tests.conftest import OWN_CLUSTER, REPO, SMOKE, held_trial_points, injected_faults, smoke_space, wait_for
 from tests.registry_plugin import PLUGIN_METHOD
 from xkd_ray.config.space import parse_search_space
 from xkd_ray.core.metrics import non_dominated
@@ -190,6 +190,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@OWN_CLUSTER
 def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     """The user's path: a head started with `ray start`, the script submitted with `ray job
     submit` (token authentication on through RAY_AUTH_MODE=token, as cluster/*.yaml starts Ray), the registry
