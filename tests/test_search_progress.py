@@ -30,7 +30,7 @@ def _final_results(experiment) -> list[dict]:
 def test_front_members_are_evaluated_by_their_trial_and_the_loop_goes_on(
     ray_local, cache_dir, tmp_path, caplog, monkeypatch
 ):
-    import xkd_ray.cluster.search_callbacks as callbacks
+    import xkd_ray.cluster.progress_callbacks as callbacks
     import xkd_ray.core.prepared as prepared
     from xkd_ray.cluster.ray_search import run_search
     from xkd_ray.config.space import load_search_space

@@ -29,7 +29,8 @@ from tests.conftest import (
 from xkd_ray.errors import XKDConfigError
 from xkd_ray.pareto.experiment_folder import MANIFEST
 from xkd_ray.pareto.front import front_rows, read_objectives
-from xkd_ray.pareto.storage import Storage, open_storage, registry_snapshot, staging_folder
+from xkd_ray.pareto.snapshot import registry_snapshot
+from xkd_ray.pareto.storage import Storage, open_storage, staging_folder
 from xkd_ray.search import main as search_main
 
 

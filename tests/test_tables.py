@@ -334,7 +334,7 @@ def test_live_callback_keeps_the_epoch_when_the_driver_reports_last(tmp_path):
     """The bug: the driver's final report (no ``epoch``) replaced the workers' ones, so every
     finished trial showed an empty epoch. The callback merges a trial's reports; the search's
     distill.epochs comes from the experiment's manifest."""
-    from xkd_ray.cluster.search_callbacks import LiveTableCallback
+    from xkd_ray.cluster.progress_callbacks import LiveTableCallback
     from xkd_ray.config.space import load_search_space
     from xkd_ray.pareto.experiment_folder import open_experiment
     from xkd_ray.pareto.front import Objectives

@@ -211,7 +211,7 @@ def _search(args: argparse.Namespace, spec: SearchSpec, out: Path, storage: Any 
 
 
 def log_progress() -> None:
-    """The search's own log lines (xkd_ray.cluster.search_callbacks.ProgressLogCallback) on stderr,
+    """The search's own log lines (xkd_ray.cluster.progress_callbacks.ProgressLogCallback) on stderr,
     one plain line each, so a redirected log or ``ray job logs`` shows progress."""
     import logging
 

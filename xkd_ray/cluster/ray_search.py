@@ -23,16 +23,11 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from xkd_ray.cluster.mo_asha import MOASHAScheduler, PruneAwareOptunaSearch
+from xkd_ray.cluster.progress_callbacks import LiveTableCallback, ProgressLogCallback
 from xkd_ray.cluster.ray_explain import prepare_on_workers
 from xkd_ray.cluster.ray_trial import DRIVER_CPU, build_trainable, trains_in_driver
 from xkd_ray.cluster.runtime_env import keep_credentials_out_of_tune
-from xkd_ray.cluster.search_callbacks import (
-    LiveTableCallback,
-    ProgressLogCallback,
-    RegistryCallback,
-    current_spec,
-    register_spec,
-)
+from xkd_ray.cluster.search_callbacks import RegistryCallback, current_spec, register_spec
 from xkd_ray.cluster.tracking import log_search_to_parent, tracking_callbacks
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
 from xkd_ray.core.teacher import teacher_directory

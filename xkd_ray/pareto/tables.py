@@ -18,7 +18,8 @@ from xkd_ray.config.space import parse_constraint
 from xkd_ray.core.checkpoints import MAX_TABLE_BYTES, atomic_write, read_json_mapping, read_regular_file
 from xkd_ray.core.metrics import METRICS, non_dominated
 from xkd_ray.errors import XKDCheckpointError
-from xkd_ray.pareto.storage import is_remote, registry_snapshot
+from xkd_ray.pareto.snapshot import registry_snapshot
+from xkd_ray.pareto.storage import is_remote
 
 
 @dataclass(frozen=True)
