@@ -128,7 +128,10 @@ def test_a_plugin_method_trains_on_a_cluster_started_without_the_plugin(tiny_dat
                  "the Ray head", head)  # fmt: skip
         overrides = {**TINY_OVERRIDES, "explain.cache_dir": cache_dir, "distill.method": PLUGIN_METHOD,
                      "ray.num_workers": 1}  # fmt: skip
-        driver_env = {**head_env, "XKD_PLUGINS": "tests.registry_plugin", "PYTHONPATH": str(REPO)}
+        # Beside the session's busy Ray (pytest-xdist), ray.init's one GCS request for the local
+        # raylets once ran past Ray's 60 s default on 2 cores: give it the head's start-up budget.
+        driver_env = {**head_env, "XKD_PLUGINS": "tests.registry_plugin", "PYTHONPATH": str(REPO),
+                      "RAY_gcs_server_request_timeout_seconds": "180"}  # fmt: skip
         driver = subprocess.run(
             [sys.executable, "-c", PLUGIN_DISTILL_DRIVER, f"127.0.0.1:{gcs_port}", json.dumps(overrides),
              str(tmp_path / "ray_train")],
