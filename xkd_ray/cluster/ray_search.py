@@ -31,6 +31,7 @@ from xkd_ray.cluster.search_callbacks import RegistryCallback, current_spec, reg
 from xkd_ray.cluster.tracking import log_search_to_parent, tracking_callbacks
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
 from xkd_ray.core.teacher import teacher_directory
+from xkd_ray.data.streaming import refuse_stream_in_search
 from xkd_ray.errors import XKDConfigError
 from xkd_ray.pareto.experiment_folder import seal_tune_state
 from xkd_ray.pareto.front import Objectives
@@ -229,6 +230,7 @@ def run_search(
     With ``storage`` (object storage), ``experiment`` is its local staging folder (xkd_ray.pareto.storage):
     Tune and Train write to storage, the registry is mirrored there after every trial."""
     experiment = Path(experiment).resolve()
+    refuse_stream_in_search(spec.base.data)
     if not state_api_reachable():
         problem = "Ray's dashboard (state API) is not reachable"
         # Only Ray Train runs hold a placement group to free; a trial trained in its driver does not.

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from xkd_ray.data.splits import SPLIT_NAMES, Splits
-from xkd_ray.errors import XKDDataError
+from xkd_ray.errors import XKDConfigError, XKDDataError
 
 if TYPE_CHECKING:
     from xkd_ray.config.schema import DataConfig
@@ -57,6 +57,28 @@ def resolve_storage(config: DataConfig, images: int, channels: int) -> str:
     if config.storage != "auto":
         return config.storage
     return "stream" if decoded_megabytes(images, channels, config.image_size) > config.stream_threshold_mb else "memory"
+
+
+def storage_for(config: DataConfig) -> str:
+    """Where this config's data is read from, ``auto`` resolved by the size the in-memory path would
+    take (a directory scan, no decoding). Streamed image folders are always decoded to RGB."""
+    if config.dataset != "imagefolder" or config.storage != "auto":
+        return "memory" if config.dataset != "imagefolder" else config.storage
+    from xkd_ray.data.datasets import _root, _scan_folder
+
+    root = _root(config, may_create=False)
+    images = sum(len(_scan_folder(root / name)[1]) for name in ("train", "test"))
+    return resolve_storage(config, images, 3)
+
+
+def refuse_stream_in_search(config: DataConfig) -> None:
+    """Trials read the search's one in-memory bundle; a streamed dataset would silently be loaded
+    whole instead, so a search over one is refused until trials read streams."""
+    if storage_for(config) == "stream":
+        raise XKDConfigError(
+            "data.storage: a search does not read streamed data yet (it resolved to stream, docs/DATA.md); "
+            "use data.storage=memory, or xkd distill for one student"
+        )
 
 
 @dataclass(frozen=True)
@@ -118,6 +140,19 @@ class StreamSplits:
 
     def describe(self) -> dict[str, Any]:
         return {**Splits.describe(self), "storage": "stream"}  # type: ignore[arg-type] (the same fields)
+
+    # What a saved student records as its preprocessing (xkd_ray.student.preprocessing): the train
+    # split's statistics, and the shard's decoding (PIL bilinear to RGB, 8-bit pixels).
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.train.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.train.std
+
+    pixel_max = 255.0
+    resize_rule = "pil_bilinear"
 
 
 def _decode_into(path: Path, files: Sequence[str], size: int) -> np.ndarray:

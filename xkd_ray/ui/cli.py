@@ -82,18 +82,29 @@ def command_teacher(args: argparse.Namespace) -> int:
         raise XKDConfigError("--gpu and --address need --workers N >= 1 (they configure the Ray workers)")
     check_cache_folder(config)
     started = time.perf_counter()
-    if args.workers:
+    from xkd_ray.data.streaming import storage_for
+
+    if storage_for(config.data) == "stream":  # docs/DATA.md: shards, teacher and maps written once, here
+        from xkd_ray.core.stream_run import prepare_stream
+
+        if args.workers:
+            raise XKDConfigError("--workers: streamed data (data.storage resolved to stream) is prepared here; use 0")
+        data: Any = prepare_stream(config, progress=True)
+        files = {split: outputs.folder for split, outputs in data.teacher_outputs.items()}
+    elif args.workers:
         from xkd_ray.cluster.ray_explain import prepare_on_workers
         from xkd_ray.cluster.ray_run import ensure_ray
 
         ensure_ray(args.address)
         data = prepare_on_workers(config, workers=args.workers, use_gpu=args.gpu, progress=True)
+        files = data.cache_files
     else:
         from xkd_ray.core.prepared import prepare
 
         data = prepare(config, progress=True)
+        files = data.cache_files
     items: dict[str, Any] = dict(data.teacher_metrics)
-    for split, path in data.cache_files.items():
+    for split, path in files.items():
         items[f"explanations[{split}]"] = f"{path} ({'cached' if data.cache_hits[split] else 'computed'})"
     console.print(items_table(f"teacher {data.teacher_id} ({time.perf_counter() - started:.1f} s)", items))
     return 0
@@ -103,7 +114,21 @@ def run_distill(config: ExperimentConfig, out: Path | None, address: str | None 
     """Prepare, train one student (plain loop or Ray Train), and save it to ``out``."""
     from xkd_ray.core.distill import save_student
     from xkd_ray.core.prepared import prepare
+    from xkd_ray.data.streaming import storage_for
 
+    if storage_for(config.data) == "stream":  # docs/DATA.md: data larger than memory
+        from xkd_ray.core.stream_run import distill_stream, prepare_stream
+
+        if config.ray.num_workers > 0:
+            raise XKDConfigError(
+                "ray.num_workers: Ray Train does not read streamed data yet (data.storage resolved to stream); "
+                "use --workers 0 or data.storage=memory"
+            )
+        streamed = prepare_stream(config, progress=True)
+        student, metrics = distill_stream(config, streamed, progress=True)
+        if out is not None:
+            save_student(out, config, student, streamed, metrics)  # type: ignore[arg-type]
+        return metrics
     data = prepare(config, progress=True)
     if config.ray.num_workers > 0:
         from xkd_ray.cluster.ray_run import distill_with_ray
