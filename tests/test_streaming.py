@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import SMOKE, TINY_OVERRIDES
 from xkd_ray.config.schema import DataConfig, ExperimentConfig
 from xkd_ray.core.explain import cached_teacher_outputs, explain_settings
 from xkd_ray.core.models import build_teacher
@@ -133,3 +133,19 @@ def test_xkd_distill_streams_and_its_student_predicts_the_raw_files(tree: Path, 
     refused = main([*argv[:4], str(tmp_path / "other"), "--workers", "1", *argv[5:]])
     assert refused == 2 and "ray.num_workers: Ray Train does not read streamed data" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_search_over_streamed_data_is_refused_before_anything_is_written(tree: Path, tmp_path: Path, capsys):
+    """Trials read one in-memory bundle: a streamed dataset would be loaded whole instead, silently."""
+    import yaml
+
+    from xkd_ray.search import main
+
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["base"]["data"] = {"dataset": "imagefolder", "root": str(tree), "image_size": 16, "storage": "stream"}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "experiment"
+    assert main(["--space", str(space), "--out", str(out), "--no-live"]) == 2
+    assert "data.storage: a search does not read streamed data yet" in capsys.readouterr().err
+    assert not out.exists()
