@@ -4,6 +4,7 @@
         + beta L_exp(head map, E_T)                    (head)
         + at_weight AT(A_S, A_T)                       (attention)
         + e2kd_weight L_e2kd(GradCAM_S, E_T)           (e2kd: the student's own map; distill.e2kd_loss)
+        (e2kd_grad: the student's own gradient map, input x gradient or |gradient|, for IG/saliency teachers)
 
 A method is only a set of switches over the same joint loss (``losses.distillation_loss``),
 so every baseline runs in the same harness with the same seeds and data. Adding a method is
@@ -13,6 +14,11 @@ adding one entry here: config choices, CLI choices and docs are read from ``METH
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+# The teacher explainers whose map a student can reproduce differentiably from its input gradient
+# (losses.differentiable_gradient_map); Grad-CAM teachers use the student's own Grad-CAM instead.
+GRADIENT_MAP_EXPLAINERS = ("integrated_gradients", "saliency")
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,10 @@ class Method:
     kd: bool = False  # Hinton KD on the teacher's cached logits (weight distill.alpha)
     head: bool = False  # explanation head trained on the teacher's cached maps (weight distill.beta)
     attention: bool = False  # attention transfer on the live teacher's features (weight distill.at_weight)
-    e2kd: bool = False  # the student's own Grad-CAM pulled to the teacher's cached map (weight distill.e2kd_weight)
+    e2kd: bool = False  # the student's own map pulled to the teacher's cached map (weight distill.e2kd_weight)
+    # Which map of its own: its Grad-CAM (last conv block), or its input-gradient map made like the
+    # teacher's (needs explain.explainer in GRADIENT_MAP_EXPLAINERS).
+    student_map: Literal["gradcam", "gradient"] = "gradcam"
 
     @property
     def needs_teacher(self) -> bool:
@@ -47,6 +56,13 @@ METHODS: dict[str, Method] = {
     "xd": Method("XDistillation: KD plus an explanation head fused into the classifier", kd=True, head=True),
     "e2kd": Method(
         "KD plus the student's own Grad-CAM matched to the teacher's map (Parchami et al. 2024)", kd=True, e2kd=True
+    ),
+    "e2kd_grad": Method(
+        "KD plus the student's own gradient map (input x gradient for an IG teacher, |gradient| for saliency) "
+        "matched to the teacher's: e2KD for pixel-attribution explainers",
+        kd=True,
+        e2kd=True,
+        student_map="gradient",
     ),
     "xd_e2kd": Method(
         "XD and e2KD together: the head and the student's own map both pulled to the teacher's",

@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from xkd_ray.config.methods import METHODS
+from xkd_ray.config.methods import GRADIENT_MAP_EXPLAINERS, METHODS
 from xkd_ray.config.registries import DATASETS, EXPLAINERS, EXPLANATION_LOSSES, FUSIONS, MAX_AE_DEPTH, TEACHERS, choice
 from xkd_ray.config.yaml_loader import read_yaml
 from xkd_ray.errors import XKDConfigError
@@ -258,6 +258,15 @@ class ExperimentConfig(Schema):
                 "student.ae_depth",
                 f"ae_depth={depth} is too deep for data.image_size={size}: each level halves the image and "
                 "the bottleneck must stay >= 2x2 with an image size divisible by 2**ae_depth",
+            )
+        if (
+            METHODS[self.distill.method].student_map == "gradient"
+            and self.explain.explainer not in GRADIENT_MAP_EXPLAINERS
+        ):
+            raise rule(
+                "distill.method",
+                f"{self.distill.method} matches the student's gradient map to the teacher's; explain.explainer must be "
+                f"one of {', '.join(GRADIENT_MAP_EXPLAINERS)} (got {self.explain.explainer})",
             )
         workers, batch = self.ray.num_workers, self.distill.batch_size
         if workers > 0 and batch % workers != 0:

@@ -23,7 +23,13 @@ from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
-from xkd_ray.core.losses import differentiable_gradcam, distillation_loss, explanation_loss, pearson_per_image
+from xkd_ray.core.losses import (
+    differentiable_gradcam,
+    differentiable_gradient_map,
+    distillation_loss,
+    explanation_loss,
+    pearson_per_image,
+)
 from xkd_ray.core.metrics import METRICS, metrics_of
 from xkd_ray.core.models import StudentNet, autocast, parameter_count
 from xkd_ray.core.prepared import DistillData
@@ -92,6 +98,8 @@ def train_one_epoch(
         images, labels = images.to(device), labels.to(device)
         teacher_logits, teacher_maps = teacher_logits.to(device), teacher_maps.to(device)
         optimizer.zero_grad(set_to_none=True)
+        gradient_map = weights["e2kd_weight"] > 0 and method.student_map == "gradient" and not warming_up
+        images.requires_grad_(gradient_map)  # e2kd_grad differentiates the scores w.r.t. the pixels
         with autocast(device, amp_dtype):
             output = student(images, return_all=True)
             if warming_up:
@@ -104,9 +112,16 @@ def train_one_epoch(
                     with torch.no_grad():
                         teacher_features = teacher.stages(images)
                 if weights["e2kd_weight"] > 0:
-                    # The student's own Grad-CAM (last conv block) for the teacher's top-1 class.
+                    # The student's own map (Grad-CAM of its last conv block, or its gradient map) for
+                    # the teacher's top-1 class.
                     scores = output.logits.gather(1, teacher_logits.argmax(dim=1, keepdim=True))[:, 0]
-                    student_cams = differentiable_gradcam(output.features[-1], scores, images.shape[-2:])
+                    if gradient_map:
+                        explain = config.explain
+                        student_cams = differentiable_gradient_map(
+                            images, scores, explain.explainer, explain.blur_sigma
+                        )
+                    else:
+                        student_cams = differentiable_gradcam(output.features[-1], scores, images.shape[-2:])
                 parts = distillation_loss(
                     output.logits.float(),
                     labels,

@@ -9,7 +9,6 @@ so recomputing it per trial would dominate a search.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ import pyarrow.parquet as pq
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 
 from xkd_ray.config.registries import EXPLAINERS
 from xkd_ray.core.checkpoints import atomic_write, stable_hash
 from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves
+from xkd_ray.core.losses import blur_maps
 from xkd_ray.core.models import find_layer, predict_logits
 from xkd_ray.core.progress import track
 from xkd_ray.data.splits import ZeroCopyPickle
@@ -48,13 +47,6 @@ def _min_max(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - low) / (high - low).clamp_min(1e-12)).view_as(maps)
 
 
-def _blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
-        return maps
-    kernel = 2 * math.ceil(2 * sigma) + 1
-    return gaussian_blur(maps.unsqueeze(1), [kernel, kernel], [sigma, sigma]).squeeze(1)
-
-
 def gradcam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer: nn.Module | None, **_: Any):
     size = images.shape[-2:]
     raw = LayerGradCam(model, layer).attribute(images, target=targets, relu_attributions=False)
@@ -69,7 +61,7 @@ def gradcam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, layer
 
 def _input_attribution_map(attribution: torch.Tensor, blur_sigma: float) -> tuple[torch.Tensor, int]:
     """Pixel attributions -> one map: |attribution| summed over channels, lightly blurred."""
-    return _min_max(_blur(attribution.detach().abs().sum(dim=1), blur_sigma)), 0
+    return _min_max(blur_maps(attribution.detach().abs().sum(dim=1), blur_sigma)), 0
 
 
 def integrated_gradients(

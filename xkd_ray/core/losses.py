@@ -4,14 +4,18 @@
         + beta * L_exp(m, E_T(x))                      (xd, xd_e2kd: the head's map m)
         + at_weight * AT(A_S, A_T)                     (at)
         + e2kd_weight * L_e2kd(GradCAM_S(x), E_T(x))   (e2kd, xd_e2kd: the student's own map)
+        (e2kd_grad: the student's own gradient map G_S(x) in place of GradCAM_S(x), below)
 
 No I/O, no config objects: every function takes tensors and numbers.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
 
 from xkd_ray.config.registries import EXPLANATION_LOSSES
 
@@ -116,6 +120,32 @@ def differentiable_gradcam(
     weights = gradients.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * features).sum(dim=1, keepdim=True))
     return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def blur_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of [N, H, W] maps (kernel 2*ceil(2 sigma)+1), differentiable; sigma 0 = none.
+    The teacher's pixel-attribution maps are blurred so (core.explain); a student map matched to
+    them must be too."""
+    if sigma <= 0:
+        return maps
+    kernel = 2 * math.ceil(2 * sigma) + 1
+    return gaussian_blur(maps.unsqueeze(1), [kernel, kernel], [sigma, sigma]).squeeze(1)
+
+
+def differentiable_gradient_map(
+    images: torch.Tensor, class_scores: torch.Tensor, explainer: str, blur_sigma: float
+) -> torch.Tensor:
+    """The teacher's pixel-attribution explainers made trainable (e2kd_grad), [N, C, H, W] -> [N, H, W]:
+
+        G_S(x) = blur(sum_c |x_c * d s/d x_c|)   integrated_gradients (IG from a zero baseline, 1 step)
+        G_S(x) = blur(sum_c |d s/d x_c|)         saliency
+
+    ``images`` must require grad before the forward pass; ``create_graph=True`` lets a loss on the
+    map reach the weights. Not min-max normalised like the teacher's maps: the e2KD loss is
+    cosine, which ignores scale."""
+    (gradients,) = torch.autograd.grad(class_scores.sum(), images, create_graph=True)
+    attribution = gradients * images if explainer == "integrated_gradients" else gradients
+    return blur_maps(attribution.abs().sum(dim=1), blur_sigma)
 
 
 def distillation_loss(
