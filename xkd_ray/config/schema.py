@@ -60,6 +60,8 @@ class DataConfig(Schema):
     storage: Literal["auto", "memory", "stream"] = "auto"
     stream_threshold_mb: PositiveInt = 2048
     augment: bool | None = None
+    # Byte-identical image files (imagefolder): refuse the tree, or keep one copy of each (docs/DATA.md).
+    duplicates: Literal["refuse", "drop"] = "refuse"
 
     @model_validator(mode="after")
     def _rules(self) -> DataConfig:
@@ -80,6 +82,8 @@ class DataConfig(Schema):
             )
         if self.storage == "stream" and self.dataset != "imagefolder":
             raise rule("data.storage", f"stream reads image folders only; {self.dataset!r} loads in memory")
+        if self.duplicates == "drop" and self.dataset != "imagefolder":
+            raise rule("data.duplicates", f"drop applies to image folders only; {self.dataset!r} has no files to drop")
         return self
 
     @property
