@@ -104,9 +104,9 @@ def resolve(
                 f"teacher.{name}: got {len(values)} values; the data has {channels} channel"
                 f"{'s' if channels > 1 else ''}, so give {' or '.join(str(n) for n in sorted(allowed))}"
             )
-    declared = teacher.mean is not None or teacher.std is not None or teacher.input_size not in (None, size)
+    declared = [name for name in ("input_size", "mean", "std") if getattr(teacher, name) is not None]
     if declared and not (mean and std):
-        raise XKDConfigError("teacher.mean: the data has no recorded mean/std to convert from; reload the dataset")
+        raise XKDConfigError(f"teacher.{declared[0]}: the data records no mean/std to convert its tensors from")
     return TeacherInput(
         student_mean=mean,
         student_std=std,
