@@ -89,11 +89,17 @@ def test_pipeline_on_workers_fills_the_caches_plain_prepare_reads(ray_local, tmp
 
 
 @pytest.mark.parametrize(
-    "explain", [{}, {"explain.explainer": "integrated_gradients", "explain.ig_steps": 4, "explain.batch_size": 64}]
+    "explain",
+    [
+        {},
+        {"explain.explainer": "integrated_gradients", "explain.ig_steps": 4, "explain.batch_size": 64},
+        {"teacher.input_size": 24, "teacher.mean": [0.5], "teacher.std": [0.25]},  # the teacher's own input
+    ],
 )
 def test_distributed_explanations_equal_single_process_ones(ray_local, tmp_path, explain):
     """Same teacher (trained by the plain loop), explanations computed once in this process and
-    once on 2 Ray workers: the same logits, maps, degenerate counts and teacher AUCs."""
+    once on 2 Ray workers: the same logits, maps, degenerate counts and teacher AUCs (with a
+    declared input contract too: the actors convert each batch and resize the maps back)."""
     config = tiny(tmp_path / "cache", **explain)
     single = prepare(config, progress=False)  # plain teacher + single-process caches
     assert training_record(config) == {"backend": "plain", "workers": 0}
@@ -104,6 +110,7 @@ def test_distributed_explanations_equal_single_process_ones(ray_local, tmp_path,
     assert distributed.cache_files == single.cache_files  # same content-hashed names
     for name in SPLIT_NAMES:
         ours, theirs = distributed.teacher_outputs[name], single.teacher_outputs[name]
+        assert ours.maps.shape[-2:] == (16, 16)  # the student's size, whatever the teacher's
         torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.maps, theirs.maps, rtol=1e-5, atol=1e-5)
         assert ours.degenerate_maps == theirs.degenerate_maps

@@ -93,3 +93,39 @@ def test_unknown_torchvision_name_is_refused(tmp_path, capsys) -> None:
     )
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "teacher.arch" in error
+
+
+def test_imagenet_style_teacher_declares_its_input(tmp_path) -> None:
+    """A resnet18 trained the ImageNet way (3 channels, 40 px, ImageNet's Normalize) in plain torch,
+    from raw pixels; declared with teacher.input_size/mean/std, xkd_ray feeds it the same tensors
+    from the student's 32 px digits, so its test accuracy is the one measured here."""
+    size, mean, std = 40, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    splits = load_splits(DataConfig(image_size=SIZE))
+    scale = torch.tensor(splits.std).view(1, -1, 1, 1)
+    shift = torch.tensor(splits.mean).view(1, -1, 1, 1)
+
+    def imagenet_style(images: torch.Tensor) -> torch.Tensor:
+        pixels = (images * scale + shift).repeat(1, 3, 1, 1)  # raw [0, 1] pixels, Grayscale(3)
+        pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
+        return torchvision.transforms.functional.normalize(pixels, mean, std)
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    images, labels = imagenet_style(splits.train.images), splits.train.labels
+    model.train()
+    for start in range(0, len(labels), 64):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images[start : start + 64]), labels[start : start + 64]).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(imagenet_style(splits.test.images)).argmax(1) == splits.test.labels).float().mean())
+    torch.save(model.state_dict(), tmp_path / "imagenet_style.pt")
+    contract = ["--set", f"teacher.input_size={size}", "--set", f"teacher.mean={mean}", "--set", f"teacher.std={std}"]
+    out = tmp_path / "kd"
+    assert main(_args(out, tmp_path / "cache", tmp_path / "imagenet_style.pt", *contract)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["teacher"]["test_accuracy"] == pytest.approx(accuracy, abs=1.5 / len(splits.test.labels))
+    maps = list((tmp_path / "cache" / "explanations").glob("teacher-test-*.parquet"))
+    assert len(maps) == 1  # cached at the student's size (read back and checked against the split)

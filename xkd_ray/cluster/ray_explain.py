@@ -35,7 +35,9 @@ from xkd_ray.core.teacher import (
     Teacher,
     cached_teacher,
     teacher_architecture,
+    teacher_input,
 )
+from xkd_ray.core.teacher_input import TeacherInput
 from xkd_ray.data.datasets import load_splits
 from xkd_ray.data.splits import SPLIT_NAMES, Splits
 from xkd_ray.errors import XKDConfigError
@@ -46,21 +48,24 @@ from xkd_ray.pareto.storage import Storage
 class TeacherExplainer:
     """One explanation worker: loads the teacher once, then explains batch after batch."""
 
-    def __init__(self, architecture: dict[str, Any], state: dict[str, torch.Tensor], threads: int) -> None:
+    def __init__(
+        self, architecture: dict[str, Any], state: dict[str, torch.Tensor], threads: int, inputs: TeacherInput
+    ) -> None:
         if threads:
             torch.set_num_threads(threads)
         device = assigned_device()
         model = build_teacher(**architecture)
         model.load_state_dict(state)
         self.teacher = model.to(device).eval()
+        self.inputs = inputs  # the teacher's input contract
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def explain(self, images: np.ndarray, settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int, str]:
-        logits, maps, degenerate = explain_batch(self.teacher, torch.tensor(images), settings)
+        logits, maps, degenerate = explain_batch(self.teacher, torch.tensor(images), settings, self.inputs)
         return logits.numpy(), maps.numpy(), degenerate, self.node_id
 
     def faithfulness(self, images: np.ndarray, maps: np.ndarray) -> dict[str, torch.Tensor]:
-        return teacher_faithfulness(self.teacher, torch.tensor(images), torch.tensor(maps))
+        return teacher_faithfulness(self.teacher, torch.tensor(images), torch.tensor(maps), self.inputs)
 
 
 def _chunks(count: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
@@ -89,9 +94,9 @@ def explain_on_workers(
     settings = explain_settings(explain.explainer, explain.layer, explain.ig_steps, explain.blur_sigma)
     state_ref = ray.put({k: v.detach().cpu() for k, v in teacher.model.state_dict().items()})
     options = {"num_cpus": config.ray.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
-    architecture = teacher_architecture(config, splits)
+    architecture, inputs = teacher_architecture(config, splits), teacher_input(config, splits)
     actors = [
-        TeacherExplainer.options(**options).remote(architecture, state_ref, config.ray.threads_per_worker)
+        TeacherExplainer.options(**options).remote(architecture, state_ref, config.ray.threads_per_worker, inputs)
         for _ in range(workers)
     ]
     try:

@@ -55,6 +55,7 @@ from xkd_ray.core.teacher import (
     split_accuracies,
     teacher_architecture,
     teacher_id,
+    teacher_input,
     train_teacher_epoch,
 )
 from xkd_ray.data.splits import Splits
@@ -181,7 +182,9 @@ def teacher_worker_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, settings.epochs):
         maybe_kill_worker(config, epoch, loop_config["run_folder"], stage="teacher")
         sampler.set_epoch(epoch)
-        loss_sum, count = train_teacher_epoch(model, loader, optimizer, device=device, amp_dtype=amp_dtype)
+        loss_sum, count = train_teacher_epoch(
+            model, loader, optimizer, device=device, amp_dtype=amp_dtype, inputs=teacher_input(config, splits)
+        )
         scheduler.step()
         totals = torch.stack([loss_sum.float(), torch.tensor(float(count), device=device)])
         if _distributed():
@@ -201,7 +204,9 @@ def teacher_worker_loop(loop_config: dict[str, Any]) -> None:
             bare = model.module if hasattr(model, "module") else model
             epoch_state = training_state(bare, optimizer, scheduler, epoch, history)
             if epoch == settings.epochs - 1:
-                epoch_state["metrics"] = split_accuracies(bare.eval(), splits, ("val", "test"))
+                epoch_state["metrics"] = split_accuracies(
+                    bare.eval(), splits, ("val", "test"), teacher_input(config, splits)
+                )
             box.push.remote(1, {"loss": record["loss"]})
         _report({key: value for key, value in record.items() if key != "node_ids"}, epoch_state)
 

@@ -17,62 +17,28 @@ import reprlib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from xkd_ray.config.fields import (
+    Batch,
+    Choice,
+    Epochs,
+    Fraction,
+    LearningRate,
+    NonEmptyStr,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    Schema,
+    Seed,
+    Width,
+    rule,
+)
 from xkd_ray.config.methods import GRADIENT_MAP_EXPLAINERS, METHODS
-from xkd_ray.config.registries import DATASETS, EXPLAINERS, EXPLANATION_LOSSES, FUSIONS, MAX_AE_DEPTH, TEACHERS, choice
+from xkd_ray.config.registries import DATASETS, EXPLAINERS, EXPLANATION_LOSSES, FUSIONS, MAX_AE_DEPTH
+from xkd_ray.config.teacher_schema import TeacherConfig
 from xkd_ray.config.yaml_loader import read_yaml
 from xkd_ray.errors import XKDConfigError
-
-# numpy/scikit-learn seeds must fit 32 bits (data adds up to 2 to its seed); torch's fit 64.
-MAX_SEED = 2**31 - 1
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
-# Upper bounds far beyond any real run, so that a typo (an extra digit, 1e308) is refused at load
-# instead of allocating for hours or dividing by ~0 inside training.
-MAX_EPOCHS = 10_000
-MAX_BATCH = 65_536
-MAX_WIDTH = 4_096
-Epochs = Annotated[int, Field(gt=0, le=MAX_EPOCHS)]
-Batch = Annotated[int, Field(gt=0, le=MAX_BATCH)]
-Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
-LearningRate = Annotated[float, Field(gt=0, le=1e6)]  # 1e6 still trains (and diverges): the fault tests use it
-
-
-def Choice(registry: dict[str, Any], field: str) -> Any:
-    """A name of ``registry``, looked up when a config is validated (entries a plugin adds later count)."""
-    return Annotated[str, AfterValidator(lambda value: choice(registry, field, value))]
-
-
-class Schema(BaseModel):
-    """Shared settings of every model.
-
-    Build configs with ``from_dict``, ``with_overrides`` or ``load_config``: they turn pydantic's
-    ``ValidationError`` into one ``XKDConfigError`` line. Calling a class directly (tests,
-    ``DataConfig(image_size=16)``) raises the ``ValidationError`` itself (also a ``ValueError``).
-    """
-
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
-    where: ClassVar[str] = ""  # the prefix of its fields in error messages ("search")
-    noun: ClassVar[str] = "key"  # what an unknown entry of this model is called
-
-    @model_validator(mode="before")
-    @classmethod
-    def _read_yaml_keys(cls, raw: Any) -> Any:
-        """YAML allows ``1: x`` (reported as an unknown key, not a crash) and an empty section
-        ``distill:`` (None: the section's defaults)."""
-        if not isinstance(raw, dict):
-            return raw
-        return {str(k): v for k, v in raw.items() if v is not None or cls.noun != "section"}
-
-
-def rule(path: str, problem: str) -> ValueError:
-    """A cross-field rule's failure; ``config_error`` prints it as is (it names its own field)."""
-    return ValueError(f"{path}: {problem}")
 
 
 class DataConfig(Schema):
@@ -94,6 +60,8 @@ class DataConfig(Schema):
     storage: Literal["auto", "memory", "stream"] = "auto"
     stream_threshold_mb: PositiveInt = 2048
     augment: bool | None = None
+    # Byte-identical image files (imagefolder): refuse the tree, or keep one copy of each (docs/DATA.md).
+    duplicates: Literal["refuse", "drop"] = "refuse"
 
     @model_validator(mode="after")
     def _rules(self) -> DataConfig:
@@ -114,6 +82,8 @@ class DataConfig(Schema):
             )
         if self.storage == "stream" and self.dataset != "imagefolder":
             raise rule("data.storage", f"stream reads image folders only; {self.dataset!r} loads in memory")
+        if self.duplicates == "drop" and self.dataset != "imagefolder":
+            raise rule("data.duplicates", f"drop applies to image folders only; {self.dataset!r} has no files to drop")
         return self
 
     @property
@@ -122,34 +92,6 @@ class DataConfig(Schema):
         if self.augment is not None:
             return self.augment
         return self.dataset in ("imagefolder", "cifar10", "cifar100")
-
-
-class TeacherConfig(Schema):
-    """The teacher CNN and how it is trained; its hash keys the saved checkpoint."""
-
-    arch: NonEmptyStr = "vgg"  # a TEACHERS entry, or ``torchvision.<model>`` (see docs/TEACHER.md)
-    width: Width = 32
-    epochs: Epochs = 15
-    lr: LearningRate = 2e-3
-    batch_size: Batch = 64
-    weight_decay: NonNegativeFloat = 5e-4
-    seed: Seed = 0
-    checkpoint: NonEmptyStr | None = None
-    weights: NonEmptyStr | None = None  # a state_dict (.pt/.pth/.safetensors): the teacher is never retrained
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, value: str) -> str:
-        """torchvision's model list is read only for a ``torchvision.`` name: plain configs import no torch."""
-        if value.startswith("torchvision."):
-            from torchvision.models import list_models
-
-            if value.removeprefix("torchvision.") not in list_models():
-                raise ValueError(
-                    f"teacher.arch: got {value!r}; not a torchvision model (torchvision.models.list_models())"
-                )
-            return value
-        return choice(TEACHERS, "teacher.arch", value)
 
 
 class ExplainConfig(Schema):

@@ -26,6 +26,7 @@ from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves
 from xkd_ray.core.losses import blur_maps
 from xkd_ray.core.models import find_layer, predict_logits
 from xkd_ray.core.progress import track
+from xkd_ray.core.teacher_input import TeacherInput, student_view
 from xkd_ray.data.splits import ZeroCopyPickle
 from xkd_ray.errors import XKDConfigError, XKDDataError
 
@@ -89,9 +90,13 @@ def explain_maps(
     batch_size: int = 128,
     progress: bool = False,
     description: str = "explaining",
+    inputs: TeacherInput | None = None,
 ) -> Explanations:
     """Maps in [0, 1] at input resolution, explaining ``targets`` (default: the model's own
-    predictions). The model is put in eval mode and left there."""
+    predictions). The model is put in eval mode and left there.
+
+    ``inputs``: a teacher's input contract. Each batch is converted to the teacher's input, explained
+    there, and its maps are resized back to the resolution of ``images``."""
     model.eval()
     device = next(model.parameters()).device
     if explainer not in EXPLAINERS:
@@ -103,6 +108,8 @@ def explain_maps(
     with track(description, len(images), progress) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device)
+            if inputs is not None:
+                batch = inputs(batch)
             if targets is None:
                 with torch.no_grad():
                     batch_targets = model(batch).argmax(dim=1)
@@ -111,7 +118,7 @@ def explain_maps(
             maps, count = method.attribute(
                 model, batch, batch_targets, layer=layer_module, ig_steps=ig_steps, blur_sigma=blur_sigma
             )
-            all_maps.append(maps.float().cpu())
+            all_maps.append((maps if inputs is None else inputs.maps_back(maps)).float().cpu())
             degenerate += count
             bar.advance(len(batch))
     return Explanations(torch.cat(all_maps), degenerate)
@@ -209,13 +216,14 @@ def read_cached_teacher_outputs(path: Path, images: torch.Tensor, split: str) ->
 
 
 def explain_batch(
-    teacher: nn.Module, images: torch.Tensor, settings: dict[str, Any]
+    teacher: nn.Module, images: torch.Tensor, settings: dict[str, Any], inputs: TeacherInput | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The teacher's logits and its maps for its own top-1 class on one batch (CPU float32).
+    """The teacher's logits and its maps for its own top-1 class on one batch (CPU float32), the
+    maps at the size of ``images`` (``inputs``: the teacher's input contract).
 
     The unit of work of the distributed explanation job (``xkd_ray.cluster.ray_teacher``): each map
     depends only on its own image, so any split into batches gives the same maps."""
-    logits = predict_logits(teacher, images, len(images))
+    logits = predict_logits(student_view(teacher, inputs), images, len(images))
     maps = explain_maps(
         teacher,
         images,
@@ -225,15 +233,19 @@ def explain_batch(
         ig_steps=settings.get("ig_steps", 32),
         blur_sigma=settings.get("blur_sigma", 1.0),
         batch_size=max(1, len(images)),
+        inputs=inputs,
     )
     return logits, maps.maps, maps.degenerate_maps
 
 
-def teacher_faithfulness(teacher: nn.Module, images: torch.Tensor, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+def teacher_faithfulness(
+    teacher: nn.Module, images: torch.Tensor, maps: torch.Tensor, inputs: TeacherInput | None = None
+) -> dict[str, torch.Tensor]:
     """Deletion / insertion AUCs of the teacher with its maps on the split's first ``IMAGES``
-    images (the same images as the students', so the numbers compare)."""
+    images (the same images as the students', so the numbers compare): the student's images are
+    perturbed and the teacher sees each perturbed image through its input contract ``inputs``."""
     subset = images[:IMAGES].to(next(teacher.parameters()).device)
-    curves = perturbation_curves(teacher, subset, maps[:IMAGES])
+    curves = perturbation_curves(student_view(teacher, inputs), subset, maps[:IMAGES])
     return {"deletion_auc": curve_auc(curves[0]).cpu(), "insertion_auc": curve_auc(curves[1]).cpu()}
 
 
@@ -251,16 +263,18 @@ def cached_teacher_outputs(
     batch_size: int,
     cache_dir: str | Path,
     progress: bool = True,
+    inputs: TeacherInput | None = None,
 ) -> tuple[TeacherOutputs, Path, bool]:
     """The teacher's logits and maps for one split: from the cache, or computed and cached.
 
-    Returns the outputs, the cache file and whether it was a cache hit.
+    Returns the outputs, the cache file and whether it was a cache hit. ``inputs``: the teacher's
+    input contract (its maps are cached at the split's size); ``teacher_id`` must key it.
     """
     settings = explain_settings(explainer, layer, ig_steps, blur_sigma)
     path = teacher_cache_file(cache_dir, teacher_id, settings, data_fingerprint, split)
     if path.exists():
         return read_cached_teacher_outputs(path, images, split), path, True
-    logits = predict_logits(teacher, images, batch_size)
+    logits = predict_logits(student_view(teacher, inputs), images, batch_size)
     explained = explain_maps(
         teacher,
         images,
@@ -272,9 +286,10 @@ def cached_teacher_outputs(
         batch_size=batch_size,
         progress=progress,
         description=f"teacher {explainer} ({split})",
+        inputs=inputs,
     )
     # Metrics read val and test only; the first IMAGES images, as for students.
-    aucs = teacher_faithfulness(teacher, images, explained.maps) if split != "train" else {}
+    aucs = teacher_faithfulness(teacher, images, explained.maps, inputs) if split != "train" else {}
     outputs = TeacherOutputs(logits, explained.maps, explained.degenerate_maps, **aucs)
     write_teacher_outputs(path, outputs, {"split": split, "teacher": teacher_id, **settings})
     return outputs, path, False

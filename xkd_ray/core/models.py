@@ -108,7 +108,7 @@ class TorchvisionTeacher(nn.Module):
         self.default_explain_layer = "net." + last_conv_name(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.repeat(1, self.repeat, 1, 1) if self.repeat > 1 else x)
+        return self.net(x.repeat(1, self.repeat, 1, 1) if self.repeat > 1 and x.shape[1] == 1 else x)
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:

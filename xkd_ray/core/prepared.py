@@ -17,7 +17,8 @@ from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.explain import TeacherOutputs, cached_teacher_outputs
 from xkd_ray.core.models import build_teacher
-from xkd_ray.core.teacher import load_or_train_teacher, teacher_architecture
+from xkd_ray.core.teacher import load_or_train_teacher, teacher_architecture, teacher_input
+from xkd_ray.core.teacher_input import TeacherInput, student_view
 from xkd_ray.data.datasets import load_splits
 from xkd_ray.data.splits import SPLIT_NAMES, Splits, ZeroCopyPickle
 
@@ -36,6 +37,7 @@ class DistillData(ZeroCopyPickle):
     teacher_metrics: dict[str, float]
     cache_files: dict[str, str] = field(default_factory=dict)
     cache_hits: dict[str, bool] = field(default_factory=dict)
+    teacher_input: TeacherInput | None = None  # the teacher's input contract (None: the student's input)
 
     def teacher(self) -> nn.Module:
         """A fresh frozen copy of the teacher."""
@@ -47,8 +49,10 @@ class DistillData(ZeroCopyPickle):
 
     def live_teacher(self, config: ExperimentConfig) -> nn.Module | None:
         """The teacher network when the method trains on its features (else None: logits and
-        maps come from the cache)."""
-        return self.teacher() if METHODS[config.distill.method].needs_teacher else None
+        maps come from the cache), fed the student's batches through its input contract."""
+        if not METHODS[config.distill.method].needs_teacher:
+            return None
+        return student_view(self.teacher(), self.teacher_input)
 
 
 def prepare(config: ExperimentConfig, progress: bool = True) -> DistillData:
@@ -60,6 +64,7 @@ def prepare_splits(config: ExperimentConfig, splits: Splits, progress: bool = Tr
     """``prepare`` on splits already loaded (``ray_teacher.prepare_on_workers`` loads them once to
     find what is missing from the caches, then assembles the bundle here)."""
     teacher = load_or_train_teacher(config, splits, progress=progress)
+    inputs = teacher_input(config, splits)
     outputs: dict[str, TeacherOutputs] = {}
     files: dict[str, str] = {}
     hits: dict[str, bool] = {}
@@ -77,6 +82,7 @@ def prepare_splits(config: ExperimentConfig, splits: Splits, progress: bool = Tr
             batch_size=config.explain.batch_size,
             cache_dir=config.explain.cache_dir,
             progress=progress,
+            inputs=inputs,
         )
         files[name] = str(path)
     teacher_metrics = dict(teacher.metrics)
@@ -95,4 +101,5 @@ def prepare_splits(config: ExperimentConfig, splits: Splits, progress: bool = Tr
         teacher_metrics=teacher_metrics,
         cache_files=files,
         cache_hits=hits,
+        teacher_input=inputs,
     )

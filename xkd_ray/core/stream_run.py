@@ -39,8 +39,10 @@ from xkd_ray.core.teacher import (
     teacher_architecture,
     teacher_directory,
     teacher_id,
+    teacher_input,
     train_teacher_epoch,
 )
+from xkd_ray.core.teacher_input import TeacherInput, student_view
 from xkd_ray.data.splits import SPLIT_NAMES
 from xkd_ray.data.streaming import StreamSplit, StreamSplits, stream_imagefolder
 from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
@@ -68,10 +70,10 @@ class StreamData:
         return model.eval()
 
 
-def _stream_accuracy(model: nn.Module, split: StreamSplit, batch_size: int = 256) -> float:
-    correct = 0
+def _stream_accuracy(model: nn.Module, split: StreamSplit, inputs: TeacherInput, batch_size: int = 256) -> float:
+    correct, view = 0, student_view(model, inputs)
     for ids, images in split.batches(batch_size):
-        correct += int((predict_logits(model, images).argmax(dim=1) == split.labels[ids]).sum())
+        correct += int((predict_logits(view, images).argmax(dim=1) == split.labels[ids]).sum())
     return correct / max(len(split), 1)
 
 
@@ -84,6 +86,7 @@ def _teacher(config: ExperimentConfig, splits: StreamSplits, progress: bool) -> 
     if found is not None:
         return found.model, found.teacher_id, dict(found.metrics)
     settings = config.teacher
+    inputs = teacher_input(config, splits)  # type: ignore[arg-type]
     torch.manual_seed(settings.seed)
     architecture = teacher_architecture(config, splits)  # type: ignore[arg-type]
     model = build_teacher(**architecture)
@@ -94,11 +97,11 @@ def _teacher(config: ExperimentConfig, splits: StreamSplits, progress: bool) -> 
     with track("teacher epochs (streamed)", settings.epochs, progress) as bar:
         for _ in range(settings.epochs):
             batches = ((train.read(ids), train.labels[torch.as_tensor(ids)]) for ids in sampler)
-            loss_sum, count = train_teacher_epoch(model, batches, optimizer)
+            loss_sum, count = train_teacher_epoch(model, batches, optimizer, inputs=inputs)
             scheduler.step()
             bar.advance(loss=float(loss_sum) / count)
     model.eval()
-    metrics = {f"{name}_accuracy": _stream_accuracy(model, splits.split(name)) for name in ("val", "test")}
+    metrics = {f"{name}_accuracy": _stream_accuracy(model, splits.split(name), inputs) for name in ("val", "test")}
     record = {"architecture": architecture, "teacher": config.to_dict()["teacher"], "data": splits.describe()}
     write_model_folder(teacher_directory(config, splits), model, {**record, "training": {"backend": "stream"}}, metrics)  # type: ignore[arg-type]
     return model, teacher_id(config, splits), metrics  # type: ignore[arg-type]
@@ -121,6 +124,7 @@ def prepare_stream(config: ExperimentConfig, progress: bool = True) -> StreamDat
             settings,
             batch_size=explain.batch_size,
             cache_dir=explain.cache_dir,
+            inputs=teacher_input(config, splits),  # type: ignore[arg-type]
         )
     for name in ("val", "test"):
         metrics[f"{name}_degenerate_maps"] = outputs[name].degenerate_maps

@@ -24,6 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.explain import explain_batch, teacher_cache_file
+from xkd_ray.core.teacher_input import TeacherInput
 from xkd_ray.data.streaming import StreamSplit
 from xkd_ray.errors import XKDDataError
 
@@ -74,6 +75,7 @@ def stream_teacher_outputs(
     *,
     batch_size: int,
     cache_dir: str | Path,
+    inputs: TeacherInput | None = None,
 ) -> tuple[StreamTeacherOutputs, bool]:
     """Read the split's cached outputs, or compute them one batch at a time and write each batch's
     rows straight into the arrays (atomic: a temporary folder renamed when complete).
@@ -89,7 +91,7 @@ def stream_teacher_outputs(
     try:
         degenerate, total = 0, None
         for ids, images in split.batches(batch_size):
-            logits, maps, count = explain_batch(teacher, images, settings)
+            logits, maps, count = explain_batch(teacher, images, settings, inputs)
             if total is None:
                 shapes = {"logits": (len(split), logits.shape[1]), "maps": (len(split), *maps.shape[-2:])}
                 for name, shape in shapes.items():

@@ -25,6 +25,7 @@ from xkd_ray.core.checkpoints import (
 from xkd_ray.core.metrics import accuracy
 from xkd_ray.core.models import autocast, build_teacher, find_layer, predict_logits
 from xkd_ray.core.progress import track
+from xkd_ray.core.teacher_input import TeacherInput, resolve, student_view
 from xkd_ray.data.splits import Splits
 from xkd_ray.errors import XKDCheckpointError
 
@@ -38,8 +39,23 @@ class Teacher:
 
 def teacher_id(config: ExperimentConfig, splits: Splits) -> str:
     """Hash of what the teacher's weights depend on: its training config and the exact data."""
-    settings = {k: v for k, v in config.to_dict()["teacher"].items() if k not in ("checkpoint", "weights")}
-    return stable_hash({"teacher": settings, "data": splits.fingerprint()})
+    ignored = ("checkpoint", "weights", "input_size", "mean", "std")  # the contract: only when declared
+    settings = {k: v for k, v in config.to_dict()["teacher"].items() if k not in ignored}
+    return stable_hash({"teacher": settings | config.teacher.contract(), "data": splits.fingerprint()})
+
+
+def _keyed(identity: dict[str, Any], config: ExperimentConfig) -> str:
+    """A given teacher's id: its file and the data, plus the input contract when one is declared
+    (the same weights fed other tensors give other logits and maps)."""
+    contract = config.teacher.contract()
+    return stable_hash({**identity, "contract": contract} if contract else identity)
+
+
+def teacher_input(config: ExperimentConfig, splits: Splits) -> TeacherInput:
+    """``teacher.input_size/mean/std`` resolved against the data (None: the student's own)."""
+    mean = getattr(splits, "mean", None) or splits.train.mean  # streamed splits keep them per split
+    std = getattr(splits, "std", None) or splits.train.std
+    return resolve(config.teacher, mean, std, splits.image_size, splits.in_channels)
 
 
 def teacher_architecture(config: ExperimentConfig, splits: Splits) -> dict[str, Any]:
@@ -69,18 +85,22 @@ def train_teacher_epoch(
     *,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    inputs: TeacherInput | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One pass of cross-entropy training over ``loader``.
 
     Returns the *sum* of per-image losses (a tensor on ``device``, never synced to the host inside
     the loop) and the number of images, so DDP workers can all-reduce both before dividing: the
-    mean over shards of per-shard means would weigh a short last shard wrongly."""
+    mean over shards of per-shard means would weigh a short last shard wrongly. ``inputs``: the
+    teacher's input contract, applied to each batch (None: the batch as it is)."""
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), device=device)
     count = 0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
+        if inputs is not None:
+            images = inputs(images)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp_dtype):
             loss = loss_fn(model(images).float(), labels)
@@ -102,15 +122,19 @@ def train_teacher(config: ExperimentConfig, splits: Splits, progress: bool = Tru
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
     with track("teacher epochs", settings.epochs, progress) as bar:
         for _ in range(settings.epochs):
-            loss_sum, count = train_teacher_epoch(model, loader, optimizer)
+            loss_sum, count = train_teacher_epoch(model, loader, optimizer, inputs=teacher_input(config, splits))
             scheduler.step()
             bar.advance(loss=float(loss_sum) / count)
     return model.eval()
 
 
-def split_accuracies(model: nn.Module, splits: Splits, names: tuple[str, ...]) -> dict[str, float]:
+def split_accuracies(
+    model: nn.Module, splits: Splits, names: tuple[str, ...], inputs: TeacherInput | None = None
+) -> dict[str, float]:
+    """The teacher's accuracy on ``names``, each image fed through the contract ``inputs``."""
+    view = student_view(model, inputs)
     return {
-        f"{name}_accuracy": accuracy(predict_logits(model, splits.split(name).images), splits.split(name).labels)
+        f"{name}_accuracy": accuracy(predict_logits(view, splits.split(name).images), splits.split(name).labels)
         for name in names
     }
 
@@ -127,8 +151,8 @@ def _load_checkpoint(config: ExperimentConfig, splits: Splits) -> Teacher:
             "check teacher.arch/teacher.width and the dataset"
         )
     model = load_weights_into(build_teacher(**architecture), weights).eval()
-    identity = stable_hash({"checkpoint": file_hash(weights), "data": splits.fingerprint()})
-    return Teacher(model, identity, split_accuracies(model, splits, ("test",)))
+    identity = _keyed({"checkpoint": file_hash(weights), "data": splits.fingerprint()}, config)
+    return Teacher(model, identity, split_accuracies(model, splits, ("test",), teacher_input(config, splits)))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -170,8 +194,8 @@ def _load_weights(config: ExperimentConfig, splits: Splits) -> Teacher:
     model.eval()
     if EXPLAINERS[config.explain.explainer].uses_layer:
         find_layer(model, config.explain.layer)
-    identity = stable_hash({"weights": file_hash(path), "data": splits.fingerprint()})
-    return Teacher(model, identity, split_accuracies(model, splits, ("val", "test")))
+    identity = _keyed({"weights": file_hash(path), "data": splits.fingerprint()}, config)
+    return Teacher(model, identity, split_accuracies(model, splits, ("val", "test"), teacher_input(config, splits)))
 
 
 def teacher_directory(config: ExperimentConfig, splits: Splits) -> Path:
@@ -210,7 +234,7 @@ def save_teacher(
     """
     model = model.eval()
     if metrics is None:
-        metrics = split_accuracies(model, splits, ("val", "test"))
+        metrics = split_accuracies(model, splits, ("val", "test"), teacher_input(config, splits))
     saved_config = {
         "architecture": teacher_architecture(config, splits),
         "teacher": config.to_dict()["teacher"],

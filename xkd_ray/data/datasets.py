@@ -7,7 +7,6 @@ naming the path and the fix, so the CLI can print one line instead of a tracebac
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from xkd_ray.config.registries import DATASETS, Dataset
+from xkd_ray.data.duplicates import drop_duplicates, refuse_duplicates
 from xkd_ray.data.splits import SPLIT_NAMES, Split, Splits, assemble, carve_val, count_for, resize, take, uint8_to_float
 from xkd_ray.errors import XKDDataError
 
@@ -199,49 +199,6 @@ def _scan_folder(directory: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _refuse_duplicates(root: Path, paths: dict[str, list[str]]) -> None:
-    """An image in two splits inflates the held-out score without anyone noticing: a test image
-    that is also a train image, or a file copied twice inside ``train/`` whose copies the val
-    carve put on both sides (the search ranks students on val).
-
-    Compared by sha256 of the file bytes, not of decoded pixels: it runs before any decoding (a
-    bad folder fails in seconds) and, as only files whose byte size occurs in two splits can
-    match, reads just those. It catches copies, hard links and re-downloads; a re-encoded copy
-    (same pixels, other bytes) is not caught.
-    """
-    size = {path: os.path.getsize(path) for files in paths.values() for path in files}
-    splits_of_size: dict[int, set[str]] = {}
-    for name, files in paths.items():
-        for path in files:
-            splits_of_size.setdefault(size[path], set()).add(name)
-    first_of: dict[str, tuple[str, str]] = {}  # digest -> (split, path) where it was first seen
-    pairs: dict[str, list[tuple[str, str]]] = {}
-    for name, files in paths.items():  # train, val, test: a pair is (later split's file, earlier one)
-        for path in files:
-            if len(splits_of_size[size[path]]) < 2:
-                continue
-            seen = first_of.setdefault(_sha256(path), (name, path))
-            if seen[0] != name:
-                pairs.setdefault(name, []).append((path, seen[1]))
-    for name, found in sorted(pairs.items(), key=lambda item: item[0] != "test"):
-        count = f"{len(found)} {name} image{'s are' if len(found) > 1 else ' is'}"
-        example = f"(e.g. {found[0][0]} = {found[0][1]})"
-        if name == "test":
-            raise XKDDataError(
-                f"{root}: {count} byte-identical to train/ images {example}; delete the copies from one "
-                "folder so test scores stay honest"
-            )
-        raise XKDDataError(
-            f"{root}: {count} (carved from train/) byte-identical to train images {example}; delete the "
-            "duplicates inside train/ so val scores stay honest"
-        )
-
-
 def _read_images(paths: Sequence[str], size: int) -> torch.Tensor:
     """Decode to RGB so grey and colour files mix, and resize each file (their sizes may differ)."""
     from PIL import Image
@@ -262,7 +219,8 @@ def _load_imagefolder(config: DataConfig) -> Splits:
 
     Every file is decoded to RGB, so grey images become 3 identical channels and ``in_channels``
     is always 3. Hidden entries and symlinks are skipped (``_scan_folder``); each split needs at
-    least 2 classes, and a test file byte-identical to a train file is refused.
+    least 2 classes, and a test file byte-identical to a train file is refused (``data.duplicates:
+    drop``: byte-identical files are first reduced to one copy each, ``xkd_ray.data.duplicates``).
     """
     root = _root(config, may_create=False)
     train_classes, train_samples = _scan_folder(root / "train")
@@ -274,12 +232,14 @@ def _load_imagefolder(config: DataConfig) -> Splits:
             f"{root}: class folders differ between train/ and test/ "
             f"(only in train/: {only_train or 'none'}; only in test/: {only_test or 'none'})"
         )
+    if config.duplicates == "drop":
+        train_samples, test_samples, _ = drop_duplicates(root, train_samples, test_samples)
     train_paths = [path for path, _ in train_samples]
     test_paths = [path for path, _ in test_samples]
     train_labels = np.asarray([label for _, label in train_samples], dtype=np.int64)
     test_labels = np.asarray([label for _, label in test_samples], dtype=np.int64)
     train_idx, val_idx = carve_val(train_labels, config.val_fraction, config.max_train_samples, config.seed)
-    _refuse_duplicates(
+    refuse_duplicates(
         root,
         {"train": [train_paths[i] for i in train_idx], "val": [train_paths[i] for i in val_idx], "test": test_paths},
     )

@@ -196,8 +196,9 @@ def _file_list_key(config: DataConfig, files: dict[str, list[str]], labels: dict
 
 def stream_imagefolder(config: DataConfig, cache_dir: str | Path) -> StreamSplits:
     """Scan and split an ImageFolder tree exactly as the in-memory loader does (same classes,
-    same val carve, same duplicate refusal), then decode each split once into its shard."""
-    from xkd_ray.data.datasets import _refuse_duplicates, _root, _scan_folder
+    same val carve, same duplicate refusal or dropping), then decode each split once into its shard."""
+    from xkd_ray.data.datasets import _root, _scan_folder
+    from xkd_ray.data.duplicates import drop_duplicates, refuse_duplicates
     from xkd_ray.data.splits import carve_val
 
     if config.dataset != "imagefolder":
@@ -207,6 +208,8 @@ def stream_imagefolder(config: DataConfig, cache_dir: str | Path) -> StreamSplit
     test_classes, test_samples = _scan_folder(root / "test")
     if classes != test_classes:
         raise XKDDataError(f"{root}: class folders differ between train/ and test/")
+    if config.duplicates == "drop":
+        train_samples, test_samples, _ = drop_duplicates(root, train_samples, test_samples)
     train_labels = np.asarray([label for _, label in train_samples], dtype=np.int64)
     train_idx, val_idx = carve_val(train_labels, config.val_fraction, config.max_train_samples, config.seed)
     files = {
@@ -222,7 +225,7 @@ def stream_imagefolder(config: DataConfig, cache_dir: str | Path) -> StreamSplit
     for name in SPLIT_NAMES:
         if len(files[name]) == 0:
             raise XKDDataError(f"{root}: the {name} split is empty; add images or lower data.val_fraction")
-    _refuse_duplicates(root, files)
+    refuse_duplicates(root, files)
     key = _file_list_key(config, files, labels)
     folder = Path(cache_dir) / "streams" / f"imagefolder-{key}"
     if not (folder / "meta.json").exists():
