@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from xkd_ray.config.methods import METHODS
+from xkd_ray.config.methods import GRADIENT_MAP_EXPLAINERS, METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.checkpoints import atomic_write
 from xkd_ray.core.distill import StudentPredictions, distill, split_metrics, student_predictions
@@ -153,13 +153,15 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits", choices=list(DATASETS))
     parser.add_argument("--data-root")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)} (default: all that apply)")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works (seconds)")
     parser.add_argument("--grid-only", action="store_true", help="only train seed-0 kd and xd and draw the map grid")
     args = parser.parse_args()
     if args.grid_only:
         args.seeds, args.methods = 1, "kd,xd"
-    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    subset = args.methods is not None  # a subset is written to its own results file
+    applies = [m for m in METHODS if METHODS[m].student_map != "gradient" or args.explainer in GRADIENT_MAP_EXPLAINERS]
+    methods = [name.strip() for name in (args.methods or ",".join(applies)).split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; registered: {', '.join(METHODS)}")
@@ -229,7 +231,7 @@ def main() -> None:
     )
     table = "\n".join(lines) + "\n" + teacher_line + "\n\n" + latency_line + "\n"
     print(table)
-    name = f"paper_claim_{args.dataset}_{args.explainer}"
+    name = f"paper_claim_{args.dataset}_{args.explainer}" + ("_" + "_".join(methods) if subset else "")
     if not args.smoke and not args.grid_only:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}.md").write_text(table)
