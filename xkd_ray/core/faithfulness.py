@@ -151,7 +151,11 @@ def randomised_copy(model: nn.Module, keep: Callable[[str], bool], seed: int = 0
 def cascade_layers(model: nn.Module, skip: tuple[str, ...] = ("head",)) -> list[str]:
     """The model's top-level parameterised children from the output back to the input (the
     order of the cascading randomisation), leaving out ``skip`` (an explanation head)."""
-    names = [name for name, child in model.named_children() if name not in skip and next(child.parameters(), None) is not None]
+    names = [
+        name
+        for name, child in model.named_children()
+        if name not in skip and next(child.parameters(), None) is not None
+    ]
     return names[::-1]
 
 
