@@ -155,9 +155,9 @@ def test_informative_needs_a_margin_beyond_noise():
     assert not informative(0.3, 0.5, 0.2, "min")  # within 2 standard errors
     assert informative(0.8, 0.5, 0.02, "max") and not informative(0.5, 0.8, 0.02, "max")
     assert not informative(float("nan"), 0.5, 0.01, "min")
-    row = {"val_road_morf_auc_teacher": 0.2, "val_road_morf_auc_teacher_random": 0.6}
+    row = {"val_road_morf_auc_teacher": 0.2, "val_road_morf_auc_teacher_rand": 0.6}
     assert informative_in(row, "road_morf", "val_") is None  # no standard errors: nothing to decide from
-    row |= {"val_road_morf_auc_teacher_se": 0.01, "val_road_morf_auc_teacher_random_se": 0.01}
+    row |= {"val_road_morf_se_teacher": 0.01, "val_road_morf_se_teacher_rand": 0.01}
     assert informative_in(row, "road_morf", "val_") is True
     assert (
         standard_error(torch.tensor([1.0, 3.0])) == pytest.approx(1.0) and standard_error(torch.tensor([1.0])) is None
@@ -165,9 +165,9 @@ def test_informative_needs_a_margin_beyond_noise():
 
 
 def test_the_registry_holds_road_and_mprt_with_their_directions():
-    for whose in ("teacher", "teacher_random", "head", "posthoc", "random"):
+    for whose in ("teacher", "teacher_rand", "head", "posthoc", "random"):
         assert METRICS[f"road_morf_auc_{whose}"].direction == "min"
         assert METRICS[f"road_lerf_auc_{whose}"].direction == "max"
-        assert METRICS[f"road_morf_auc_{whose}_se"].error_of == f"road_morf_auc_{whose}"
+        assert METRICS[f"road_morf_se_{whose}"].error_of == f"road_morf_auc_{whose}"
     assert METRICS["mprt_spearman_posthoc"].direction == "min" and METRICS["mprt_ssim_posthoc"].direction == "min"
     assert not METRICS["latency_ms"].exact and "median" in METRICS["latency_ms"].description

@@ -61,10 +61,10 @@ def teacher_diagnostics(
     road: bool,
     road_steps: int,
 ) -> dict[str, torch.Tensor]:
-    """The teacher with its own maps ("..._teacher") and with random maps ("..._teacher_random",
+    """The teacher with its own maps ("..._teacher") and with random maps ("..._teacher_rand",
     the control ``faithfulness_metrics.informative`` reads), on the subset images given."""
     device = next(teacher.parameters()).device
-    chosen = {"teacher": maps, "teacher_random": random_maps(ids, *images.shape[-2:], seed)}
+    chosen = {"teacher": maps, "teacher_rand": random_maps(ids, *images.shape[-2:], seed)}
     return curve_diagnostics(teacher, images.to(device), chosen, ids, seed=seed, road=road, road_steps=road_steps)
 
 

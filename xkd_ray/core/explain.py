@@ -133,7 +133,7 @@ class TeacherOutputs(ZeroCopyPickle):
     degenerate_maps: int
     # Faithfulness of the teacher's maps to the teacher (per image, on the faithfulness subset;
     # val and test only), keyed as Evidence.diagnostics: "deletion_teacher", "road_morf_teacher",
-    # "road_lerf_teacher_random", ... (``diagnostics.teacher_diagnostics``).
+    # "road_lerf_teacher_rand", ... (``diagnostics.teacher_diagnostics``).
     faithfulness: dict[str, torch.Tensor] | None = None
 
     @property

@@ -3,7 +3,8 @@ ROAD AUCs with their standard errors, the randomisation checks, and the rule tha
 a perturbation metric can tell a real map from a random one on this data (``informative``).
 
 Every value is a mean over the faithfulness subset (``faithfulness.faithfulness_subset``) of
-per-image measurements in ``Evidence.diagnostics``; ``<metric>_se`` is its standard error.
+per-image measurements in ``Evidence.diagnostics``; ``<curve>_se_<whose>`` is the standard error
+of ``<curve>_auc_<whose>``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ NOT_INFORMATIVE = "not informative here"
 
 WHOSE = {
     "teacher": "the teacher with its own maps",
-    "teacher_random": "the teacher with random maps (control of the teacher's)",
+    "teacher_rand": "the teacher with random maps (control of the teacher's)",
     "head": "the student with its head's maps",
     "posthoc": "the student with its post-hoc maps",
     "random": "the student with random maps (control)",
@@ -43,6 +44,11 @@ CURVES = {
 def auc_name(curve: str, whose: str) -> str:
     """The metric name of one curve family for one kind of map: ``road_morf_auc_head``."""
     return f"{curve}_auc_{whose}"
+
+
+def se_name(curve: str, whose: str) -> str:
+    """The name of its standard error: ``road_morf_se_head`` (short enough for an 80-column table)."""
+    return f"{curve}_se_{whose}"
 
 
 def _diagnostic(key: str) -> Callable[[Evidence], float | None]:
@@ -74,7 +80,7 @@ def informative(teacher_auc: float, random_auc: float, se: float, direction: str
 
 def curve_of(metric: str) -> str | None:
     """The curve family of a registered AUC metric (or its SE), else None."""
-    return next((curve for curve in CURVES if metric.startswith(f"{curve}_auc_")), None)
+    return next((curve for curve in CURVES if metric.startswith((f"{curve}_auc_", f"{curve}_se_"))), None)
 
 
 def informative_in(metrics: Mapping[str, Any], curve: str, prefix: str = "") -> bool | None:
@@ -84,8 +90,8 @@ def informative_in(metrics: Mapping[str, Any], curve: str, prefix: str = "") -> 
     def get(name: str) -> Any:
         return metrics.get(f"{prefix}{name}")
 
-    teacher, control = get(auc_name(curve, "teacher")), get(auc_name(curve, "teacher_random"))
-    errors = [get(f"{auc_name(curve, whose)}_se") for whose in ("teacher", "teacher_random")]
+    teacher, control = get(auc_name(curve, "teacher")), get(auc_name(curve, "teacher_rand"))
+    errors = [get(se_name(curve, whose)) for whose in ("teacher", "teacher_rand")]
     if teacher is None or control is None or any(e is None for e in errors):
         return None
     se = math.sqrt(sum(float(e) ** 2 for e in errors))
@@ -98,7 +104,7 @@ def _auc_entries() -> dict[str, Metric]:
         for whose, who in WHOSE.items():
             name = auc_name(curve, whose)
             entries[name] = Metric(_diagnostic(f"{curve}_{whose}"), f"{what}: {who}", direction, bounds=UNIT)
-            entries[f"{name}_se"] = Metric(
+            entries[se_name(curve, whose)] = Metric(
                 _diagnostic_se(f"{curve}_{whose}"),
                 f"standard error of {name} over the faithfulness subset",
                 "min",
