@@ -171,3 +171,29 @@ def test_the_registry_holds_road_and_mprt_with_their_directions():
         assert METRICS[f"road_morf_se_{whose}"].error_of == f"road_morf_auc_{whose}"
     assert METRICS["mprt_spearman_posthoc"].direction == "min" and METRICS["mprt_ssim_posthoc"].direction == "min"
     assert not METRICS["latency_ms"].exact and "median" in METRICS["latency_ms"].description
+
+
+def test_tables_say_not_informative_where_the_teacher_does_not_beat_random():
+    import io
+
+    from rich.console import Console
+
+    from xkd_ray.pareto.display import NOT_INFORMATIVE_CELL, front_table, judged_cell
+
+    def row(trial: str, teacher: float) -> dict:
+        values = {"road_morf_auc_teacher": teacher, "road_morf_auc_teacher_rand": 0.6, "road_morf_auc_head": 0.3}
+        values |= {"road_morf_se_teacher": 0.01, "road_morf_se_teacher_rand": 0.01, "accuracy": 0.9}
+        return {
+            "trial_id": trial,
+            "method": "xd",
+            **{f"{s}_{k}": v for s in ("val", "test") for k, v in values.items()},
+        }
+
+    separating, blind = row("a", 0.2), row("b", 0.59)
+    assert judged_cell("road_morf_auc_head", 0.3, separating, "val_") == "0.300"
+    assert judged_cell("road_morf_auc_head", 0.3, blind, "val_") == NOT_INFORMATIVE_CELL
+    assert judged_cell("accuracy", 0.9, blind, "val_") == "0.900"  # only the perturbation curves are judged
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(front_table([separating, blind], "front", ("accuracy", "road_morf_auc_head")))
+    text = console.export_text()
+    assert "not informative here" in text and text.count(NOT_INFORMATIVE_CELL) >= 2
