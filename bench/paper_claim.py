@@ -27,6 +27,15 @@ from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.checkpoints import atomic_write
 from xkd_ray.core.distill import StudentPredictions, distill, split_metrics, student_predictions
 from xkd_ray.core.explain import EXPLAINERS, explain_maps
+from xkd_ray.core.faithfulness_metrics import (
+    CURVES,
+    MARGIN,
+    NOT_INFORMATIVE,
+    auc_name,
+    curve_of,
+    informative_in,
+    se_name,
+)
 from xkd_ray.core.losses import explanation_loss
 from xkd_ray.core.metrics import METRICS, fidelity, topk_iou
 from xkd_ray.core.models import ConvAutoencoder, StudentNet
@@ -36,10 +45,17 @@ from xkd_ray.data.datasets import DATASETS
 RESULTS = Path(__file__).resolve().parent / "results"
 # Every registered metric is a column, except those that describe the teacher and its maps, the
 # same for every student: they are printed once, under the table.
-TEACHER_SIDE = ("fidelity_template", "degenerate_maps", "deletion_auc_teacher", "insertion_auc_teacher")
-COLUMNS = tuple(name for name in METRICS if name not in TEACHER_SIDE)
+# Standard errors are printed with the teacher's AUCs (a student's spread over seeds is its ± std).
+TEACHER_SIDE = (
+    "fidelity_template",
+    "degenerate_maps",
+    *(name for curve in CURVES for name in (auc_name(curve, "teacher"), auc_name(curve, "teacher_rand"))),
+)
+COLUMNS = tuple(name for name in METRICS if name not in TEACHER_SIDE and METRICS[name].error_of is None)
 # Two tables: how like the teacher's the explanations are, and whether they are the student's reason.
-REASON = tuple(c for c in COLUMNS if c.startswith(("head_honesty", "deletion_", "insertion_", "randomisation_")))
+REASON = tuple(
+    c for c in COLUMNS if c.startswith(("head_honesty", "deletion_", "insertion_", "road_", "randomisation_", "mprt_"))
+)
 LIKENESS = (*(c for c in COLUMNS if c not in REASON), "s/epoch")
 
 
@@ -179,6 +195,7 @@ def main() -> None:
     rows: dict[str, dict[str, list[float | None]]] = {}
     grid_students: dict = {}
     teacher_side: dict[str, float | None] = {}
+    teacher_test_metrics: dict[str, float | None] = {}
     for method in methods:
         for seed in range(args.seeds):
             config = base.with_overrides({"distill.method": method, "distill.seed": seed})
@@ -194,6 +211,7 @@ def main() -> None:
                 for key in COLUMNS:
                     row.setdefault(key, []).append(control[key])
             teacher_side = {key: metrics["test"][key] for key in TEACHER_SIDE if key in metrics["test"]}
+            teacher_test_metrics = metrics["test"]
             print(
                 f"{method} seed {seed}: " + " ".join(f"{k}={number(metrics['test'][k])}" for k in COLUMNS), flush=True
             )
@@ -207,6 +225,15 @@ def main() -> None:
         values["topk_iou"] = [topk_iou(template if name.startswith("template") else image_maps, teacher_test.maps)]
         rows[name] = values
 
+    # A curve that cannot tell the teacher's own maps from random maps (on the teacher) ranks nothing here.
+    verdicts = {curve: informative_in(teacher_test_metrics, curve) for curve in CURVES}
+
+    def cell(column: str, values: list[float | None]) -> str:
+        curve = curve_of(column)
+        if curve is not None and verdicts.get(curve) is False and any(v is not None for v in values):
+            return NOT_INFORMATIVE
+        return mean_std(values)
+
     lines = []
     for title, columns in (("like the teacher's", LIKENESS), ("the student's own reason?", REASON)):
         lines += [
@@ -216,7 +243,7 @@ def main() -> None:
         for name, values in rows.items():
             if any(c in values for c in columns):
                 lines.append(
-                    f"| {name} | " + " | ".join(mean_std(values[c]) if c in values else "-" for c in columns) + " |"
+                    f"| {name} | " + " | ".join(cell(c, values[c]) if c in values else "-" for c in columns) + " |"
                 )
         lines.append("")
     teacher_line = (
@@ -229,7 +256,20 @@ def main() -> None:
     latency_line = "Explanation latency, ms per test image (same run, seed-0 students): " + "; ".join(
         f"{name} {value:.2f}" for name, value in latency.items()
     )
-    table = "\n".join(lines) + "\n" + teacher_line + "\n\n" + latency_line + "\n"
+    checks = []
+    for curve, verdict in verdicts.items():
+        teacher, control = (teacher_test_metrics.get(auc_name(curve, w)) for w in ("teacher", "teacher_rand"))
+        errors = [teacher_test_metrics.get(se_name(curve, w)) for w in ("teacher", "teacher_rand")]
+        shown = (
+            f"teacher {number(teacher)} ± {number(errors[0])} vs random maps {number(control)} ± {number(errors[1])}"
+        )
+        word = {True: "informative", False: NOT_INFORMATIVE, None: "not measured"}[verdict]
+        checks.append(f"{curve} ({CURVES[curve][0]}): {shown}: {word}")
+    check_line = (
+        f"Can each curve tell the teacher's maps from random maps on test (teacher better by > {MARGIN} "
+        "and > 2 SE)? " + "; ".join(checks) + "."
+    )
+    table = "\n".join(lines) + "\n" + teacher_line + "\n\n" + check_line + "\n\n" + latency_line + "\n"
     print(table)
     name = f"paper_claim_{args.dataset}_{args.explainer}" + ("_" + "_".join(methods) if subset else "")
     if not args.smoke and not args.grid_only:

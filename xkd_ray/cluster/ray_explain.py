@@ -27,7 +27,6 @@ from xkd_ray.core.explain import (
     teacher_faithfulness,
     write_teacher_outputs,
 )
-from xkd_ray.core.faithfulness import IMAGES
 from xkd_ray.core.models import build_teacher
 from xkd_ray.core.prepared import DistillData, prepare_splits
 from xkd_ray.core.progress import track
@@ -64,8 +63,12 @@ class TeacherExplainer:
         logits, maps, degenerate = explain_batch(self.teacher, torch.tensor(images), settings, self.inputs)
         return logits.numpy(), maps.numpy(), degenerate, self.node_id
 
-    def faithfulness(self, images: np.ndarray, maps: np.ndarray) -> dict[str, torch.Tensor]:
-        return teacher_faithfulness(self.teacher, torch.tensor(images), torch.tensor(maps), self.inputs)
+    def faithfulness(
+        self, images: np.ndarray, labels: np.ndarray, maps: np.ndarray, settings: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        return teacher_faithfulness(
+            self.teacher, torch.tensor(images), torch.tensor(labels), torch.tensor(maps), settings, self.inputs
+        )
 
 
 def _chunks(count: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
@@ -91,7 +94,9 @@ def explain_on_workers(
     if workers < 1:
         raise XKDConfigError(f"--workers: got {workers}; the explanation job needs >= 1 worker")
     explain = config.explain
-    settings = explain_settings(explain.explainer, explain.layer, explain.ig_steps, explain.blur_sigma)
+    settings = explain_settings(
+        explain.explainer, explain.layer, explain.ig_steps, explain.blur_sigma, config.faithfulness.cache_settings()
+    )
     state_ref = ray.put({k: v.detach().cpu() for k, v in teacher.model.state_dict().items()})
     options = {"num_cpus": config.ray.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
     architecture, inputs = teacher_architecture(config, splits), teacher_input(config, splits)
@@ -123,13 +128,15 @@ def explain_on_workers(
             logits = torch.from_numpy(np.concatenate([part[0] for part in parts[name]]))
             maps = torch.from_numpy(np.concatenate([part[1] for part in parts[name]]))
             outputs = TeacherOutputs(logits, maps, sum(part[2] for part in parts[name]))
+            labels = splits.split(name).labels.numpy()
             results[name] = (outputs, sorted({part[3] for part in parts[name]}))
             if name != "train":  # as in explain.cached_teacher_outputs: val and test only
                 actor = actors[index % len(actors)]
-                auc_refs[name] = actor.faithfulness.remote(images[name][:IMAGES], maps[:IMAGES].numpy())
+                faithful = settings["faithfulness"]
+                auc_refs[name] = actor.faithfulness.remote(images[name], labels, maps.numpy(), faithful)
         for name, ref in auc_refs.items():
             outputs, nodes = results[name]
-            results[name] = (dataclasses.replace(outputs, **ray.get(ref)), nodes)
+            results[name] = (dataclasses.replace(outputs, faithfulness=ray.get(ref)), nodes)
         return results
     finally:
         for actor in actors:
@@ -160,7 +167,9 @@ def prepare_on_workers(
             storage_filesystem=None if storage is None else storage.filesystem,
         )  # fmt: skip
     explain = config.explain
-    settings = explain_settings(explain.explainer, explain.layer, explain.ig_steps, explain.blur_sigma)
+    settings = explain_settings(
+        explain.explainer, explain.layer, explain.ig_steps, explain.blur_sigma, config.faithfulness.cache_settings()
+    )
     fingerprint = splits.fingerprint()
     files = {
         name: teacher_cache_file(explain.cache_dir, teacher.teacher_id, settings, fingerprint, name)

@@ -43,7 +43,7 @@ from xkd_ray.core.distill import (
     student_predictions,
     train_one_epoch,
 )
-from xkd_ray.core.faithfulness import IMAGES
+from xkd_ray.core.faithfulness import faithfulness_subset
 from xkd_ray.core.models import StudentNet
 from xkd_ray.core.prepared import DistillData
 
@@ -120,10 +120,18 @@ def _gather_evaluation(
     rank = dist.get_rank() if dist.is_initialized() else 0
     bounds = np.linspace(0, len(split), world + 1).astype(int)
     shard = slice(int(bounds[rank]), int(bounds[rank + 1]))
-    # Diagnostics cover the split's first IMAGES images: this shard's part of them.
-    measured = max(0, min(IMAGES, shard.stop) - shard.start) if diagnostics else 0
+    # Diagnostics cover the split's faithfulness subset (sorted indices): this shard's part of it,
+    # gathered in rank order, so the whole subset in order.
+    subset = faithfulness_subset(split.labels, config.faithfulness.images, config.faithfulness.seed)
+    ours = subset[(subset >= shard.start) & (subset < shard.stop)]
     mine = student_predictions(
-        student, split.images[shard], teacher_predictions[shard], config, device=device, diagnostics=measured
+        student,
+        split.images[shard],
+        teacher_predictions[shard],
+        config,
+        device=device,
+        diagnostics=ours - shard.start if diagnostics else None,
+        ids=ours,
     )
     gathered: list[Any] = [mine]
     if world > 1:
@@ -140,7 +148,10 @@ def _gather_evaluation(
             posthoc_maps=torch.cat([g.posthoc_maps for g in gathered]),
             diagnostics=None
             if not diagnostics
-            else {key: torch.cat([g.diagnostics[key] for g in gathered if g.diagnostics]) for key in first.diagnostics},
+            else {
+                key: torch.cat([g.diagnostics[key] for g in gathered if g.diagnostics])
+                for key in next((g.diagnostics for g in gathered if g.diagnostics), {})
+            },
             cost=first.cost,
         ),
     )

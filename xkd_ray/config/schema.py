@@ -19,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from xkd_ray.config.faithfulness_schema import FaithfulnessConfig
 from xkd_ray.config.fields import (
     Batch,
     Choice,
@@ -191,6 +192,7 @@ class ExperimentConfig(Schema):
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     ray: RayConfig = RayConfig()
+    faithfulness: FaithfulnessConfig = FaithfulnessConfig()
 
     @model_validator(mode="after")
     def _rules(self) -> ExperimentConfig:

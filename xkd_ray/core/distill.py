@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,15 +22,10 @@ from torch.utils.data.distributed import DistributedSampler
 from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.augment import AugmentCollate
+from xkd_ray.core.diagnostics import student_diagnostics
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
-from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves, randomised_copy
-from xkd_ray.core.losses import (
-    differentiable_gradcam,
-    differentiable_gradient_map,
-    distillation_loss,
-    explanation_loss,
-    pearson_per_image,
-)
+from xkd_ray.core.faithfulness import faithfulness_subset
+from xkd_ray.core.losses import differentiable_gradcam, differentiable_gradient_map, distillation_loss, explanation_loss
 from xkd_ray.core.metrics import METRICS, metrics_of
 from xkd_ray.core.models import StudentNet, autocast, parameter_count
 from xkd_ray.core.prepared import DistillData
@@ -156,28 +152,31 @@ class StudentPredictions(NamedTuple):
     cost: dict[str, float] | None = None  # params, latency_ms (``student_cost``)
 
 
-LATENCY_REPEATS = 10
+LATENCY_REPEATS = 20
+LATENCY_WARMUP = 3
 
 
 def student_cost(student: StudentNet, image: torch.Tensor, repeats: int = LATENCY_REPEATS) -> dict[str, float]:
-    """Parameter count and per-image latency at batch size 1. The latency is the fastest of
-    ``repeats`` timed forwards after one warm-up: the minimum is the run least disturbed by
-    other processes on the same cores (trials train side by side), so it ranks students by
-    their own cost rather than by what else was running."""
+    """Parameter count and per-image latency at batch size 1: the median of ``repeats`` timed
+    forwards after ``LATENCY_WARMUP`` untimed ones (first calls pay for allocation and kernel
+    selection), with the interquartile range of the timed runs as its spread. The median, not
+    the minimum: trials train side by side on the same cores, and the median is what a caller
+    sees typically while staying robust to the odd run another process disturbed."""
     device = next(student.parameters()).device
     sample = image[None].to(device)
     times = []
     with torch.no_grad():
-        for index in range(repeats + 1):
+        for index in range(repeats + LATENCY_WARMUP):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
             student(sample)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if index > 0:
+            if index >= LATENCY_WARMUP:
                 times.append(time.perf_counter() - started)
-    return {"params": float(parameter_count(student)), "latency_ms": 1000.0 * min(times)}
+    low, median, high = np.percentile(np.asarray(times) * 1000.0, [25, 50, 75])
+    return {"params": float(parameter_count(student)), "latency_ms": float(median), "latency_iqr_ms": float(high - low)}
 
 
 def _posthoc_maps(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig):
@@ -193,39 +192,6 @@ def _posthoc_maps(student: nn.Module, images: torch.Tensor, targets: torch.Tenso
     ).maps
 
 
-def _diagnostics(
-    student: StudentNet,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    predictions: StudentPredictions,
-    config: ExperimentConfig,
-) -> dict[str, torch.Tensor]:
-    """Is the student's explanation its real reason? Deletion / insertion AUCs of its head map,
-    its post-hoc map and a random map (control), and the randomisation check: the same maps
-    after re-initialising everything but the head (Adebayo et al. 2018). Per image, for the
-    ``images`` given (the caller picks the split's first ``faithfulness.IMAGES``)."""
-    count = len(images)
-    seed = config.distill.seed
-    random_maps = torch.rand((count, *images.shape[-2:]), generator=torch.Generator().manual_seed(seed))
-    maps = {"posthoc": predictions.posthoc_maps[:count], "random": random_maps}
-    if predictions.head_maps is not None:
-        maps["head"] = predictions.head_maps[:count]
-    device = next(student.parameters()).device
-    found: dict[str, torch.Tensor] = {}
-    for whose, whose_maps in maps.items():
-        deletion, insertion = perturbation_curves(student, images.to(device), whose_maps, seed=seed)
-        found[f"deletion_{whose}"], found[f"insertion_{whose}"] = curve_auc(deletion).cpu(), curve_auc(insertion).cpu()
-    randomised = randomised_copy(student, keep=lambda name: name.startswith("head"), seed=seed)
-    found["randomisation_posthoc"] = pearson_per_image(
-        maps["posthoc"], _posthoc_maps(randomised, images, targets, config)
-    )
-    if "head" in maps:
-        with torch.no_grad():
-            randomised_head = randomised(images.to(device), return_all=True).maps.float().cpu()
-        found["randomisation_head"] = pearson_per_image(maps["head"], randomised_head)
-    return found
-
-
 def student_predictions(
     student: StudentNet,
     images: torch.Tensor,
@@ -234,11 +200,14 @@ def student_predictions(
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
-    diagnostics: int = 0,
+    diagnostics: np.ndarray | None = None,
+    ids: np.ndarray | None = None,
 ) -> StudentPredictions:
     """Logits, head maps (or None) and post-hoc captum maps for the teacher's predicted class;
-    with ``diagnostics=n``, also the per-image faithfulness measurements of the first n images
-    (costlier: asked for once per split and run, at its end)."""
+    with ``diagnostics`` (positions in ``images``: the faithfulness subset, or a shard's part of
+    it), also the per-image faithfulness measurements of those images (costlier: asked for once
+    per split and run, at its end). ``ids``: those images' indices in the split (default: the
+    positions), which seed their random draws."""
     student.eval()
     logits, maps = [], []
     with torch.no_grad():
@@ -250,8 +219,24 @@ def student_predictions(
     posthoc = _posthoc_maps(student, images, teacher_predictions, config)
     cost = student_cost(student, images[0]) if len(images) else None
     predictions = StudentPredictions(torch.cat(logits), torch.cat(maps) if maps else None, posthoc, cost=cost)
-    if diagnostics > 0:
-        found = _diagnostics(student, images[:diagnostics], teacher_predictions[:diagnostics], predictions, config)
+    if diagnostics is not None and len(diagnostics) == 0:  # a shard holding none of the subset
+        predictions = predictions._replace(diagnostics={})
+    elif diagnostics is not None:
+        chosen = torch.as_tensor(np.asarray(diagnostics, dtype=np.int64))
+        settings = config.faithfulness
+        found = student_diagnostics(
+            student,
+            images[chosen],
+            teacher_predictions[chosen],
+            None if predictions.head_maps is None else predictions.head_maps[chosen],
+            posthoc[chosen],
+            torch.as_tensor(np.asarray(diagnostics if ids is None else ids, dtype=np.int64)),
+            lambda model, some, targets: _posthoc_maps(model, some, targets, config),
+            seed=config.distill.seed,
+            road=settings.road,
+            road_steps=settings.road_steps,
+            mprt=settings.mprt,
+        )
         predictions = predictions._replace(diagnostics=found)
     return predictions
 
@@ -263,8 +248,7 @@ def split_metrics(
     outputs = data.teacher_outputs[split_name]
     diagnostics = None
     if predictions.diagnostics is not None:
-        teacher = {"deletion_teacher": outputs.deletion_auc, "insertion_teacher": outputs.insertion_auc}
-        diagnostics = {**predictions.diagnostics, **{k: v for k, v in teacher.items() if v is not None}}
+        diagnostics = {**predictions.diagnostics, **(outputs.faithfulness or {})}
     return metrics_of(
         predictions, data.splits.split(split_name).labels, outputs, data.template_map, config.distill.seed, diagnostics
     )
@@ -283,8 +267,9 @@ def evaluate(
     (``diagnostics=False``: a cheap mid-run look, without the faithfulness measurements)."""
     split = data.splits.split(split_name)
     teacher_predictions = data.teacher_outputs[split_name].predictions
+    subset = faithfulness_subset(split.labels, config.faithfulness.images, config.faithfulness.seed)
     predictions = student_predictions(
-        student, split.images, teacher_predictions, config, device=device, diagnostics=IMAGES if diagnostics else 0
+        student, split.images, teacher_predictions, config, device=device, diagnostics=subset if diagnostics else None
     )
     return split_metrics(data, split_name, config, predictions)
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from xkd_ray.config.registries import EXPLAINERS
 from xkd_ray.core.checkpoints import atomic_write, stable_hash
-from xkd_ray.core.faithfulness import IMAGES, curve_auc, perturbation_curves
+from xkd_ray.core.diagnostics import teacher_diagnostics
+from xkd_ray.core.faithfulness import faithfulness_subset
 from xkd_ray.core.losses import blur_maps
 from xkd_ray.core.models import find_layer, predict_logits
 from xkd_ray.core.progress import track
@@ -30,9 +31,7 @@ from xkd_ray.core.teacher_input import TeacherInput, student_view
 from xkd_ray.data.splits import ZeroCopyPickle
 from xkd_ray.errors import XKDConfigError, XKDDataError
 
-# TeacherOutputs fields stored in the cache file's metadata (they cover only a split's first images).
-_AUCS = ("deletion_auc", "insertion_auc")
-CACHE_FORMAT_VERSION = 3  # 3: teacher deletion/insertion AUCs (val, test) in the metadata
+CACHE_FORMAT_VERSION = 4  # 3: teacher deletion/insertion AUCs in the metadata; 4: on the faithfulness subset, + ROAD
 
 
 @dataclass(frozen=True)
@@ -131,18 +130,30 @@ class TeacherOutputs(ZeroCopyPickle):
     logits: torch.Tensor  # float32 [N, classes]
     maps: torch.Tensor  # float32 [N, H, W]
     degenerate_maps: int
-    # Faithfulness of the teacher's maps to the teacher (per image, on the split's first
-    # faithfulness.IMAGES images; val and test only): deletion / insertion AUC.
-    deletion_auc: torch.Tensor | None = None
-    insertion_auc: torch.Tensor | None = None
+    # Faithfulness of the teacher's maps to the teacher (per image, on the faithfulness subset;
+    # val and test only), keyed as Evidence.diagnostics: "deletion_teacher", "road_morf_teacher",
+    # "road_lerf_teacher_rand", ... (``diagnostics.teacher_diagnostics``).
+    faithfulness: dict[str, torch.Tensor] | None = None
 
     @property
     def predictions(self) -> torch.Tensor:
         return self.logits.argmax(dim=1)
 
+    @property
+    def deletion_auc(self) -> torch.Tensor | None:
+        return (self.faithfulness or {}).get("deletion_teacher")
+
+    @property
+    def insertion_auc(self) -> torch.Tensor | None:
+        return (self.faithfulness or {}).get("insertion_teacher")
+
 
 def cache_key(teacher_id: str, explain_settings: dict[str, Any], data_fingerprint: str, split: str) -> str:
-    """Content hash of everything the cached maps depend on (batch size and cache folder excluded)."""
+    """Content hash of everything the cached maps depend on (batch size and cache folder excluded).
+    The faithfulness settings (``explain_settings["faithfulness"]``) key val and test only: the
+    train split's maps carry no faithfulness measurements."""
+    if split == "train":
+        explain_settings = {k: v for k, v in explain_settings.items() if k != "faithfulness"}
     return stable_hash(
         {
             "version": CACHE_FORMAT_VERSION,
@@ -170,8 +181,9 @@ def write_teacher_outputs(path: Path, outputs: TeacherOutputs, metadata: dict[st
         }
     )
     info = {**metadata, "height": height, "width": width, "degenerate_maps": outputs.degenerate_maps}
-    # The AUCs cover only the split's first images, so they travel in the metadata, not as columns.
-    info.update({name: getattr(outputs, name).tolist() for name in _AUCS if getattr(outputs, name) is not None})
+    # The AUCs cover only the faithfulness subset, so they travel in the metadata, not as columns.
+    if outputs.faithfulness:
+        info["faithfulness_aucs"] = {name: values.tolist() for name, values in outputs.faithfulness.items()}
     table = table.replace_schema_metadata({"xkd_ray": json.dumps(info, sort_keys=True, default=str)})
     atomic_write(path, lambda temporary: pq.write_table(table, temporary))
 
@@ -184,20 +196,25 @@ def read_teacher_outputs(path: Path) -> TeacherOutputs:
         logits = np.asarray(table.column("logits").combine_chunks().flatten(), dtype=np.float32).reshape(count, -1)
         maps = np.asarray(table.column("map").combine_chunks().flatten(), dtype=np.float32)
         maps = maps.reshape(count, int(info["height"]), int(info["width"]))
-        aucs = {name: torch.tensor(info[name], dtype=torch.float32) for name in _AUCS if name in info}
+        found = info.get("faithfulness_aucs")
+        aucs = {k: torch.tensor(v, dtype=torch.float32) for k, v in found.items()} if found else None
     except (OSError, KeyError, ValueError, pa.ArrowException, TypeError) as exc:
         raise XKDDataError(f"{path}: explanation cache is unreadable ({exc}); delete it to recompute") from exc
     maps_tensor = torch.from_numpy(maps.copy())
-    return TeacherOutputs(torch.from_numpy(logits.copy()), maps_tensor, int(info["degenerate_maps"]), **aucs)
+    return TeacherOutputs(torch.from_numpy(logits.copy()), maps_tensor, int(info["degenerate_maps"]), aucs)
 
 
-def explain_settings(explainer: str, layer: str | None, ig_steps: int, blur_sigma: float) -> dict[str, Any]:
+def explain_settings(
+    explainer: str, layer: str | None, ig_steps: int, blur_sigma: float, faithfulness: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``explain.*`` values that key the cache: the explainer, its layer, and only the settings
-    that explainer reads (so a setting it ignores never splits the cache)."""
+    that explainer reads (so a setting it ignores never splits the cache); with ``faithfulness``
+    (``FaithfulnessConfig.cache_settings()``), the teacher's val/test measurements are made with it."""
     if explainer not in EXPLAINERS:
         raise XKDConfigError(f"explain.explainer: got {explainer!r}; allowed values are {', '.join(EXPLAINERS)}")
     every = {"ig_steps": ig_steps, "blur_sigma": blur_sigma}
-    return {"explainer": explainer, "layer": layer, **{k: every[k] for k in EXPLAINERS[explainer].settings}}
+    chosen = {"explainer": explainer, "layer": layer, **{k: every[k] for k in EXPLAINERS[explainer].settings}}
+    return chosen if faithfulness is None else {**chosen, "faithfulness": dict(faithfulness)}
 
 
 def teacher_cache_file(
@@ -239,14 +256,27 @@ def explain_batch(
 
 
 def teacher_faithfulness(
-    teacher: nn.Module, images: torch.Tensor, maps: torch.Tensor, inputs: TeacherInput | None = None
+    teacher: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    maps: torch.Tensor,
+    settings: dict[str, Any],
+    inputs: TeacherInput | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Deletion / insertion AUCs of the teacher with its maps on the split's first ``IMAGES``
-    images (the same images as the students', so the numbers compare): the student's images are
-    perturbed and the teacher sees each perturbed image through its input contract ``inputs``."""
-    subset = images[:IMAGES].to(next(teacher.parameters()).device)
-    curves = perturbation_curves(student_view(teacher, inputs), subset, maps[:IMAGES])
-    return {"deletion_auc": curve_auc(curves[0]).cpu(), "insertion_auc": curve_auc(curves[1]).cpu()}
+    """The teacher's per-image faithfulness measurements (``diagnostics.teacher_diagnostics``) on
+    the split's faithfulness subset (the students' images, so the numbers compare); ``settings``:
+    ``FaithfulnessConfig.cache_settings()``. The student's images are perturbed and the teacher
+    sees each perturbed image through its input contract ``inputs``."""
+    ids = torch.as_tensor(faithfulness_subset(labels, settings["images"], settings["seed"]))
+    return teacher_diagnostics(
+        student_view(teacher, inputs),
+        images[ids],
+        maps[ids],
+        ids,
+        seed=settings["seed"],
+        road=settings["road"],
+        road_steps=settings["road_steps"],
+    )
 
 
 def cached_teacher_outputs(
@@ -264,13 +294,17 @@ def cached_teacher_outputs(
     cache_dir: str | Path,
     progress: bool = True,
     inputs: TeacherInput | None = None,
+    labels: torch.Tensor | None = None,
+    faithfulness: dict[str, Any] | None = None,
 ) -> tuple[TeacherOutputs, Path, bool]:
     """The teacher's logits and maps for one split: from the cache, or computed and cached.
 
     Returns the outputs, the cache file and whether it was a cache hit. ``inputs``: the teacher's
-    input contract (its maps are cached at the split's size); ``teacher_id`` must key it.
+    input contract (its maps are cached at the split's size); ``teacher_id`` must key it. With
+    ``labels`` and ``faithfulness`` (``FaithfulnessConfig.cache_settings()``), val and test also
+    carry the teacher's faithfulness measurements on the faithfulness subset.
     """
-    settings = explain_settings(explainer, layer, ig_steps, blur_sigma)
+    settings = explain_settings(explainer, layer, ig_steps, blur_sigma, faithfulness)
     path = teacher_cache_file(cache_dir, teacher_id, settings, data_fingerprint, split)
     if path.exists():
         return read_cached_teacher_outputs(path, images, split), path, True
@@ -288,8 +322,9 @@ def cached_teacher_outputs(
         description=f"teacher {explainer} ({split})",
         inputs=inputs,
     )
-    # Metrics read val and test only; the first IMAGES images, as for students.
-    aucs = teacher_faithfulness(teacher, images, explained.maps, inputs) if split != "train" else {}
-    outputs = TeacherOutputs(logits, explained.maps, explained.degenerate_maps, **aucs)
+    # Metrics read val and test only; the faithfulness subset, as for students.
+    measured = split != "train" and labels is not None and faithfulness is not None
+    aucs = teacher_faithfulness(teacher, images, labels, explained.maps, faithfulness, inputs) if measured else None
+    outputs = TeacherOutputs(logits, explained.maps, explained.degenerate_maps, aucs)
     write_teacher_outputs(path, outputs, {"split": split, "teacher": teacher_id, **settings})
     return outputs, path, False

@@ -8,14 +8,22 @@ score below it (README, "Our formulation": measured pitfalls).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from xkd_ray.core.faithfulness_metrics import FAITHFULNESS_METRICS
 from xkd_ray.core.losses import pearson_per_image
+from xkd_ray.core.metric_types import (
+    CORRELATION,
+    COUNT,
+    SKILL,
+    UNIT,
+    Evidence,
+    Metric,
+)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -164,51 +172,6 @@ def hypervolume(
 # ----------------------------------------------------------------------------- the registry
 
 
-@dataclass(frozen=True)
-class Evidence:
-    """What one split's metrics are computed from: the student's outputs next to the teacher's.
-
-    ``explanation`` is the student's explanation at inference: its head's map when it has a
-    head, else captum on the student (``posthoc_maps``) for the teacher's predicted class.
-    """
-
-    logits: torch.Tensor  # [N, classes]
-    labels: torch.Tensor  # [N]
-    head_maps: torch.Tensor | None  # [N, H, W], None for students without a head
-    posthoc_maps: torch.Tensor  # [N, H, W]
-    teacher_logits: torch.Tensor  # [N, classes]
-    teacher_maps: torch.Tensor  # [N, H, W]
-    template_map: torch.Tensor  # [H, W], mean training teacher map
-    degenerate_maps: int  # teacher maps that fell back to |raw CAM|
-    seed: int = 0  # tie-breaking in top-k IoU
-    # Per-image diagnostics measured on the models themselves (xkd_ray.core.faithfulness), when the
-    # evaluation asked for them: e.g. "deletion_head", "insertion_posthoc", "randomisation_head",
-    # and the teacher's own "deletion_teacher" / "insertion_teacher".
-    diagnostics: dict[str, torch.Tensor] | None = None
-    # The student's size and speed, measured on the model (xkd_ray.core.distill.student_cost):
-    # "params" (count) and "latency_ms" (per image at batch size 1).
-    cost: dict[str, float] | None = None
-
-    @property
-    def explanation(self) -> torch.Tensor:
-        return self.head_maps if self.head_maps is not None else self.posthoc_maps
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One column of every metrics table: how it is computed and which way is better."""
-
-    compute: Callable[[Evidence], float | int | None]  # None: not measured for this student
-    description: str
-    direction: Literal["max", "min"] = "max"
-    # False for a wall-clock measurement: the same student gives a different value on each run,
-    # so reproducibility checks compare only the exact metrics.
-    exact: bool = True
-    # The values the metric can take: a registry file holding one outside them is corrupt or
-    # crafted, and is refused when read (xkd_ray.pareto.front) rather than ranked.
-    bounds: tuple[float, float] = (-math.inf, math.inf)
-
-
 def skill(score: float, template_score: float) -> float:
     """Skill over the constant map: (f - f_template) / (1 - f_template). 0 = as good as the mean
     teacher map used for every image, 1 = perfect, < 0 = worse than that constant."""
@@ -220,19 +183,6 @@ def _head_honesty(e: Evidence) -> float | None:
     student's own post-hoc map (same explainer family as the teacher's maps), mean per image."""
     return None if e.head_maps is None else fidelity(e.head_maps, e.posthoc_maps)
 
-
-def _diagnostic(key: str) -> Callable[[Evidence], float | None]:
-    def mean(e: Evidence) -> float | None:
-        values = (e.diagnostics or {}).get(key)
-        return None if values is None else values.float().mean().item()
-
-    return mean
-
-
-UNIT = (0.0, 1.0)  # a fraction, an IoU, an area under a probability curve
-CORRELATION = (-1.0, 1.0)  # a Pearson r
-SKILL = (-math.inf, 1.0)  # 1 = perfect, unbounded below
-COUNT = (0.0, math.inf)
 
 METRICS: dict[str, Metric] = {
     "accuracy": Metric(lambda e: accuracy(e.logits, e.labels), "top-1 accuracy against the labels", bounds=UNIT),
@@ -278,37 +228,18 @@ METRICS: dict[str, Metric] = {
     "head_honesty": Metric(
         _head_honesty, "mean Pearson r between the head's map and the student's own post-hoc map", bounds=CORRELATION
     ),
-    **{
-        f"{curve}_auc_{whose}": Metric(
-            _diagnostic(f"{curve}_{whose}"),
-            f"{curve} AUC of {what} ({'lower' if curve == 'deletion' else 'higher'} = more faithful)",
-            "min" if curve == "deletion" else "max",
-            bounds=UNIT,
-        )
-        for whose, what in (
-            ("teacher", "the teacher with its own maps"),
-            ("head", "the student with its head's maps"),
-            ("posthoc", "the student with its post-hoc maps"),
-            ("random", "the student with random maps (control)"),
-        )
-        for curve in ("deletion", "insertion")
-    },
-    "randomisation_head": Metric(
-        _diagnostic("randomisation_head"),
-        "Pearson r of the head's map before / after re-initialising the classifier (1: ignores the classifier)",
-        "min",
-        bounds=CORRELATION,
-    ),
-    "randomisation_posthoc": Metric(
-        _diagnostic("randomisation_posthoc"),
-        "Pearson r of the post-hoc map before / after re-initialising the classifier",
-        "min",
-        bounds=CORRELATION,
-    ),
+    **FAITHFULNESS_METRICS,
     "params": Metric(lambda e: (e.cost or {}).get("params"), "the student's parameter count", "min", bounds=COUNT),
     "latency_ms": Metric(
         lambda e: (e.cost or {}).get("latency_ms"),
-        "inference time per image at batch size 1, ms (fastest of repeated runs, on the evaluating device)",
+        "inference time per image at batch size 1, ms (median of timed runs after warm-up, on the evaluating device)",
+        "min",
+        exact=False,
+        bounds=COUNT,
+    ),
+    "latency_iqr_ms": Metric(
+        lambda e: (e.cost or {}).get("latency_iqr_ms"),
+        "spread of latency_ms: interquartile range of the timed runs, ms",
         "min",
         exact=False,
         bounds=COUNT,

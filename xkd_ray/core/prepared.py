@@ -83,14 +83,15 @@ def prepare_splits(config: ExperimentConfig, splits: Splits, progress: bool = Tr
             cache_dir=config.explain.cache_dir,
             progress=progress,
             inputs=inputs,
+            labels=splits.split(name).labels,
+            faithfulness=config.faithfulness.cache_settings(),
         )
         files[name] = str(path)
     teacher_metrics = dict(teacher.metrics)
     for name in ("val", "test"):
         teacher_metrics[f"{name}_degenerate_maps"] = outputs[name].degenerate_maps
-        for curve in ("deletion_auc", "insertion_auc"):
-            values = getattr(outputs[name], curve)
-            teacher_metrics[f"{name}_{curve}"] = None if values is None else values.mean().item()
+        for key, values in (outputs[name].faithfulness or {}).items():  # "deletion_teacher" -> "val_deletion_auc"
+            teacher_metrics[f"{name}_{key.replace('_teacher', '_auc', 1)}"] = values.mean().item()
     return DistillData(
         splits=splits,
         teacher_outputs=outputs,

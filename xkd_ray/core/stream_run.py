@@ -28,7 +28,7 @@ from xkd_ray.core.distill import (
     train_one_epoch,
 )
 from xkd_ray.core.explain import TeacherOutputs, explain_settings
-from xkd_ray.core.faithfulness import IMAGES
+from xkd_ray.core.faithfulness import faithfulness_subset
 from xkd_ray.core.metrics import metrics_of
 from xkd_ray.core.models import StudentNet, build_teacher, predict_logits
 from xkd_ray.core.progress import track
@@ -146,7 +146,8 @@ def evaluate_stream(student: StudentNet, data: StreamData, split_name: str, conf
     ids = np.arange(len(split))
     images = split.read(ids)
     logits, maps = data.teacher_outputs[split_name].read(ids)
-    predictions = student_predictions(student, images, logits.argmax(dim=1), config, diagnostics=IMAGES)
+    subset = faithfulness_subset(split.labels, config.faithfulness.images, config.faithfulness.seed)
+    predictions = student_predictions(student, images, logits.argmax(dim=1), config, diagnostics=subset)
     outputs = TeacherOutputs(logits, maps, data.teacher_outputs[split_name].degenerate_maps)
     return metrics_of(
         predictions, split.labels, outputs, data.template_map, config.distill.seed, predictions.diagnostics

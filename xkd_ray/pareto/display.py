@@ -24,6 +24,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from xkd_ray.core.faithfulness_metrics import NOT_INFORMATIVE, curve_of, informative_in
 from xkd_ray.core.metrics import METRICS
 
 
@@ -44,6 +45,24 @@ def metric_cell(name: str, value: Any) -> str:
     showing the mean teacher map for every image."""
     marked = name.endswith("_skill") and isinstance(value, float) and value <= 0
     return _cell(value) + (NO_SKILL if marked else "")
+
+
+NOT_INFORMATIVE_CELL = "n/i"
+NOT_INFORMATIVE_CAPTION = (
+    f"{NOT_INFORMATIVE_CELL}: {NOT_INFORMATIVE}: on this split the teacher's own maps do not beat random maps "
+    "under this curve, so it cannot rank explanations (docs/FAITHFULNESS.md)"
+)
+
+
+def judged_cell(name: str, value: Any, metrics: dict[str, Any], prefix: str = "") -> str:
+    """``metric_cell``, except a student's AUC under a perturbation curve that cannot tell the
+    teacher's maps from random ones on this split (``faithfulness_metrics.informative``) shows
+    "n/i" instead of a number to rank by (the teacher's own AUCs stay: they are the evidence)."""
+    curve = curve_of(name)
+    judged = curve is not None and name.endswith(("_head", "_posthoc", "_random")) and METRICS[name].error_of is None
+    if judged and value is not None and informative_in(metrics, curve, prefix) is False:
+        return NOT_INFORMATIVE_CELL
+    return metric_cell(name, value)
 
 
 def short_names(names: Iterable[str], reserved: Iterable[str] = (), length: int = SHORT_PART) -> dict[str, str]:
@@ -143,10 +162,12 @@ def metrics_table(title: str, runs: dict[str, dict[str, Any]], split: str = "tes
     methods in (metrics as rows, so a growing registry never squeezes the columns). With more
     runs than the console has room for: one row per metric and run."""
     cells = {
-        name: [metric_cell(name, metrics.get(split, {}).get(name)) for metrics in runs.values()] for name in METRICS
+        name: [judged_cell(name, (m := metrics.get(split, {})).get(name), m) for metrics in runs.values()]
+        for name in METRICS
     }
     marked = any(cell.endswith(NO_SKILL) for row in cells.values() for cell in row)
-    caption = _caption(NO_SKILL_CAPTION if marked else "")
+    judged = any(cell == NOT_INFORMATIVE_CELL for row in cells.values() for cell in row)
+    caption = _caption(NO_SKILL_CAPTION if marked else "", NOT_INFORMATIVE_CAPTION if judged else "")
     wide = _table(title, ("metric", *runs), caption, right=runs)
     for name, row in cells.items():
         _row(wide, (name, *row))
@@ -166,11 +187,16 @@ def front_table(rows: list[dict[str, Any]], title: str, objectives: Sequence[str
     objectives = tuple(getattr(objectives, "names", objectives))
     shown = (*objectives, *(name for name in ("fidelity_skill",) if name not in objectives))
     values = [
-        {(split, name): metric_cell(name, row.get(f"{split}_{name}")) for split in SPLITS for name in shown}
+        {
+            (split, name): judged_cell(name, row.get(f"{split}_{name}"), row, f"{split}_")
+            for split in SPLITS
+            for name in shown
+        }
         for row in rows
     ]
     marked = any(cell.endswith(NO_SKILL) for row in values for cell in row.values())
-    skill_note = NO_SKILL_CAPTION if marked else ""
+    judged = any(cell == NOT_INFORMATIVE_CELL for row in values for cell in row.values())
+    skill_note = "\n".join(note for note, on in ((NO_SKILL_CAPTION, marked), (NOT_INFORMATIVE_CAPTION, judged)) if on)
     shorts = short_names(shown, reserved=("trial", "method"))
     keys = [(split, name) for split in SPLITS for name in shown]
     headers = [f"{shorts[name]}\n{split}" for split, name in keys]

@@ -31,9 +31,13 @@ CARD_METRICS = (
     ("deletion_auc_head", "deletion AUC with its head map (lower: more faithful)"),
     ("deletion_auc_posthoc", "deletion AUC with its post-hoc map"),
     ("deletion_auc_random", "deletion AUC with random maps (control)"),
+    ("road_morf_auc_head", "ROAD MoRF AUC with its head map (lower: more faithful)"),
+    ("road_morf_auc_posthoc", "ROAD MoRF AUC with its post-hoc map"),
+    ("road_morf_auc_random", "ROAD MoRF AUC with random maps (control)"),
     ("randomisation_head", "head map before/after randomising the classifier (low: depends on it)"),
+    ("mprt_spearman_posthoc", "post-hoc map vs after cascading randomisation (Spearman; low: depends on it)"),
     ("params", "parameters"),
-    ("latency_ms", "ms per image at batch size 1"),
+    ("latency_ms", "ms per image at batch size 1 (median)"),
 )
 
 
