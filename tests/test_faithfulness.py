@@ -112,7 +112,7 @@ def test_mprt_is_one_for_a_map_that_ignores_the_model_and_falls_for_one_that_rea
     def input_map(model, some, _targets):  # the input's magnitude: no model in it at all
         return some.abs().sum(dim=1)
 
-    common = {"seed": 0, "road": False}
+    common = {"seed": 0, "road": "off"}
     ignoring = student_diagnostics(
         student, images, targets, None, input_map(None, images, None), ids, input_map, **common
     )

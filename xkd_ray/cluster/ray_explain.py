@@ -18,6 +18,7 @@ from ray.util import ActorPool
 from xkd_ray.cluster.ray_run import ensure_ray
 from xkd_ray.cluster.ray_teacher import train_teacher_with_ray
 from xkd_ray.cluster.ray_train import assigned_device
+from xkd_ray.config.faithfulness_schema import road_on
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.explain import (
     TeacherOutputs,
@@ -132,7 +133,7 @@ def explain_on_workers(
             results[name] = (outputs, sorted({part[3] for part in parts[name]}))
             if name != "train":  # as in explain.cached_teacher_outputs: val and test only
                 actor = actors[index % len(actors)]
-                faithful = settings["faithfulness"]
+                faithful = {**settings["faithfulness"], "road": road_on(settings["faithfulness"]["road"], name)}
                 auc_refs[name] = actor.faithfulness.remote(images[name], labels, maps.numpy(), faithful)
         for name, ref in auc_refs.items():
             outputs, nodes = results[name]

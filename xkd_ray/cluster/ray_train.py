@@ -132,6 +132,7 @@ def _gather_evaluation(
         device=device,
         diagnostics=ours - shard.start if diagnostics else None,
         ids=ours,
+        split=split_name,
     )
     gathered: list[Any] = [mine]
     if world > 1:

@@ -202,12 +202,13 @@ def student_predictions(
     batch_size: int = 256,
     diagnostics: np.ndarray | None = None,
     ids: np.ndarray | None = None,
+    split: str = "test",
 ) -> StudentPredictions:
     """Logits, head maps (or None) and post-hoc captum maps for the teacher's predicted class;
     with ``diagnostics`` (positions in ``images``: the faithfulness subset, or a shard's part of
     it), also the per-image faithfulness measurements of those images (costlier: asked for once
     per split and run, at its end). ``ids``: those images' indices in the split (default: the
-    positions), which seed their random draws."""
+    positions), which seed their random draws; ``split`` decides whether ROAD runs (``faithfulness.road``)."""
     student.eval()
     logits, maps = [], []
     with torch.no_grad():
@@ -233,7 +234,7 @@ def student_predictions(
             torch.as_tensor(np.asarray(diagnostics if ids is None else ids, dtype=np.int64)),
             lambda model, some, targets: _posthoc_maps(model, some, targets, config),
             seed=config.distill.seed,
-            road=settings.road,
+            road=settings.road_on(split),
             road_steps=settings.road_steps,
             mprt=settings.mprt,
         )
@@ -269,7 +270,13 @@ def evaluate(
     teacher_predictions = data.teacher_outputs[split_name].predictions
     subset = faithfulness_subset(split.labels, config.faithfulness.images, config.faithfulness.seed)
     predictions = student_predictions(
-        student, split.images, teacher_predictions, config, device=device, diagnostics=subset if diagnostics else None
+        student,
+        split.images,
+        teacher_predictions,
+        config,
+        device=device,
+        diagnostics=subset if diagnostics else None,
+        split=split_name,
     )
     return split_metrics(data, split_name, config, predictions)
 

@@ -20,6 +20,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 from torch import nn
 
+from xkd_ray.config.faithfulness_schema import road_on
 from xkd_ray.config.registries import EXPLAINERS
 from xkd_ray.core.checkpoints import atomic_write, stable_hash
 from xkd_ray.core.diagnostics import teacher_diagnostics
@@ -324,7 +325,11 @@ def cached_teacher_outputs(
     )
     # Metrics read val and test only; the faithfulness subset, as for students.
     measured = split != "train" and labels is not None and faithfulness is not None
-    aucs = teacher_faithfulness(teacher, images, labels, explained.maps, faithfulness, inputs) if measured else None
+    if measured:
+        on_split = {**faithfulness, "road": road_on(faithfulness["road"], split)}  # type: ignore[index]
+        aucs = teacher_faithfulness(teacher, images, labels, explained.maps, on_split, inputs)
+    else:
+        aucs = None
     outputs = TeacherOutputs(logits, explained.maps, explained.degenerate_maps, aucs)
     write_teacher_outputs(path, outputs, {"split": split, "teacher": teacher_id, **settings})
     return outputs, path, False

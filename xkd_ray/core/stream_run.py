@@ -147,7 +147,9 @@ def evaluate_stream(student: StudentNet, data: StreamData, split_name: str, conf
     images = split.read(ids)
     logits, maps = data.teacher_outputs[split_name].read(ids)
     subset = faithfulness_subset(split.labels, config.faithfulness.images, config.faithfulness.seed)
-    predictions = student_predictions(student, images, logits.argmax(dim=1), config, diagnostics=subset)
+    predictions = student_predictions(
+        student, images, logits.argmax(dim=1), config, diagnostics=subset, split=split_name
+    )
     outputs = TeacherOutputs(logits, maps, data.teacher_outputs[split_name].degenerate_maps)
     return metrics_of(
         predictions, split.labels, outputs, data.template_map, config.distill.seed, predictions.diagnostics
