@@ -148,8 +148,11 @@ def saved_student(tiny_config, tiny_data, tmp_path_factory):
 
 
 def test_evaluate_remeasures_a_saved_student(saved_student, capsys):
-    """The printed table holds, metric by metric, the test metrics stored when the student was saved."""
+    """The printed table holds, metric by metric, the test metrics stored when the student was saved
+    ("n/i" where the stored teacher-vs-random evidence says the curve cannot rank maps)."""
+    from xkd_ray.core.faithfulness_metrics import curve_of, informative_in
     from xkd_ray.core.metrics import METRICS
+    from xkd_ray.pareto.display import NOT_INFORMATIVE_CELL
 
     assert main(["evaluate", str(saved_student)]) == 0
     stored = json.loads((saved_student / "metrics.json").read_text())["test"]
@@ -162,6 +165,10 @@ def test_evaluate_remeasures_a_saved_student(saved_student, capsys):
     def shown(name, value):
         if value is None:
             return "-"
+        curve = curve_of(name)  # a student's AUC under a curve that cannot tell the teacher from random
+        own = name.endswith(("_head", "_posthoc", "_random")) and METRICS[name].error_of is None
+        if curve and own and informative_in(stored, curve) is False:
+            return NOT_INFORMATIVE_CELL
         if not isinstance(value, float):
             return str(value)
         return f"{value:.3f}" + (" *" if name.endswith("_skill") and value <= 0 else "")
