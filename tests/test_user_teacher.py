@@ -18,21 +18,25 @@ from xkd_ray.ui.cli import main
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def user_teacher(tmp_path_factory) -> tuple[Path, Path, float, Path]:
-    """A resnet18 trained 1 epoch on digits in plain torch (only the data tensors come from xkd_ray,
-    so both sides see the same split); grey images repeated to 3 channels, as documented."""
-    splits = load_splits(DataConfig(image_size=SIZE))
+def _trained_resnet18(images: torch.Tensor, labels: torch.Tensor) -> nn.Module:
+    """One epoch of plain-torch training (AdamW, batches of 64, seed 0): what a user brings."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    images, labels = splits.train.images.repeat(1, 3, 1, 1), splits.train.labels
     model.train()
     for start in range(0, len(labels), 64):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(images[start : start + 64]), labels[start : start + 64]).backward()
         optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def user_teacher(tmp_path_factory) -> tuple[Path, Path, float, Path]:
+    """A resnet18 trained 1 epoch on digits in plain torch (only the data tensors come from xkd_ray,
+    so both sides see the same split); grey images repeated to 3 channels, as documented."""
+    splits = load_splits(DataConfig(image_size=SIZE))
+    model = _trained_resnet18(splits.train.images.repeat(1, 3, 1, 1), splits.train.labels)
     with torch.no_grad():
         predicted = model(splits.test.images.repeat(1, 3, 1, 1)).argmax(1)
     accuracy = float((predicted == splits.test.labels).float().mean())
@@ -109,16 +113,7 @@ def test_imagenet_style_teacher_declares_its_input(tmp_path) -> None:
         pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
         return torchvision.transforms.functional.normalize(pixels, mean, std)
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    images, labels = imagenet_style(splits.train.images), splits.train.labels
-    model.train()
-    for start in range(0, len(labels), 64):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(images[start : start + 64]), labels[start : start + 64]).backward()
-        optimizer.step()
-    model.eval()
+    model = _trained_resnet18(imagenet_style(splits.train.images), splits.train.labels)
     with torch.no_grad():
         accuracy = float((model(imagenet_style(splits.test.images)).argmax(1) == splits.test.labels).float().mean())
     torch.save(model.state_dict(), tmp_path / "imagenet_style.pt")
