@@ -169,6 +169,12 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits", choices=list(DATASETS))
     parser.add_argument("--data-root")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--augment",
+        choices=("default", "on", "off"),
+        default="default",
+        help="data.augment: random resized crop + flip on image and teacher map (default: the dataset's rule)",
+    )
     parser.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)} (default: all that apply)")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works (seconds)")
     parser.add_argument("--grid-only", action="store_true", help="only train seed-0 kd and xd and draw the map grid")
@@ -183,6 +189,8 @@ def main() -> None:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; registered: {', '.join(METHODS)}")
 
     overrides = {"explain.explainer": args.explainer, "data.dataset": args.dataset, "data.root": args.data_root}
+    if args.augment != "default":
+        overrides["data.augment"] = args.augment == "on"
     if args.smoke:
         overrides |= {"data.image_size": 16, "teacher.width": 8, "teacher.epochs": 2, "distill.epochs": 1}
         overrides |= {"student.width": 8, "student.ae_width": 8, "explain.cache_dir": ".xkd_cache/smoke"}
@@ -236,9 +244,8 @@ def main() -> None:
 
     lines = []
     for title, columns in (("like the teacher's", LIKENESS), ("the student's own reason?", REASON)):
-        lines += [
-            f"| {args.dataset} / {args.explainer}, {title} (test, {args.seeds} seeds) | " + " | ".join(columns) + " |"
-        ]
+        heading = f"{args.dataset} / {args.explainer}, augment {'on' if base.data.augment_on() else 'off'}"
+        lines += [f"| {heading}, {title} (test, {args.seeds} seeds) | " + " | ".join(columns) + " |"]
         lines += ["|" + "---|" * (len(columns) + 1)]
         for name, values in rows.items():
             if any(c in values for c in columns):
@@ -272,6 +279,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n" + teacher_line + "\n\n" + check_line + "\n\n" + latency_line + "\n"
     print(table)
     name = f"paper_claim_{args.dataset}_{args.explainer}" + ("_" + "_".join(methods) if subset else "")
+    name += "" if args.augment == "default" else f"_augment_{args.augment}"
     if not args.smoke and not args.grid_only:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}.md").write_text(table)
