@@ -140,6 +140,16 @@ def test_yaml_file_and_overrides(tmp_path):
     assert config.distill.method == "kd" and config.distill.temperature == 4 and config.student.width == 8
 
 
+def test_a_bare_off_in_yaml_or_set_means_off_not_false(tmp_path):
+    """PyYAML reads ``road: off`` as ``false``; the user wrote the choice ``off``."""
+    path = tmp_path / "experiment.yaml"
+    path.write_text("faithfulness:\n  road: off\n")
+    assert load_config(path).faithfulness.road == "off"
+    assert load_config(None, dict([parse_override("faithfulness.road=off")])).faithfulness.road == "off"
+    with pytest.raises(XKDConfigError, match=r"faithfulness\.road"):
+        load_config(None, dict([parse_override("faithfulness.road=true")]))
+
+
 def test_yaml_errors_name_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("distill:\n  alpha: 3\n")

@@ -57,9 +57,10 @@ WRITER = textwrap.dedent(
 
 
 def test_readers_never_see_a_partial_registry_while_a_search_writes(tmp_path):
-    """3,000 reads of the front (list + load a student), every one while a writer updates it (the
-    writer runs until the reads are done): 0 errors. Before, 21 of 3,397 reads raised pyarrow
-    errors and loads met missing model.pt files."""
+    """1,200 reads of the front (list + load a student), every one while a writer updates it (the
+    writer runs until the reads are done): 0 errors. Before the registry was made reader-safe, 21
+    of 3,397 reads raised pyarrow errors and loads met missing model.pt files (about 7 expected in
+    1,200; 3,000 reads took 2 minutes of the suite)."""
     experiment, stop = tmp_path / "experiment", tmp_path / "stop"
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(experiment), str(stop)], stdout=subprocess.PIPE, text=True, cwd=REPO
@@ -68,7 +69,7 @@ def test_readers_never_see_a_partial_registry_while_a_search_writes(tmp_path):
     reads, errors = 0, []
     preferences = ["knee", "accuracy", "fidelity", {"accuracy": 1.0, "fidelity": 1.0}]
     try:
-        while reads < 3000:
+        while reads < 1200:
             assert writer.poll() is None, "the writer stopped before the reads were done"
             try:
                 rows = list_pareto_students(experiment).to_pylist()
@@ -82,7 +83,7 @@ def test_readers_never_see_a_partial_registry_while_a_search_writes(tmp_path):
         stop.touch()
         updates = writer.communicate(timeout=600)[0].split()[-1]
     assert writer.returncode == 0
-    assert int(updates) >= 100, f"only {updates} registry updates happened during the reads"
+    assert int(updates) >= 30, f"only {updates} registry updates happened during the reads"
     assert errors == [], f"{len(errors)} errors in {reads} reads, e.g. {errors[:3]}"
 
 

@@ -57,6 +57,11 @@ def _args(out: Path, cache: Path, weights: Path, *extra: str) -> list[str]:
         "distill.epochs": 1,
         "student.width": 8,
         "explain.cache_dir": str(cache),
+        # What these tests check is the teacher (used as is, its accuracy, its maps), not the
+        # faithfulness figures: those are tests/test_faithfulness.py's, on a small teacher.
+        "faithfulness.road": "off",
+        "faithfulness.mprt": False,
+        "faithfulness.images": 32,
     }
     args = ["distill", "--method", "kd", "--out", str(out)]
     for key, value in sets.items():

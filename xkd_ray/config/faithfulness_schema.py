@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from xkd_ray.config.fields import Schema, Seed
 
@@ -26,6 +26,12 @@ class FaithfulnessConfig(Schema):
     road: Literal["test", "all", "off"] = "test"
     road_steps: Annotated[int, Field(ge=1, le=100)] = 5
     mprt: bool = True
+
+    @field_validator("road", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        """YAML 1.1 (PyYAML, ``--set``) reads a bare ``off`` as ``false``: that is what the user wrote."""
+        return "off" if value is False else value
 
     def road_on(self, split: str) -> bool:
         return road_on(self.road, split)
