@@ -80,12 +80,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     as ``smoke_experiment``) is ``slow``: starting Ray and running Train/Tune on it is what makes a
     test slow here, so ``make test-fast`` (``-m "not slow"``) never starts Ray in this process."""
     for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("slow") is not None and item.get_closest_marker("xdist_group") is None:
+        if "ray_local" not in getattr(item, "fixturenames", ()):
+            continue
+        item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("xdist_group") is None:
             # With pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every test on the session's
             # Ray runs in one worker, in order, on that worker's one Ray; the other worker takes the
-            # Ray-free tests and the few that start a cluster of their own (``OWN_CLUSTER``).
+            # Ray-free tests (slow ones included) and the few that start a cluster of their own
+            # (``OWN_CLUSTER``).
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 

@@ -56,6 +56,7 @@ WRITER = textwrap.dedent(
 ).format(architecture=ARCHITECTURE)
 
 
+@pytest.mark.slow  # a stress test: 45 s of concurrent reads
 def test_readers_never_see_a_partial_registry_while_a_search_writes(tmp_path):
     """1,200 reads of the front (list + load a student), every one while a writer updates it (the
     writer runs until the reads are done): 0 errors. Before the registry was made reader-safe, 21

@@ -114,6 +114,7 @@ def test_resume_refuses_tune_state_changed_in_the_bucket(s3_server, tmp_path, ca
         check_tune_seal(storage, staging)
 
 
+@pytest.mark.slow  # nine CLI processes against the S3 server
 def test_bucket_keys_cannot_escape_the_snapshot_and_missing_buckets_are_named(s3_server, tmp_path):
     """An object ``PREFIX/pareto/../../../../<outside>/evil.txt``: `xkd pareto` exits 2 with one line
     naming the key and creates nothing outside its snapshot (before: it created the outside folder,

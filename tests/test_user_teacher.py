@@ -32,7 +32,7 @@ def _trained_resnet18(images: torch.Tensor, labels: torch.Tensor) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def user_teacher(tmp_path_factory) -> tuple[Path, Path, float, Path]:
+def user_teacher(tmp_path_factory) -> tuple[Path, Path, float]:
     """A resnet18 trained 1 epoch on digits in plain torch (only the data tensors come from xkd_ray,
     so both sides see the same split); grey images repeated to 3 channels, as documented."""
     splits = load_splits(DataConfig(image_size=SIZE))
@@ -43,9 +43,19 @@ def user_teacher(tmp_path_factory) -> tuple[Path, Path, float, Path]:
     folder = tmp_path_factory.mktemp("teacher")
     torch.save(model.state_dict(), folder / "resnet18.pt")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "resnet18.safetensors"))
-    wrong = torchvision.models.resnet18(weights=None, num_classes=7)
-    torch.save(wrong.state_dict(), folder / "seven.pt")
-    return folder / "resnet18.pt", folder / "resnet18.safetensors", accuracy, folder / "seven.pt"
+    return folder / "resnet18.pt", folder / "resnet18.safetensors", accuracy
+
+
+@pytest.fixture(scope="module")
+def untrained_weights(tmp_path_factory) -> tuple[Path, Path]:
+    """Valid resnet18 state_dicts for the refusals, which happen before any weight is used:
+    10 classes (digits') and 7 classes."""
+    folder = tmp_path_factory.mktemp("untrained")
+    for classes in (10, 7):
+        torch.save(
+            torchvision.models.resnet18(weights=None, num_classes=classes).state_dict(), folder / f"{classes}.pt"
+        )
+    return folder / "10.pt", folder / "7.pt"
 
 
 def _args(out: Path, cache: Path, weights: Path, *extra: str) -> list[str]:
@@ -69,9 +79,10 @@ def _args(out: Path, cache: Path, weights: Path, *extra: str) -> list[str]:
     return args + list(extra)
 
 
+@pytest.mark.slow  # end to end: trains a resnet18, explains digits with it, distils
 @pytest.mark.parametrize("kind", ["pt", "safetensors"])
 def test_user_teacher_is_used_as_is(user_teacher, tmp_path, kind) -> None:
-    pt, safetensors, accuracy, _ = user_teacher
+    pt, safetensors, accuracy = user_teacher
     weights = pt if kind == "pt" else safetensors
     out = tmp_path / "kd"
     assert main(_args(out, tmp_path / "cache", weights)) == 0
@@ -80,16 +91,16 @@ def test_user_teacher_is_used_as_is(user_teacher, tmp_path, kind) -> None:
     assert not (tmp_path / "cache" / "teachers").exists()  # nothing trained or saved as a teacher
 
 
-def test_wrong_class_count_is_refused_with_one_line(user_teacher, tmp_path, capsys) -> None:
-    seven = user_teacher[3]
+def test_wrong_class_count_is_refused_with_one_line(untrained_weights, tmp_path, capsys) -> None:
+    seven = untrained_weights[1]
     assert main(_args(tmp_path / "kd", tmp_path / "cache", seven)) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "teacher.weights" in error and "7-class" in error
     assert not (tmp_path / "kd").exists()
 
 
-def test_wrong_explain_layer_lists_conv_layers(user_teacher, tmp_path, capsys) -> None:
-    args = _args(tmp_path / "kd", tmp_path / "cache", user_teacher[0], "--set", "explain.layer=net.layer9")
+def test_wrong_explain_layer_lists_conv_layers(untrained_weights, tmp_path, capsys) -> None:
+    args = _args(tmp_path / "kd", tmp_path / "cache", untrained_weights[0], "--set", "explain.layer=net.layer9")
     assert main(args) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "explain.layer" in error and "net.layer4.1.conv2" in error
@@ -104,6 +115,7 @@ def test_unknown_torchvision_name_is_refused(tmp_path, capsys) -> None:
     assert len(error.splitlines()) == 1 and "teacher.arch" in error
 
 
+@pytest.mark.slow  # end to end, like test_user_teacher_is_used_as_is
 def test_imagenet_style_teacher_declares_its_input(tmp_path) -> None:
     """A resnet18 trained the ImageNet way (3 channels, 40 px, ImageNet's Normalize) in plain torch,
     from raw pixels; declared with teacher.input_size/mean/std, xkd_ray feeds it the same tensors
