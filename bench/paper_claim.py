@@ -244,7 +244,7 @@ def main() -> None:
 
     lines = []
     for title, columns in (("like the teacher's", LIKENESS), ("the student's own reason?", REASON)):
-        heading = f"{args.dataset} / {args.explainer}, augment {'on' if base.data.augment_on() else 'off'}"
+        heading = f"{args.dataset} / {args.explainer}, augment {'on' if base.data.augment_on else 'off'}"
         lines += [f"| {heading}, {title} (test, {args.seeds} seeds) | " + " | ".join(columns) + " |"]
         lines += ["|" + "---|" * (len(columns) + 1)]
         for name, values in rows.items():
