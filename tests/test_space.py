@@ -286,3 +286,22 @@ def test_the_reference_and_cli_defaults_train_exactly_what_xkd_distill_trains():
 
 def spec_raw_with(name: str, bounds: list[float]) -> dict:
     return {"space": {"distill.method": {"choice": ["kd", "xd"]}, name: {"uniform": bounds}}}
+
+
+def test_an_objective_or_constraint_not_measured_on_val_is_refused_at_load():
+    """Trials report val metrics: ROAD runs there only with ``faithfulness.road: all`` and MPRT
+    only with ``mprt: true``, otherwise every trial's objective would be None."""
+    space = {"distill.temperature": {"uniform": [1.0, 4.0]}}
+    road = [{"metric": "accuracy"}, {"metric": "road_morf_auc_posthoc"}]
+    road_search = {"objectives": road, "hypervolume_reference": [0, 1]}  # ROAD MoRF is minimised
+    message = _refused({"space": space, "search": road_search})
+    assert message.startswith("search.objectives[1]: road_morf_auc_posthoc is measured on val only"), message
+    assert "'test'" in message
+    accepted = parse_search_space({"base": {"faithfulness": {"road": "all"}}, "space": space, "search": road_search})
+    assert [o.metric for o in accepted.search.objectives] == ["accuracy", "road_morf_auc_posthoc"]
+    constraint = {"constraints": ["road_lerf_auc_posthoc >= 0.5"]}
+    assert _refused({"space": space, "search": constraint}).startswith("search.constraints[0]: road_lerf_auc_posthoc")
+    mprt = {"objectives": [{"metric": "accuracy"}, {"metric": "mprt_ssim_posthoc"}], "hypervolume_reference": [0, 1]}
+    assert parse_search_space({"space": space, "search": mprt}).search.objectives[1].metric == "mprt_ssim_posthoc"
+    refused = _refused({"base": {"faithfulness": {"mprt": False}}, "space": space, "search": mprt})
+    assert refused.startswith("search.objectives[1]: mprt_ssim_posthoc is not measured"), refused

@@ -306,6 +306,7 @@ def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
     )
     _check_values(spec)
     _check_initial_points(spec)
+    _check_measured_on_val(spec)
     scheduler = spec.search.scheduler
     epochs = spec.trial_config({}).distill.epochs
     if scheduler.name != "fifo" and scheduler.grace_epochs >= epochs:
@@ -314,6 +315,25 @@ def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
             f"(distill.epochs is {epochs})"
         )
     return spec
+
+
+def _check_measured_on_val(spec: SearchSpec) -> None:
+    """Objectives and constraints read a trial's val metrics: one the base does not measure on val
+    (ROAD runs on test only unless ``faithfulness.road: all``; MPRT not with ``mprt: false``)
+    would be None for every trial, so Optuna could rank nothing. Refused here, not after hours."""
+    from xkd_ray.core.faithfulness_metrics import curve_of
+
+    faithfulness = spec.trial_config({}).faithfulness
+    used = [(f"search.objectives[{i}]", o.metric) for i, o in enumerate(spec.search.objectives)]
+    used += [(f"search.constraints[{i}]", parse_constraint(c).metric) for i, c in enumerate(spec.search.constraints)]
+    for where, metric in used:
+        if curve_of(metric) in ("road_morf", "road_lerf") and not faithfulness.road_on("val"):
+            raise XKDConfigError(
+                f"{where}: {metric} is measured on val only with faithfulness.road: all "
+                f"(the base has {faithfulness.road!r}); set it in base or choose another metric"
+            )
+        if metric.startswith("mprt_") and not faithfulness.mprt:
+            raise XKDConfigError(f"{where}: {metric} is not measured with faithfulness.mprt: false; set it in base")
 
 
 def _with_base_overrides(raw: Any, base_overrides: dict[str, Any]) -> Any:
