@@ -14,8 +14,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from tests.conftest import OWN_CLUSTER, REPO, SMOKE, held_trial_points, injected_faults, smoke_space, wait_for
+from tests.conftest import (
+    OWN_CLUSTER,
+    REPO,
+    SMOKE,
+    held_trial_points,
+    injected_faults,
+    plain_torch_resnet18,
+    smoke_space,
+    wait_for,
+)
 from tests.registry_plugin import PLUGIN_METHOD
 from xkd_ray.config.space import parse_search_space
 from xkd_ray.core.metrics import non_dominated
@@ -143,14 +153,39 @@ def test_front_students_load_without_ray_in_a_fresh_process(smoke_experiment):
         assert entry["recomputed"] == pytest.approx(entry["stored"], abs=1e-9)
 
 
+def _user_teacher(folder: Path) -> tuple[Path, float]:
+    """A resnet18 trained in plain torch on the smoke space's digits (16 px, grey repeated to 3
+    channels); its state_dict file and its test accuracy as plain torch measures it."""
+    import torch
+
+    from xkd_ray.config.schema import DataConfig
+    from xkd_ray.data.datasets import load_splits
+
+    splits = load_splits(DataConfig(dataset="digits", image_size=16))
+    model = plain_torch_resnet18(splits.train.images.repeat(1, 3, 1, 1), splits.train.labels)
+    with torch.no_grad():
+        predicted = model(splits.test.images.repeat(1, 3, 1, 1)).argmax(1)
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "resnet18.pt")
+    return folder / "resnet18.pt", float((predicted == splits.test.labels).float().mean())
+
+
 @pytest.mark.slow
-def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_path, cache_dir, ray_local):
-    """A search killed (SIGKILL, no handler runs) while its third trial is held (a ``hold``
-    fault: two trials finished, none in flight) resumes with --resume to its budget; the two
-    finished trials are kept as they were. Both runs are jobs on the session's Ray: the first
-    as a separate process (what is killed), the resume in this one."""
+def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_path, ray_local):
+    """A search from a user's teacher (a torchvision resnet18 trained in plain torch, given as
+    weights: never retrained, explained on the workers) killed (SIGKILL, no handler runs) while
+    its third trial is held (a ``hold`` fault: two trials finished, none in flight) resumes with
+    --resume to its budget; the two finished trials are kept as they were. Both runs are jobs on
+    the session's Ray: the first as a separate process (what is killed), the resume in this one."""
+    weights, teacher_accuracy = _user_teacher(tmp_path / "teacher")
+    cache = tmp_path / "cache"
     points, rules = held_trial_points(tmp_path / "holding", finished_before=2)
-    space = smoke_space(tmp_path, cache_dir, trials=3, max_concurrent_trials=1, initial_points=points)
+    space = smoke_space(tmp_path, str(cache), trials=3, max_concurrent_trials=1, initial_points=points)
+    raw = yaml.safe_load(space.read_text())
+    # layer1's last conv: 4x4 at 16 px (the auto-detected layer4 is 1x1 there)
+    raw["base"]["teacher"] = {"arch": "torchvision.resnet18", "weights": str(weights), "epochs": 50}
+    raw["base"]["explain"]["layer"] = "net.layer1.1.conv2"
+    space.write_text(yaml.safe_dump(raw))
     experiment = tmp_path / "experiment"
     command = ["--space", str(space), "--out", str(experiment), "--no-live"]
     address = ray_local.get_runtime_context().gcs_address
@@ -179,6 +214,16 @@ def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_
     listed = {r["trial_id"] for r in pq.read_table(experiment / "pareto" / "front.parquet").to_pylist()}
     assert listed == front
     assert {p.name for p in (experiment / "pareto").iterdir() if p.is_dir()} == front
+    # The user's teacher was used as is: nothing trained or saved as a teacher, its maps cached
+    # once (the resume read them), every trial trained from it, and its accuracy is plain torch's.
+    assert not (cache / "teachers").exists()
+    assert len(list((cache / "explanations").glob("teacher-test-*.parquet"))) == 1
+    for row in after.values():
+        teacher = json.loads(row["config"])["teacher"]
+        assert (teacher["arch"], teacher["weights"]) == ("torchvision.resnet18", str(weights))
+    student = next(p for p in (experiment / "pareto").iterdir() if p.is_dir())
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert metrics["teacher"]["test_accuracy"] == pytest.approx(teacher_accuracy, abs=1e-9)
 
 
 def _free_port() -> int:

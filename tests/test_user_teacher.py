@@ -11,6 +11,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
+from tests.conftest import plain_torch_resnet18
 from xkd_ray.config.schema import DataConfig
 from xkd_ray.data.datasets import load_splits
 from xkd_ray.ui.cli import main
@@ -18,25 +19,12 @@ from xkd_ray.ui.cli import main
 SIZE = 32
 
 
-def _trained_resnet18(images: torch.Tensor, labels: torch.Tensor) -> nn.Module:
-    """One epoch of plain-torch training (AdamW, batches of 64, seed 0): what a user brings."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    model.train()
-    for start in range(0, len(labels), 64):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(images[start : start + 64]), labels[start : start + 64]).backward()
-        optimizer.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def user_teacher(tmp_path_factory) -> tuple[Path, Path, float]:
     """A resnet18 trained 1 epoch on digits in plain torch (only the data tensors come from xkd_ray,
     so both sides see the same split); grey images repeated to 3 channels, as documented."""
     splits = load_splits(DataConfig(image_size=SIZE))
-    model = _trained_resnet18(splits.train.images.repeat(1, 3, 1, 1), splits.train.labels)
+    model = plain_torch_resnet18(splits.train.images.repeat(1, 3, 1, 1), splits.train.labels)
     with torch.no_grad():
         predicted = model(splits.test.images.repeat(1, 3, 1, 1)).argmax(1)
     accuracy = float((predicted == splits.test.labels).float().mean())
@@ -130,7 +118,7 @@ def test_imagenet_style_teacher_declares_its_input(tmp_path) -> None:
         pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
         return torchvision.transforms.functional.normalize(pixels, mean, std)
 
-    model = _trained_resnet18(imagenet_style(splits.train.images), splits.train.labels)
+    model = plain_torch_resnet18(imagenet_style(splits.train.images), splits.train.labels)
     with torch.no_grad():
         accuracy = float((model(imagenet_style(splits.test.images)).argmax(1) == splits.test.labels).float().mean())
     torch.save(model.state_dict(), tmp_path / "imagenet_style.pt")
