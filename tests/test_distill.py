@@ -78,6 +78,20 @@ def test_e2kd_moves_the_students_own_map_towards_the_teachers(tiny_config, tiny_
     assert e2kd["fidelity_posthoc_skill"] > 0 > kd["fidelity_posthoc_skill"]
 
 
+def test_the_head_learns_the_target_its_method_gives_it(tiny_config, tiny_data):
+    """xd's head copies the teacher's map; xd_e2kd_own's copies the student's own map. With the
+    e2KD pull off (weight 0) the two targets differ, and each head follows its own: the own-map
+    head agrees with the student's post-hoc map far more (head_honesty), the teacher-map head
+    with the teacher's (fidelity). Same seed, data and epochs."""
+    runs = {}
+    for method in ("xd", "xd_e2kd_own"):
+        config = tiny_config.with_overrides({"distill.method": method, "distill.e2kd_weight": 0.0})
+        runs[method] = distill(config, tiny_data, progress=False)[1]["val"]
+    xd, own = runs["xd"], runs["xd_e2kd_own"]
+    assert own["head_honesty"] > xd["head_honesty"] + 0.15, (own, xd)
+    assert xd["fidelity"] > own["fidelity"] + 0.2, (own, xd)
+
+
 def test_head_warmup_trains_only_the_head_first(tiny_config, tiny_data):
     """Warm-up epochs change the head and nothing else (AdamW's weight decay included)."""
     config = tiny_config.with_overrides({"distill.head_warmup_epochs": 1})

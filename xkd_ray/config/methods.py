@@ -1,7 +1,7 @@
 """The distillation methods, one registry entry each: which loss terms a method switches on.
 
     L = (1 - alpha) CE + alpha T^2 KL                  (kd)
-        + beta L_exp(head map, E_T)                    (head)
+        + beta L_exp(head map, E_T)                    (head; xd_e2kd_own: E_T -> sg(the student's own map))
         + at_weight AT(A_S, A_T)                       (attention)
         + e2kd_weight L_e2kd(GradCAM_S, E_T)           (e2kd: the student's own map; distill.e2kd_loss)
         (e2kd_grad: the student's own gradient map, input x gradient or |gradient|, for IG/saliency teachers)
@@ -33,6 +33,13 @@ class Method:
     # Which map of its own: its Grad-CAM (last conv block), or its input-gradient map made like the
     # teacher's (needs explain.explainer in GRADIENT_MAP_EXPLAINERS).
     student_map: Literal["gradcam", "gradient"] = "gradcam"
+    # What the head learns to draw: the teacher's cached map, or the student's own map of this step
+    # (detached: the head follows the classifier, not the reverse), which e2KD pulls to the teacher's.
+    head_target: Literal["teacher", "own"] = "teacher"
+
+    def __post_init__(self) -> None:
+        if self.head_target == "own" and not (self.head and self.e2kd):
+            raise ValueError("head_target='own' needs a head and the e2kd term (which computes the student's own map)")
 
     @property
     def needs_teacher(self) -> bool:
@@ -69,5 +76,13 @@ METHODS: dict[str, Method] = {
         kd=True,
         head=True,
         e2kd=True,
+    ),
+    "xd_e2kd_own": Method(
+        "xd_e2kd with the head trained on the student's own map (detached) instead of the teacher's: "
+        "a one-pass copy of the student's reason, pulled to the teacher's by e2KD",
+        kd=True,
+        head=True,
+        e2kd=True,
+        head_target="own",
     ),
 }

@@ -107,9 +107,9 @@ def train_one_epoch(
                 if weights["at_weight"] > 0:
                     with torch.no_grad():
                         teacher_features = teacher.stages(images)
-                if weights["e2kd_weight"] > 0:
+                if weights["e2kd_weight"] > 0 or method.head_target == "own":
                     # The student's own map (Grad-CAM of its last conv block, or its gradient map) for
-                    # the teacher's top-1 class.
+                    # the teacher's top-1 class: e2KD's input, and the head's target for xd_e2kd_own.
                     scores = output.logits.gather(1, teacher_logits.argmax(dim=1, keepdim=True))[:, 0]
                     if gradient_map:
                         explain = config.explain
@@ -131,6 +131,7 @@ def train_one_epoch(
                     teacher_features=teacher_features,
                     student_cams=None if student_cams is None else student_cams.float(),
                     e2kd_kind=settings.e2kd_loss,
+                    head_targets=student_cams.detach().float() if method.head_target == "own" else None,
                 )
         parts["total"].backward()
         if warming_up:

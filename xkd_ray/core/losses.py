@@ -165,11 +165,13 @@ def distillation_loss(
     e2kd_weight: float = 0.0,
     student_cams: torch.Tensor | None = None,
     e2kd_kind: str = "cosine",
+    head_targets: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The joint loss and its parts (returned so training logs show what each term does).
 
     Terms whose weight is zero are not computed, so the plain student (alpha = beta = 0)
-    and Hinton KD (beta = 0) are exactly special cases of the same function.
+    and Hinton KD (beta = 0) are exactly special cases of the same function. ``head_targets``:
+    what the head's map is matched to, when not the teacher's map (the student's own, detached).
     """
     parts: dict[str, torch.Tensor] = {"ce": cross_entropy(student_logits, labels)}
     total = (1.0 - alpha) * parts["ce"]
@@ -179,9 +181,10 @@ def distillation_loss(
         parts["kd"] = kd_loss(student_logits, teacher_logits, temperature)
         total = total + alpha * parts["kd"]
     if beta > 0 and predicted_maps is not None:
-        if teacher_maps is None:
-            raise ValueError("beta > 0 with a head needs teacher_maps")
-        parts["explanation"] = explanation_loss(predicted_maps, teacher_maps, explanation_kind)
+        target = teacher_maps if head_targets is None else head_targets
+        if target is None:
+            raise ValueError("beta > 0 with a head needs teacher_maps or head_targets")
+        parts["explanation"] = explanation_loss(predicted_maps, target, explanation_kind)
         total = total + beta * parts["explanation"]
     if at_weight > 0 and student_features is not None:
         if teacher_features is None:
