@@ -132,12 +132,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--scales", default="1,4,16", help="copies of digits' 1,797 images")
+    parser.add_argument("--smoke", action="store_true", help="scales 1,2 at 16 px (a check that it runs)")
     parser.add_argument("--trial", nargs=4, metavar=("ROOT", "MODE", "SIZE", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trial:
         root, mode, size, cache = args.trial
         print(json.dumps(trial(root, mode, int(size), cache)))
         return
+    if args.smoke:
+        args.scales, args.size = "1,2", 16
     scales = [int(s) for s in args.scales.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="xkd-data-scale-") as work:
