@@ -139,6 +139,7 @@ def test_student_folder_problems_are_checkpoint_errors(tiny_config, tiny_data, t
         load_student(folder)
 
 
+@pytest.mark.slow  # two full tiny runs: the full suite runs it, make test-fast does not
 def test_same_seed_gives_identical_metrics_on_cpu(tiny_config, tiny_data):
     first = distill(tiny_config, tiny_data, progress=False)[1]
     second = distill(tiny_config, tiny_data, progress=False)[1]

@@ -28,6 +28,7 @@ class FakeClock:
         return self.now
 
 
+@pytest.mark.slow  # a real teacher run in a subprocess: the full suite runs it, make test-fast does not
 def test_a_real_teacher_run_logs_its_epochs_when_stdout_is_a_file(tmp_path):
     """The user report: ``xkd teacher`` with stdout redirected (as under ``ray job logs``) printed nothing."""
     sets = [arg for key, value in FRESH_TEACHER.items() for arg in ("--set", f"{key}={value}")]

@@ -97,6 +97,7 @@ def _unprivileged(box: Sandbox, folder: Path) -> list[str]:
     return prefix
 
 
+@pytest.mark.slow  # CLI runs as another user: the full suite runs it, make test-fast does not
 @pytest.mark.parametrize("inside", [False, True], ids=["the-folder-itself", "a-new-folder-inside-it"])
 def test_a_read_only_experiment_folder_is_refused_for_a_non_root_user(sandbox, inside):
     """A 0555 folder (owned by another user when the test runs as root): exit 2 before Ray

@@ -42,6 +42,7 @@ def test_new_entries_are_cli_and_config_choices():
         ExperimentConfig().with_overrides({"distill.method": "not_registered"})
 
 
+@pytest.mark.slow  # a plugin distil end to end in a subprocess: the full suite runs it, make test-fast does not
 def test_new_method_metric_explainer_and_dataset_train_and_reach_metrics_json(cache_dir, tmp_path):
     """One CLI run using all four new entries: the method's loss terms are the ones it declares,
     the new explainer's maps are cached and distilled, the new metric is in metrics.json."""

@@ -153,6 +153,7 @@ print("failures", failures)
 """
 
 
+@pytest.mark.slow  # reader processes against the S3 server: the full suite runs it, make test-fast does not
 def test_concurrent_readers_of_one_url_never_break_each_other(s3_server, tmp_path):
     """3 processes x 8 `load_pareto_student("s3://...")` of one finished front, at once: 0 failures
     (before: 8 of 24 failed 'no Pareto front yet', each call deleting the others' snapshot); each
@@ -181,6 +182,7 @@ def _write_front(experiment: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), experiment / "pareto" / "front.parquet")
 
 
+@pytest.mark.slow  # a CLI process per reader: the full suite runs it, make test-fast does not
 def test_symlinks_and_non_files_are_refused_for_every_file_readers_open(tmp_path):
     """A front student's model.pt, config.json, metrics.json, and the front.parquet and summary.json,
     each replaced in turn by a symbolic link to a good copy outside the experiment (5 cases): refused
