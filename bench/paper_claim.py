@@ -43,13 +43,14 @@ from xkd_ray.core.prepared import DistillData, prepare
 from xkd_ray.data.datasets import DATASETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONTROLS = (("teacher", "teacher"), ("teacher_shift", "its maps shifted"), ("teacher_rand", "random maps"))
 # Every registered metric is a column, except those that describe the teacher and its maps, the
 # same for every student: they are printed once, under the table.
 # Standard errors are printed with the teacher's AUCs (a student's spread over seeds is its ± std).
 TEACHER_SIDE = (
     "fidelity_template",
     "degenerate_maps",
-    *(name for curve in CURVES for name in (auc_name(curve, "teacher"), auc_name(curve, "teacher_rand"))),
+    *(auc_name(curve, whose) for curve in CURVES for whose in ("teacher", "teacher_rand", "teacher_shift")),
 )
 COLUMNS = tuple(name for name in METRICS if name not in TEACHER_SIDE and METRICS[name].error_of is None)
 # Two tables: how like the teacher's the explanations are, and whether they are the student's reason.
@@ -265,16 +266,15 @@ def main() -> None:
     )
     checks = []
     for curve, verdict in verdicts.items():
-        teacher, control = (teacher_test_metrics.get(auc_name(curve, w)) for w in ("teacher", "teacher_rand"))
-        errors = [teacher_test_metrics.get(se_name(curve, w)) for w in ("teacher", "teacher_rand")]
-        shown = (
-            f"teacher {number(teacher)} ± {number(errors[0])} vs random maps {number(control)} ± {number(errors[1])}"
-        )
+        shown = []
+        for whose, what in CONTROLS:
+            value, error = (teacher_test_metrics.get(name(curve, whose)) for name in (auc_name, se_name))
+            shown.append(f"{what} {number(value)} ± {number(error)}")
         word = {True: "informative", False: NOT_INFORMATIVE, None: "not measured"}[verdict]
-        checks.append(f"{curve} ({CURVES[curve][0]}): {shown}: {word}")
+        checks.append(f"{curve} ({CURVES[curve][0]}): {', '.join(shown)}: {word}")
     check_line = (
-        f"Can each curve tell the teacher's maps from random maps on test (teacher better by > {MARGIN} "
-        "and > 2 SE)? " + "; ".join(checks) + "."
+        "Can each curve tell where the teacher's maps point on test (teacher better than its maps shifted "
+        f"elsewhere by > {MARGIN} and > 2 SE; random maps for comparison)? " + "; ".join(checks) + "."
     )
     table = "\n".join(lines) + "\n" + teacher_line + "\n\n" + check_line + "\n\n" + latency_line + "\n"
     print(table)

@@ -13,6 +13,7 @@ from xkd_ray.core.faithfulness import (
     cascade_layers,
     curve_auc,
     faithfulness_subset,
+    shifted_maps,
     spearman_per_image,
     ssim_per_image,
     standard_error,
@@ -95,6 +96,43 @@ def test_road_finds_the_block_the_model_reads():
     torch.testing.assert_close(whole[10:], part)
 
 
+def test_shifted_maps_keep_each_maps_values_and_move_them_by_a_quarter_to_three_quarters():
+    maps = torch.zeros(30, 16, 16)
+    rows, cols = torch.randint(0, 16, (30,)), torch.randint(0, 16, (30,))
+    maps[torch.arange(30), rows, cols] = 1.0  # one hot pixel per map: its move is the offset
+    maps += torch.rand(30, 16, 16) * 0.1
+    ids = torch.arange(100, 130)
+    shifted = shifted_maps(maps, ids, seed=3)
+    torch.testing.assert_close(shifted.flatten(1).sort(1).values, maps.flatten(1).sort(1).values)
+    hot = shifted.flatten(1).argmax(1)
+    for dy, dx in zip(((hot // 16 - rows) % 16).tolist(), ((hot % 16 - cols) % 16).tolist(), strict=True):
+        assert 4 <= dy <= 12 and 4 <= dx <= 12, (dy, dx)
+    torch.testing.assert_close(shifted_maps(maps[10:], ids[10:], seed=3), shifted[10:])  # shards agree
+    assert not torch.equal(shifted_maps(maps, ids, seed=4), shifted)
+
+
+def test_road_tells_a_smooth_map_on_the_evidence_from_the_same_map_shifted_elsewhere():
+    """A smooth map on the block the model reads beats the same map shifted elsewhere under both
+    ROAD orders: the shifted control removes contiguous regions too, as smooth maps do."""
+    torch.manual_seed(0)
+    images = torch.randn(24, 1, 16, 16) * 0.3
+    images[:, 0, :4, :4] = 1.5
+    right = torch.zeros(24, 16, 16)
+    right[:, :6, :6] = 1.0
+    right = torch.nn.functional.avg_pool2d(right[:, None], 5, stride=1, padding=2)[:, 0]  # smooth, like Grad-CAM
+    ids = torch.arange(24)
+    aucs = {
+        name: {order: curve_auc(c).mean().item() for order, c in road_curves(OneBlockModel(), images, maps).items()}
+        for name, maps in (
+            ("right", right),
+            ("shifted", shifted_maps(right, ids, 0)),
+            ("random", torch.rand(24, 16, 16)),
+        )
+    }
+    assert aucs["right"]["morf"] < aucs["shifted"]["morf"] - 0.1, aucs
+    assert aucs["right"]["lerf"] > aucs["shifted"]["lerf"] + 0.1, aucs
+
+
 def _posthoc_saliency(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     images = images.clone().requires_grad_(True)
     model(images).gather(1, targets[:, None]).sum().backward()
@@ -158,14 +196,16 @@ def test_informative_needs_a_margin_beyond_noise():
     row = {"val_road_morf_auc_teacher": 0.2, "val_road_morf_auc_teacher_rand": 0.6}
     assert informative_in(row, "road_morf", "val_") is None  # no standard errors: nothing to decide from
     row |= {"val_road_morf_se_teacher": 0.01, "val_road_morf_se_teacher_rand": 0.01}
-    assert informative_in(row, "road_morf", "val_") is True
+    assert informative_in(row, "road_morf", "val_") is True  # no shifted control measured: random maps
+    row |= {"val_road_morf_auc_teacher_shift": 0.22, "val_road_morf_se_teacher_shift": 0.01}
+    assert informative_in(row, "road_morf", "val_") is False  # the shifted control decides when measured
     assert (
         standard_error(torch.tensor([1.0, 3.0])) == pytest.approx(1.0) and standard_error(torch.tensor([1.0])) is None
     )
 
 
 def test_the_registry_holds_road_and_mprt_with_their_directions():
-    for whose in ("teacher", "teacher_rand", "head", "posthoc", "random"):
+    for whose in ("teacher", "teacher_rand", "teacher_shift", "head", "posthoc", "random", "shifted"):
         assert METRICS[f"road_morf_auc_{whose}"].direction == "min"
         assert METRICS[f"road_lerf_auc_{whose}"].direction == "max"
         assert METRICS[f"road_morf_se_{whose}"].error_of == f"road_morf_auc_{whose}"

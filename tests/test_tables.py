@@ -52,7 +52,8 @@ def value(index: int, name: str) -> float | int:
     base = (index * 0.137 + list(METRICS).index(name) * 0.031) % 0.9 + 0.05
     if METRICS[name].error_of is not None:
         return base / 100  # a standard error: small
-    if name.endswith("_teacher_rand"):  # random maps on the teacher: clearly worse, so every curve is informative
+    if name.endswith(("_teacher_rand", "_teacher_shift")):  # the controls on the teacher: clearly worse, so every
+        # curve is informative
         return 1.0 if METRICS[name].direction == "min" else 0.0
     return -base / 4 if name.endswith("_skill") and index % 2 else base
 

@@ -20,6 +20,7 @@ from xkd_ray.core.faithfulness import (
     perturbation_curves,
     random_maps,
     randomised_copy,
+    shifted_maps,
     spearman_per_image,
     ssim_per_image,
 )
@@ -61,10 +62,15 @@ def teacher_diagnostics(
     road: bool,
     road_steps: int,
 ) -> dict[str, torch.Tensor]:
-    """The teacher with its own maps ("..._teacher") and with random maps ("..._teacher_rand",
-    the control ``faithfulness_metrics.informative`` reads), on the subset images given."""
+    """The teacher with its own maps ("..._teacher"), with random maps ("..._teacher_rand") and
+    with its maps shifted elsewhere ("..._teacher_shift", the control ``faithfulness_metrics.
+    informative`` reads), on the subset images given."""
     device = next(teacher.parameters()).device
-    chosen = {"teacher": maps, "teacher_rand": random_maps(ids, *images.shape[-2:], seed)}
+    chosen = {
+        "teacher": maps,
+        "teacher_rand": random_maps(ids, *images.shape[-2:], seed),
+        "teacher_shift": shifted_maps(maps, ids, seed),
+    }
     return curve_diagnostics(teacher, images.to(device), chosen, ids, seed=seed, road=road, road_steps=road_steps)
 
 
@@ -82,14 +88,19 @@ def student_diagnostics(
     road_steps: int = 5,
     mprt: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Deletion / insertion (and ROAD) AUCs of the student's head map, post-hoc map and random
-    maps (control); the randomisation check (everything but the head re-initialised, Adebayo et
-    al. 2018); and with ``mprt`` the cascading randomisation of the post-hoc map: the student's
-    layers re-initialised from the top one by one, the map after each step compared with the
-    original by Spearman rank correlation and SSIM, the mean over the steps. ``posthoc(model,
-    images, targets)`` makes post-hoc maps (the explainer the student is evaluated with)."""
+    """Deletion / insertion (and ROAD) AUCs of the student's head map, post-hoc map, random maps
+    and its post-hoc maps shifted elsewhere (the two controls); the randomisation check
+    (everything but the head re-initialised, Adebayo et al. 2018); and with ``mprt`` the
+    cascading randomisation of the post-hoc map: the student's layers re-initialised from the
+    top one by one, the map after each step compared with the original by Spearman rank
+    correlation and SSIM, the mean over the steps. ``posthoc(model, images, targets)`` makes
+    post-hoc maps (the explainer the student is evaluated with)."""
     device = next(student.parameters()).device
-    maps = {"posthoc": posthoc_maps, "random": random_maps(ids, *images.shape[-2:], seed)}
+    maps = {
+        "posthoc": posthoc_maps,
+        "random": random_maps(ids, *images.shape[-2:], seed),
+        "shifted": shifted_maps(posthoc_maps, ids, seed),
+    }
     if head_maps is not None:
         maps["head"] = head_maps
     found = curve_diagnostics(student, images.to(device), maps, ids, seed=seed, road=road, road_steps=road_steps)

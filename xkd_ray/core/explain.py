@@ -33,6 +33,9 @@ from xkd_ray.data.splits import ZeroCopyPickle
 from xkd_ray.errors import XKDConfigError, XKDDataError
 
 CACHE_FORMAT_VERSION = 4  # 3: teacher deletion/insertion AUCs in the metadata; 4: on the faithfulness subset, + ROAD
+# Val/test caches only (they carry the teacher's faithfulness measurements): 2 adds the shifted-map
+# control, so train maps, the expensive part, stay valid.
+FAITHFULNESS_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -153,17 +156,13 @@ def cache_key(teacher_id: str, explain_settings: dict[str, Any], data_fingerprin
     """Content hash of everything the cached maps depend on (batch size and cache folder excluded).
     The faithfulness settings (``explain_settings["faithfulness"]``) key val and test only: the
     train split's maps carry no faithfulness measurements."""
+    keyed: dict[str, Any] = {"version": CACHE_FORMAT_VERSION}
     if split == "train":
         explain_settings = {k: v for k, v in explain_settings.items() if k != "faithfulness"}
-    return stable_hash(
-        {
-            "version": CACHE_FORMAT_VERSION,
-            "teacher": teacher_id,
-            "explain": explain_settings,
-            "data": data_fingerprint,
-            "split": split,
-        }
-    )
+    else:
+        keyed["faithfulness_format"] = FAITHFULNESS_FORMAT
+    keyed |= {"teacher": teacher_id, "explain": explain_settings, "data": data_fingerprint, "split": split}
+    return stable_hash(keyed)
 
 
 def cache_path(cache_dir: str | Path, split: str, key: str) -> Path:

@@ -95,6 +95,23 @@ def random_maps(ids: torch.Tensor, height: int, width: int, seed: int) -> torch.
     )
 
 
+def shifted_maps(maps: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each map circularly shifted by its own seeded offset, between 1/4 and 3/4 of the side on
+    each axis: the control with the map's own smoothness and sparsity that points elsewhere.
+
+    Uniform random maps are a biased control under ROAD: scattered pixels are easy to impute
+    from their neighbours, so any smooth map loses to them under LeRF and beats them under MoRF
+    whatever it points at (docs/FAITHFULNESS.md). A shifted map removes contiguous regions too."""
+    height, width = maps.shape[-2:]
+    shifted = []
+    for map_, image_id in zip(maps, ids.tolist(), strict=True):
+        generator = torch.Generator().manual_seed(image_seed(seed, image_id) ^ 0x5EED)
+        dy = int(torch.randint(height // 4, height - height // 4 + 1, (1,), generator=generator))
+        dx = int(torch.randint(width // 4, width - width // 4 + 1, (1,), generator=generator))
+        shifted.append(torch.roll(map_, shifts=(dy, dx), dims=(-2, -1)))
+    return torch.stack(shifted) if shifted else maps.clone()
+
+
 @torch.no_grad()
 def perturbation_curves(
     model: Model,

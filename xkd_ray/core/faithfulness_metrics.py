@@ -25,9 +25,11 @@ NOT_INFORMATIVE = "not informative here"
 WHOSE = {
     "teacher": "the teacher with its own maps",
     "teacher_rand": "the teacher with random maps (control of the teacher's)",
+    "teacher_shift": "the teacher with its maps shifted elsewhere (the informative check's control)",
     "head": "the student with its head's maps",
     "posthoc": "the student with its post-hoc maps",
     "random": "the student with random maps (control)",
+    "shifted": "the student with its post-hoc maps shifted elsewhere (control as smooth as the map)",
 }
 # curve family -> (direction, what it measures)
 CURVES = {
@@ -67,14 +69,14 @@ def _diagnostic_se(key: str) -> Callable[[Evidence], float | None]:
     return error
 
 
-def informative(teacher_auc: float, random_auc: float, se: float, direction: str, margin: float = MARGIN) -> bool:
-    """Can this curve tell the teacher's own maps from random maps (both on the teacher)? The
-    teacher's AUC must be better ("min": lower, "max": higher) than the random maps' by more
+def informative(teacher_auc: float, control_auc: float, se: float, direction: str, margin: float = MARGIN) -> bool:
+    """Can this curve tell the teacher's own maps from a control map (both on the teacher)? The
+    teacher's AUC must be better ("min": lower, "max": higher) than the control's by more
     than ``margin`` and by more than ``SE_FACTOR`` x ``se`` (the standard error of the
     difference). When not, a ranking of students by this curve says nothing about their maps."""
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (teacher_auc, random_auc, se)):
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (teacher_auc, control_auc, se)):
         return False
-    gap = random_auc - teacher_auc if direction == "min" else teacher_auc - random_auc
+    gap = control_auc - teacher_auc if direction == "min" else teacher_auc - control_auc
     return gap > max(margin, SE_FACTOR * se)
 
 
@@ -85,13 +87,16 @@ def curve_of(metric: str) -> str | None:
 
 def informative_in(metrics: Mapping[str, Any], curve: str, prefix: str = "") -> bool | None:
     """``informative`` read from one split's metrics (``prefix``: "val_" / "test_" for a table
-    row): None when the teacher's measurements are missing (nothing to decide from)."""
+    row): None when the teacher's measurements are missing (nothing to decide from). The control
+    is the teacher's own maps shifted elsewhere (as smooth and sparse as its maps); results
+    measured before that control existed fall back to random maps."""
 
     def get(name: str) -> Any:
         return metrics.get(f"{prefix}{name}")
 
-    teacher, control = get(auc_name(curve, "teacher")), get(auc_name(curve, "teacher_rand"))
-    errors = [get(se_name(curve, whose)) for whose in ("teacher", "teacher_rand")]
+    control_name = "teacher_shift" if get(auc_name(curve, "teacher_shift")) is not None else "teacher_rand"
+    teacher, control = get(auc_name(curve, "teacher")), get(auc_name(curve, control_name))
+    errors = [get(se_name(curve, whose)) for whose in ("teacher", control_name)]
     if teacher is None or control is None or any(e is None for e in errors):
         return None
     se = math.sqrt(sum(float(e) ** 2 for e in errors))

@@ -49,8 +49,8 @@ def metric_cell(name: str, value: Any) -> str:
 
 NOT_INFORMATIVE_CELL = "n/i"
 NOT_INFORMATIVE_CAPTION = (
-    f"{NOT_INFORMATIVE_CELL}: {NOT_INFORMATIVE}: on this split the teacher's own maps do not beat random maps "
-    "under this curve, so it cannot rank explanations (docs/FAITHFULNESS.md)"
+    f"{NOT_INFORMATIVE_CELL}: {NOT_INFORMATIVE}: on this split the teacher's own maps do not beat the same maps "
+    "shifted elsewhere under this curve, so it cannot rank explanations (docs/FAITHFULNESS.md)"
 )
 
 
@@ -59,7 +59,8 @@ def judged_cell(name: str, value: Any, metrics: dict[str, Any], prefix: str = ""
     teacher's maps from random ones on this split (``faithfulness_metrics.informative``) shows
     "n/i" instead of a number to rank by (the teacher's own AUCs stay: they are the evidence)."""
     curve = curve_of(name)
-    judged = curve is not None and name.endswith(("_head", "_posthoc", "_random")) and METRICS[name].error_of is None
+    students = ("_head", "_posthoc", "_random", "_shifted")
+    judged = curve is not None and name.endswith(students) and METRICS[name].error_of is None
     if judged and value is not None and informative_in(metrics, curve, prefix) is False:
         return NOT_INFORMATIVE_CELL
     return metric_cell(name, value)

@@ -34,6 +34,7 @@ CARD_METRICS = (
     ("road_morf_auc_head", "ROAD MoRF AUC with its head map (lower: more faithful)"),
     ("road_morf_auc_posthoc", "ROAD MoRF AUC with its post-hoc map"),
     ("road_morf_auc_random", "ROAD MoRF AUC with random maps (control)"),
+    ("road_morf_auc_shifted", "ROAD MoRF AUC with its post-hoc map shifted elsewhere (control as smooth as the map)"),
     ("randomisation_head", "head map before/after randomising the classifier (low: depends on it)"),
     ("mprt_spearman_posthoc", "post-hoc map vs after cascading randomisation (Spearman; low: depends on it)"),
     ("params", "parameters"),
