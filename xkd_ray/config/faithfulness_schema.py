@@ -36,6 +36,16 @@ class FaithfulnessConfig(Schema):
     def road_on(self, split: str) -> bool:
         return road_on(self.road, split)
 
+    def not_measured(self, metric: str, split: str) -> str | None:
+        """Why these settings leave ``metric`` unmeasured (None) on ``split``, else None: ROAD AUCs
+        (``road_morf_*``, ``road_lerf_*``) need ``road_on(split)``, MPRT (``mprt_*``) needs ``mprt``.
+        Read by name so that validating a space imports no metric code (torch)."""
+        if metric.startswith(("road_morf_", "road_lerf_")) and not self.road_on(split):
+            return f"is measured on {split} only with faithfulness.road: all (the base has {self.road!r})"
+        if metric.startswith("mprt_") and not self.mprt:
+            return "is not measured with faithfulness.mprt: false"
+        return None
+
     def cache_settings(self) -> dict[str, int | bool | str]:
         """What the teacher's cached val/test measurements depend on (part of their cache key)."""
         return {"images": self.images, "seed": self.seed, "road": self.road, "road_steps": self.road_steps}

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from xkd_ray.config.parameters import KINDS, Parameter, parse_parameter  # noqa: F401 (imported from here)
 from xkd_ray.config.schema import ExperimentConfig, config_error
 from xkd_ray.config.search_settings import (  # noqa: F401 (the names callers import from here)
     SAMPLERS,
@@ -39,35 +40,7 @@ CLI_SECTIONS = ("student", "distill")  # what `xkd distill` takes from its defau
 # Sections prepared once from the base for the whole search (data, teacher, explanations) or set by
 # the search's worker settings: a sampled value there would be recorded but never trained with.
 PREPARED_ONCE = ("data", "teacher", "explain", "ray")
-KINDS = ("uniform", "loguniform", "int", "choice")
-ENUMERATED_INT_VALUES = 16  # int ranges up to this many values are checked value by value
 MAX_COMBINATIONS = 4096  # probe combinations checked together (~20 us each)
-
-
-@dataclass(frozen=True)
-class Parameter:
-    name: str
-    kind: str  # uniform | loguniform | int | choice | fixed
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[Any, ...] = ()
-    value: Any = None
-
-    def probes(self) -> list[Any]:
-        """The values a check tries. Every config rule is an interval on a float (ends suffice) or
-        a bound/divisibility rule on an int: two neighbouring ints catch any divisibility, so a
-        long int range is probed at both ends and their neighbours. A float range is probed with
-        floats, as the sampler draws them (so ``uniform`` over an int key is refused)."""
-        if self.kind == "fixed":
-            return [self.value]
-        if self.kind == "choice":
-            return list(self.choices)
-        if self.kind != "int":
-            return [float(self.low), float(self.high)]
-        low, high = int(self.low), int(self.high)
-        if high - low < ENUMERATED_INT_VALUES:
-            return list(range(low, high + 1))
-        return [low, low + 1, high - 1, high]
 
 
 @dataclass
@@ -142,34 +115,6 @@ class SearchSpec:
         values, then the sampled values, validated once as a whole."""
         workers = {"ray.num_workers": self.search.workers_per_trial, "ray.cpus_per_worker": self.search.cpus_per_worker}
         return self.base.with_overrides({**workers, **self.fixed_overrides(), **sampled})
-
-
-def _parse_parameter(name: str, raw: Any) -> Parameter:
-    if not isinstance(raw, dict):
-        return Parameter(name, "fixed", value=raw)
-    if len(raw) != 1 or next(iter(raw)) not in KINDS:
-        raise XKDConfigError(
-            f"space.{name}: expected one of {{{', '.join(KINDS)}}}: ..., or a plain value; got {raw!r}"
-        )
-    kind, arguments = next(iter(raw.items()))
-    if kind == "choice":
-        if not isinstance(arguments, list):
-            raise XKDConfigError(f"space.{name}: choice must be a list, got {type(arguments).__name__}")
-        if not arguments:
-            raise XKDConfigError(f"space.{name}: choice list is empty")
-        return Parameter(name, kind, choices=tuple(arguments))
-    if not (isinstance(arguments, list) and len(arguments) == 2):
-        raise XKDConfigError(f"space.{name}: {kind} needs [low, high], got {arguments!r}")
-    low, high = arguments
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
-        raise XKDConfigError(f"space.{name}: bounds must be finite numbers, got {arguments!r}")
-    if not low < high:
-        raise XKDConfigError(f"space.{name}: empty range [{low}, {high}]; low must be < high")
-    if kind == "loguniform" and low <= 0:
-        raise XKDConfigError(f"space.{name}: loguniform needs low > 0, got {low}")
-    if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
-        raise XKDConfigError(f"space.{name}: int bounds must be integers, got {arguments!r}")
-    return Parameter(name, kind, low=low, high=high)
 
 
 def _check_values(spec: SearchSpec) -> None:
@@ -301,7 +246,7 @@ def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
         raise config_error(exc, SearchSettings) from None
     spec = SearchSpec(
         base=base,
-        parameters={str(name): _parse_parameter(str(name), value) for name, value in space.items()},
+        parameters={str(name): parse_parameter(str(name), value) for name, value in space.items()},
         search=search,
     )
     _check_values(spec)
@@ -318,22 +263,14 @@ def parse_search_space(raw: Any, source: str = "<dict>") -> SearchSpec:
 
 
 def _check_measured_on_val(spec: SearchSpec) -> None:
-    """Objectives and constraints read a trial's val metrics: one the base does not measure on val
-    (ROAD runs on test only unless ``faithfulness.road: all``; MPRT not with ``mprt: false``)
+    """Objectives and constraints read a trial's val metrics: one the base does not measure there
     would be None for every trial, so Optuna could rank nothing. Refused here, not after hours."""
-    from xkd_ray.core.faithfulness_metrics import curve_of
-
     faithfulness = spec.trial_config({}).faithfulness
     used = [(f"search.objectives[{i}]", o.metric) for i, o in enumerate(spec.search.objectives)]
     used += [(f"search.constraints[{i}]", parse_constraint(c).metric) for i, c in enumerate(spec.search.constraints)]
     for where, metric in used:
-        if curve_of(metric) in ("road_morf", "road_lerf") and not faithfulness.road_on("val"):
-            raise XKDConfigError(
-                f"{where}: {metric} is measured on val only with faithfulness.road: all "
-                f"(the base has {faithfulness.road!r}); set it in base or choose another metric"
-            )
-        if metric.startswith("mprt_") and not faithfulness.mprt:
-            raise XKDConfigError(f"{where}: {metric} is not measured with faithfulness.mprt: false; set it in base")
+        if (why := faithfulness.not_measured(metric, "val")) is not None:
+            raise XKDConfigError(f"{where}: {metric} {why}; set it in base or choose another metric")
 
 
 def _with_base_overrides(raw: Any, base_overrides: dict[str, Any]) -> Any:
