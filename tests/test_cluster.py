@@ -87,7 +87,7 @@ def _uninterrupted(config_json: str, storage: Path) -> dict:
 
 @pytest.mark.slow
 @OWN_CLUSTER
-def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path, s3_server, request):
+def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path, s3_server):
     url = "s3://xkd/cluster"
     fresh_cache = tmp_path / "cache"  # no teacher yet: the search trains and explains it on the workers
     summary = _run_on_cluster(tmp_path, str(fresh_cache), url)
@@ -126,10 +126,20 @@ def test_losing_a_worker_node_mid_trial_resumes_it_from_its_checkpoint(tmp_path,
     assert set(json.loads(interrupted["nodes"])["workers"]) == workers  # the lost node, then the other
     assert all(row["resumed_from_checkpoint"] == 0 for key, row in rows.items() if key != removed["trial_id"])
     # Resumed, not retrained: the model, optimizer, scheduler and RNG state came back, so the
-    # result is exactly that of an uninterrupted run (the session's Ray only starts now, after
-    # the cluster has gone).
-    request.getfixturevalue("ray_local")
-    reference = _uninterrupted(interrupted["config"], tmp_path / "reference")
+    # result is exactly that of an uninterrupted run, trained on a local Ray of its own, started
+    # after the cluster has gone and stopped at once. Not the session's Ray (``ray_local``): this
+    # test runs in the other pytest-xdist worker, where a session-long second local Ray would hold
+    # the dashboard agent's fixed port (52365) and leave the session's Ray without a job agent.
+    import ray
+
+    own = not ray.is_initialized()  # without pytest-xdist the session's Ray may already be up: use it
+    if own:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        reference = _uninterrupted(interrupted["config"], tmp_path / "reference")
+    finally:
+        if own:
+            ray.shutdown()
     assert (interrupted["val_accuracy"], interrupted["val_fidelity"]) == (reference["accuracy"], reference["fidelity"])
 
     # Nothing finished before the loss is lost or changed, and its student is still there.
