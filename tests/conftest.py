@@ -12,9 +12,11 @@ write their rules to (``xkd_ray.testing.faults``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +96,61 @@ def pytest_collection_modifyitems(config, items) -> None:
 # For a test that starts and stops a Ray cluster of its own (``ray start``, ``cluster_utils``):
 # it runs beside the session-Ray tests, not after them (``pytest_collection_modifyitems``).
 OWN_CLUSTER = pytest.mark.xdist_group("own_cluster")
+
+
+RAY_BIN = str(Path(sys.executable).parent / "ray")
+HEAD_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "node-manager-port",
+    "object-manager-port",
+    "ray-client-server-port",
+)
+
+
+@contextmanager
+def ray_head(env: dict[str, str], *, dashboard: bool = False, cwd: Path | None = None):
+    """A Ray head of the test's own, started by `ray start --head --block` as on a cluster; yields
+    ``(gcs_address, dashboard_url or None)`` once it answers.
+
+    Every port is picked free: the session's Ray and the local Rays that CLI subprocesses start take
+    Ray's fixed defaults (the dashboard agent's 52365 above all, which ``ray.init(address="local")``
+    cannot move), and a second Ray on that port has no job agent. Its temp folder is short (Ray's
+    socket paths are length-limited). Stopped by signalling the ``--block`` process, which stops what
+    it started: ``ray stop`` would stop every Ray on the machine, the session's included."""
+    # Without RAY_AUTH_MODE, Ray turns token auth on when ~/.ray/auth_token exists (a machine's
+    # leftover): say what the test means, off unless the caller asked for it.
+    env = {"RAY_AUTH_MODE": "disabled", **env}
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="xkdhead-", dir="/tmp")
+    ports = [f"--{name}={_free_port()}" for name in HEAD_PORTS]
+    shown = [f"--include-dashboard={str(dashboard).lower()}"]
+    if dashboard:
+        shown += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    head = subprocess.Popen(
+        [RAY_BIN, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}", f"--temp-dir={temp_dir}",
+         *shown, *ports],
+        env=env, cwd=cwd or temp_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    gcs_address = f"127.0.0.1:{gcs_port}"
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}" if dashboard else None
+    if dashboard:
+        ready = [RAY_BIN, "job", "list", f"--address={dashboard_url}"]
+    else:
+        ready = [RAY_BIN, "status", f"--address={gcs_address}"]
+    try:
+        wait_for(lambda: subprocess.run(ready, env=env, capture_output=True).returncode == 0, 180, "the Ray head", head)
+        yield gcs_address, dashboard_url
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)  # anything of that head left behind
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextmanager

@@ -4,12 +4,10 @@ touching the package, and each one reaches the config, the CLI, training, the fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import OWN_CLUSTER, REPO, TINY_OVERRIDES, _free_port, wait_for
+from tests.conftest import OWN_CLUSTER, REPO, TINY_OVERRIDES, ray_head
 from tests.registry_plugin import PLUGIN_DATASET, PLUGIN_EXPLAINER, PLUGIN_METHOD, PLUGIN_METRIC
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.errors import XKDConfigError
@@ -105,44 +103,28 @@ def test_a_plugin_method_trains_on_a_cluster_started_without_the_plugin(tiny_dat
     its own, so it never meets the session's local Ray; it is stopped by signalling its `ray start
     --block` process, which stops what it started (`ray stop` would stop every Ray process on the
     machine, the session's included)."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    gcs_port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="xkdplug-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    token_file = Path(temp_dir) / "auth_token"
+    temp_dir = Path(tempfile.mkdtemp(prefix="xkdplug-", dir="/tmp"))
+    token_file = temp_dir / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
     auth = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     head_env = {name: value for name, value in os.environ.items()
                 if name not in ("XKD_PLUGINS", "PYTHONPATH", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}  # fmt: skip
     head_env.update(auth)
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]  # fmt: skip
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}", f"--temp-dir={temp_dir}",
-         "--include-dashboard=false", *ports],
-        env=head_env, cwd=temp_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
     try:
-        status = [ray_bin, "status", f"--address=127.0.0.1:{gcs_port}"]
-        wait_for(lambda: subprocess.run(status, env=head_env, capture_output=True).returncode == 0, 180,
-                 "the Ray head", head)  # fmt: skip
-        overrides = {**TINY_OVERRIDES, "explain.cache_dir": cache_dir, "distill.method": PLUGIN_METHOD,
-                     "ray.num_workers": 1}  # fmt: skip
-        # Beside the session's busy Ray (pytest-xdist), ray.init's one GCS request for the local
-        # raylets once ran past Ray's 60 s default on 2 cores: give it the head's start-up budget.
-        driver_env = {**head_env, "XKD_PLUGINS": "tests.registry_plugin", "PYTHONPATH": str(REPO),
-                      "RAY_gcs_server_request_timeout_seconds": "180"}  # fmt: skip
-        driver = subprocess.run(
-            [sys.executable, "-c", PLUGIN_DISTILL_DRIVER, f"127.0.0.1:{gcs_port}", json.dumps(overrides),
-             str(tmp_path / "ray_train")],
-            env=driver_env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+        with ray_head(head_env, cwd=temp_dir) as (gcs_address, _):
+            overrides = {**TINY_OVERRIDES, "explain.cache_dir": cache_dir, "distill.method": PLUGIN_METHOD,
+                         "ray.num_workers": 1}  # fmt: skip
+            # Beside the session's busy Ray (pytest-xdist), ray.init's one GCS request for the local
+            # raylets once ran past Ray's 60 s default on 2 cores: give it the head's start-up budget.
+            driver_env = {**head_env, "XKD_PLUGINS": "tests.registry_plugin", "PYTHONPATH": str(REPO),
+                          "RAY_gcs_server_request_timeout_seconds": "180"}  # fmt: skip
+            driver = subprocess.run(
+                [sys.executable, "-c", PLUGIN_DISTILL_DRIVER, gcs_address, json.dumps(overrides),
+                 str(tmp_path / "ray_train")],
+                env=driver_env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` then stops the processes it started
-        head.wait(timeout=120)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # anything of that head left behind
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert driver.returncode == 0, driver.stderr[-3000:]
     trained = json.loads(driver.stdout.strip().splitlines()[-1])

@@ -18,11 +18,13 @@ import yaml
 
 from tests.conftest import (
     OWN_CLUSTER,
+    RAY_BIN,
     REPO,
     SMOKE,
     held_trial_points,
     injected_faults,
     plain_torch_resnet18,
+    ray_head,
     smoke_space,
     wait_for,
 )
@@ -226,14 +228,6 @@ def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_
     assert metrics["teacher"]["test_accuracy"] == pytest.approx(teacher_accuracy, abs=1e-9)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 @OWN_CLUSTER
 def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
@@ -242,47 +236,25 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     found afterwards. The head really demands the token: its jobs API answers 401 without it, 403 with a
     wrong one, and lists the job with it."""
     import secrets
-    import tempfile
     import urllib.error
     import urllib.request
 
-    ray_bin = str(Path(sys.executable).parent / "ray")
     space = smoke_space(tmp_path, cache_dir, trials=2)
     experiment = tmp_path / "experiment"
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="xkdray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     # The test's own token file (`ray start` does not make one), as `ray get-auth-token --generate` writes
     # ~/.ray/auth_token: read by the head, `ray job` and, through the head, the job.
     token = secrets.token_hex(32)
-    token_file = Path(temp_dir) / "auth_token"
+    token_file = tmp_path / "auth_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
     env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
-    # Every port of its own: the session's local Ray (other tests) already holds the defaults.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]  # fmt: skip
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true", *ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        wait_for(
-            lambda: (
-                subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True).returncode
-                == 0
-            ),
-            180,
-            "the Ray head and its dashboard",
-        )
+    with ray_head(env, dashboard=True) as (_, address):
         runtime_env = json.dumps({"excludes": [".venv", ".xkd_cache", "runs", ".git"]})
         for _ in range(20):  # the head's job agent comes up a little after the dashboard answers
             submitted = subprocess.run(
-                [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO),
+                [RAY_BIN, "job", "submit", "--address", address, "--working-dir", str(REPO),
                  "--runtime-env-json", runtime_env, "--",
                  sys.executable, "xkd_ray/search.py", "--space", str(space), "--out", str(experiment),
                  "--address", "auto", "--no-live"],
@@ -310,9 +282,6 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
         status, body = jobs_api(f"Bearer {token}")
         assert status == 200, body
         assert "SUCCEEDED" in [job["status"] for job in json.loads(body) if "xkd_ray/search.py" in job["entrypoint"]]
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=120)
     assert len(read_trials(experiment)) == 2
     assert (experiment / "pareto" / "front.parquet").exists()
     assert (experiment / "pareto" / "front.png").exists()
