@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from tests.conftest import (
@@ -21,6 +22,7 @@ from tests.conftest import (
     RAY_BIN,
     REPO,
     SMOKE,
+    digits_image_folder,
     held_trial_points,
     injected_faults,
     plain_torch_resnet18,
@@ -285,6 +287,65 @@ def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
     assert len(read_trials(experiment)) == 2
     assert (experiment / "pareto" / "front.parquet").exists()
     assert (experiment / "pareto" / "front.png").exists()
+
+
+@pytest.mark.slow
+def test_a_streamed_search_from_a_user_teacher_resumes_after_sigkill(tmp_path, ray_local):
+    """``data.storage: stream`` through ``xkd search``: a 2-trial space over an image folder, from a
+    user's resnet18 given as weights, SIGKILLed while its second trial is held, then resumed. Trials
+    train on the shards the first run wrote (the resume rebuilds neither shards nor maps, and no
+    teacher is trained), the finished trial is kept, and a front student given the raw test files
+    reproduces the test accuracy its trial recorded."""
+    from xkd_ray.student.predict import load_student_folder
+
+    tree = digits_image_folder(tmp_path / "tree", 400)
+    weights, _ = _user_teacher(tmp_path / "teacher")
+    cache = tmp_path / "cache"
+    points, rules = held_trial_points(tmp_path / "holding", finished_before=1)
+    space = smoke_space(tmp_path, str(cache), trials=2, max_concurrent_trials=1, initial_points=points)
+    raw = yaml.safe_load(space.read_text())
+    raw["base"]["data"] = {"dataset": "imagefolder", "root": str(tree), "image_size": 16, "storage": "stream",
+                           "val_fraction": 0.2}  # fmt: skip
+    raw["base"]["teacher"] = {"arch": "torchvision.resnet18", "weights": str(weights)}
+    raw["base"]["explain"]["layer"] = "net.layer1.1.conv2"
+    space.write_text(yaml.safe_dump(raw))
+    experiment = tmp_path / "experiment"
+    command = ["--space", str(space), "--out", str(experiment), "--no-live"]
+    log = open(tmp_path / "first.log", "w")
+    with injected_faults(rules):
+        first = subprocess.Popen(
+            [sys.executable, str(REPO / "xkd_ray" / "search.py"), *command,
+             "--address", ray_local.get_runtime_context().gcs_address],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            held = (tmp_path / "holding").exists
+            wait_for(lambda: held() and len(read_trials(experiment)) >= 1, 600, "one trial and the second held", first)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            log.close()
+    written = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
+    before = {r["trial_id"]: r for r in read_trials(experiment)}
+    assert len(before) == 1
+    assert search_main([*command, "--resume"]) == 0
+    after = {r["trial_id"]: r for r in read_trials(experiment)}
+    assert len(after) == 2 and set(before) < set(after)
+    for trial_id, row in before.items():
+        kept = after[trial_id]
+        assert (kept["val_accuracy"], kept["finished_at"]) == (row["val_accuracy"], row["finished_at"])
+    assert {path: path.stat().st_mtime_ns for path in written} == written  # nothing rewritten
+    assert len(list((cache / "streams").iterdir())) == 1
+    assert len(list((cache / "explanations").glob("teacher-*.stream"))) == 3  # train, val, test: once
+    assert not (cache / "teachers").exists()
+    assert {json.loads(r["config"])["data"]["storage"] for r in after.values()} == {"stream"}
+    student_dir = next(p for p in (experiment / "pareto").iterdir() if p.is_dir())
+    student = load_student_folder(student_dir)
+    files = sorted((tree / "test").rglob("*.png"))
+    labels = torch.tensor([student.prep.class_names.index(path.parent.name) for path in files])
+    predicted = student.predict([str(path) for path in files], explain=False).labels
+    recorded = json.loads((student_dir / "metrics.json").read_text())["test"]["accuracy"]
+    assert (predicted == labels).float().mean().item() == pytest.approx(recorded, abs=1e-9)
 
 
 def _scrape(port: int, experiment: str) -> dict[str, float]:

@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from sklearn.datasets import load_digits
 
-from tests.conftest import SMOKE, TINY_OVERRIDES
+from tests.conftest import SMOKE, TINY_OVERRIDES, digits_image_folder
 from xkd_ray.config.schema import DataConfig, ExperimentConfig
 from xkd_ray.core.explain import cached_teacher_outputs, explain_settings
 from xkd_ray.core.models import build_teacher
@@ -23,19 +21,9 @@ from xkd_ray.data.streaming import resolve_storage, storage_for, stream_imagefol
 from xkd_ray.errors import XKDDataError
 
 
-def _digits_tree(root: Path, count: int = 300) -> Path:
-    bunch = load_digits()
-    for index in range(count):
-        split = "test" if index % 7 == 0 else "train"
-        folder = root / split / str(bunch.target[index])
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((bunch.images[index] / 16 * 255).astype(np.uint8)).save(folder / f"{index}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return _digits_tree(tmp_path_factory.mktemp("digits_tree"))
+    return digits_image_folder(tmp_path_factory.mktemp("digits_tree"))
 
 
 def test_streamed_splits_equal_the_in_memory_splits(tree: Path, tmp_path: Path) -> None:
@@ -92,7 +80,7 @@ def test_storage_choice_and_refusals(tree: Path, tmp_path: Path) -> None:
     assert ExperimentConfig().data.storage == "auto"  # digits keep the in-memory path
     with pytest.raises(ValueError, match=r"data\.storage: stream reads image folders only"):
         DataConfig(dataset="digits", storage="stream")
-    broken = _digits_tree(tmp_path / "broken", 300)
+    broken = digits_image_folder(tmp_path / "broken", 300)
     next((broken / "train").rglob("*.png")).write_bytes(b"not a png")
     cache = tmp_path / "cache"
     with pytest.raises(XKDDataError, match="cannot read image"):
@@ -130,22 +118,58 @@ def test_xkd_distill_streams_and_its_student_predicts_the_raw_files(tree: Path, 
     labels = torch.tensor([student.prep.class_names.index(path.parent.name) for path in files])
     predicted = student.predict([str(path) for path in files], explain=False).labels
     assert (predicted == labels).float().mean().item() == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
-    refused = main([*argv[:4], str(tmp_path / "other"), "--workers", "1", *argv[5:]])
-    assert refused == 2 and "ray.num_workers: Ray Train does not read streamed data" in capsys.readouterr().err
+    # Streamed batches carry the teacher's cached outputs, not the network: AT is refused up front.
+    shards = sorted(path.name for path in (cache / "streams").iterdir())
+    refused = main(["distill", "--method", "at", "--out", str(tmp_path / "other"), *argv[5:]])
+    assert refused == 2 and "distill.method: 'at' needs the live teacher" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+    assert sorted(path.name for path in (cache / "streams").iterdir()) == shards
 
 
-def test_a_search_over_streamed_data_is_refused_before_anything_is_written(tree: Path, tmp_path: Path, capsys):
-    """Trials read one in-memory bundle: a streamed dataset would be loaded whole instead, silently."""
+def test_a_streamed_search_that_cannot_hold_is_refused_before_anything_is_written(tree: Path, tmp_path: Path, capsys):
+    """Trials read the shards from the nodes' disk and the teacher's cached outputs only: a space
+    that may train a method on the live teacher, or an experiment on object storage, is refused
+    with one line, before a folder, a shard or a connection is made."""
     import yaml
 
     from xkd_ray.search import main
 
     raw = yaml.safe_load(SMOKE.read_text())
     raw["base"]["data"] = {"dataset": "imagefolder", "root": str(tree), "image_size": 16, "storage": "stream"}
+    raw["base"]["explain"]["cache_dir"] = str(tmp_path / "cache")
+    raw["space"]["distill.method"] = {"choice": ["kd", "at"]}
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(raw))
     out = tmp_path / "experiment"
     assert main(["--space", str(space), "--out", str(out), "--no-live"]) == 2
-    assert "data.storage: a search does not read streamed data yet" in capsys.readouterr().err
-    assert not out.exists()
+    assert "distill.method: at train on the live teacher" in capsys.readouterr().err
+    raw["space"]["distill.method"] = {"choice": ["kd", "xd"]}
+    space.write_text(yaml.safe_dump(raw))
+    assert main(["--space", str(space), "--out", "s3://bucket/prefix", "--no-live"]) == 2
+    assert "--out: streamed shards are read from explain.cache_dir" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_ray_train_reads_streamed_shards_and_agrees_with_the_one_process_loop(tree: Path, tmp_path: Path, ray_local):
+    """Ray Train on streamed data (``xkd distill --workers 2``): each rank reads its share of every
+    epoch's batches from the shards, gradients are averaged, and the run ends where the streamed
+    loop in one process ends: within two images of accuracy per split and the fidelity tolerance of
+    the in-memory check (tests/test_train.py: float summation order in the all-reduce). Augmentation
+    off: its draws are per batch, and a rank's batch is half the one-process batch."""
+    from tests.test_train import FIDELITY_TOLERANCE
+    from xkd_ray.cluster.ray_run import distill_with_ray
+    from xkd_ray.core.stream_run import distill_stream, prepare_stream
+
+    sets = {**TINY_OVERRIDES, "data.dataset": "imagefolder", "data.root": str(tree), "data.storage": "stream",
+            "data.val_fraction": 0.2, "explain.cache_dir": str(tmp_path / "cache"), "distill.method": "xd",
+            "data.augment": False}  # fmt: skip
+    config = ExperimentConfig().with_overrides(sets)
+    data = prepare_stream(config, progress=False)
+    plain = distill_stream(config, data, progress=False)[1]
+    two = distill_with_ray(config.with_overrides({"ray.num_workers": 2}), data, storage_path=tmp_path / "run")[1]
+    assert [h["workers"] for h in two["history"]] == [2] * config.distill.epochs
+    for split in ("val", "test"):
+        two_images = 2 / len(data.splits.split(split))
+        assert abs(two[split]["accuracy"] - plain[split]["accuracy"]) <= two_images + 1e-9
+        assert abs(two[split]["fidelity"] - plain[split]["fidelity"]) <= FIDELITY_TOLERANCE

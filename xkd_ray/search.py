@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 
 from xkd_ray.config.space import SAMPLERS, SearchSpec, load_search_space
-from xkd_ray.data.streaming import refuse_stream_in_search
+from xkd_ray.data.streaming import check_stream_search
 from xkd_ray.errors import XKDConfigError, XKDError
 from xkd_ray.pareto.storage import experiment_location, is_remote
 
@@ -110,7 +110,7 @@ def exit_code_for_interrupt() -> int:
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
-    refuse_stream_in_search(spec.base.data)  # before any folder is made or Ray started
+    check_stream_search(spec, remote=is_remote(args.out))  # before any folder is made or Ray started
     if is_remote(args.out):
         return _run_on_object_storage(args, spec)
     check_experiment_folder(args.out)

@@ -39,6 +39,7 @@ from xkd_ray.core.distill import (
     build_student,
     distill_dataset,
     make_optimizer,
+    split_images,
     split_metrics,
     student_predictions,
     train_one_epoch,
@@ -46,6 +47,7 @@ from xkd_ray.core.distill import (
 from xkd_ray.core.faithfulness import faithfulness_subset
 from xkd_ray.core.models import StudentNet
 from xkd_ray.core.prepared import DistillData
+from xkd_ray.core.stream_run import StreamData, stream_loader
 
 CHECKPOINT_FILE = "state.pt"
 # Ray Train's controller collects the workers' reports, and notices that a run has ended, only
@@ -126,7 +128,7 @@ def _gather_evaluation(
     ours = subset[(subset >= shard.start) & (subset < shard.stop)]
     mine = student_predictions(
         student,
-        split.images[shard],
+        split_images(split, shard),
         teacher_predictions[shard],
         config,
         device=device,
@@ -236,6 +238,31 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     train_student_loop(loop_config, ray_train_session(config.distill.head_warmup_epochs > 0))
 
 
+def _epoch_loaders(
+    config: ExperimentConfig, data: DistillData | StreamData, session: LoopSession, start_epoch: int
+) -> Callable[[int], DataLoader]:
+    """This rank's batches for an epoch: the in-memory tensors (one loader, its sampler and
+    augmentation set to the epoch: the plain loop's draws), or a streamed split's shards read per
+    batch (``data.storage: stream``)."""
+    world, rank, seed = session.world, session.rank, config.distill.seed
+    if isinstance(data, StreamData):
+        return lambda epoch: session.prepare_loader(stream_loader(config, data, epoch, world, rank))
+    dataset = distill_dataset(data.splits.train, data.teacher_outputs["train"])
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    collate = AugmentCollate(seed, start_epoch) if config.data.augment_on else None
+    loader = session.prepare_loader(
+        DataLoader(dataset, batch_size=config.distill.batch_size // world, sampler=sampler, collate_fn=collate)
+    )
+
+    def for_epoch(epoch: int) -> DataLoader:
+        sampler.set_epoch(epoch)
+        if collate is not None:  # the same draws for (seed, epoch, batch) as the plain loop
+            collate.epoch, collate.batch = epoch, 0
+        return loader
+
+    return for_epoch
+
+
 def train_student_loop(
     loop_config: dict[str, Any], session: LoopSession
 ) -> tuple[StudentNet, list[dict[str, Any]]] | None:
@@ -250,7 +277,7 @@ def train_student_loop(
     if started is not None:
         timings["worker_process_started"] = started
     config = ExperimentConfig.from_dict(loop_config["config"])
-    data: DistillData = ray.get(loop_config["data_ref"])
+    data: DistillData | StreamData = ray.get(loop_config["data_ref"])
     timings["data_ready"] = time.time()
     world, rank, device = session.world, session.rank, session.device
     settings = config.distill
@@ -274,20 +301,13 @@ def train_student_loop(
     model = session.prepare_model(student)
     teacher = data.live_teacher(config)
     teacher = teacher.to(device) if teacher is not None else None
-    dataset = distill_dataset(data.splits.train, data.teacher_outputs["train"])
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    collate = AugmentCollate(settings.seed, start_epoch) if config.data.augment_on else None
-    loader = session.prepare_loader(
-        DataLoader(dataset, batch_size=settings.batch_size // world, sampler=sampler, collate_fn=collate)
-    )
+    epoch_loader = _epoch_loaders(config, data, session, start_epoch)
     amp_dtype = _amp_dtype(config, device)
     node_ids = worker_node_ids()
     bare = model.module if hasattr(model, "module") else model
     for epoch in range(start_epoch, settings.epochs):
         maybe_kill_worker(config, epoch, loop_config["run_folder"], last_rank=rank == world - 1)
-        sampler.set_epoch(epoch)
-        if collate is not None:  # the same draws for (seed, epoch, batch) as the plain loop
-            collate.epoch, collate.batch = epoch, 0
+        loader = epoch_loader(epoch)
         if timings:
             timings["first_epoch_started"] = time.time()
         record = train_one_epoch(

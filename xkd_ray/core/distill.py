@@ -243,11 +243,20 @@ def student_predictions(
     return predictions
 
 
+def split_images(split: Any, rows: slice) -> torch.Tensor:
+    """Rows of a split's normalised images: sliced from memory, or read from a streamed split's
+    shard (``data.streaming.StreamSplit``; evaluation of val/test only, train is never gathered)."""
+    images = getattr(split, "images", None)
+    if images is not None:
+        return images[rows]
+    return split.read(np.arange(rows.start, rows.stop))
+
+
 def split_metrics(
     data: DistillData, split_name: str, config: ExperimentConfig, predictions: StudentPredictions
 ) -> dict[str, float]:
     """Every registered metric of one whole split, from the student's predictions on it."""
-    outputs = data.teacher_outputs[split_name]
+    outputs = data.teacher_outputs[split_name].whole()
     diagnostics = None
     if predictions.diagnostics is not None:
         diagnostics = {**predictions.diagnostics, **(outputs.faithfulness or {})}
@@ -272,7 +281,7 @@ def evaluate(
     subset = faithfulness_subset(split.labels, config.faithfulness.images, config.faithfulness.seed)
     predictions = student_predictions(
         student,
-        split.images,
+        split_images(split, slice(0, len(split))),
         teacher_predictions,
         config,
         device=device,

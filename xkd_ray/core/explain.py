@@ -143,6 +143,10 @@ class TeacherOutputs(ZeroCopyPickle):
     def predictions(self) -> torch.Tensor:
         return self.logits.argmax(dim=1)
 
+    def whole(self) -> TeacherOutputs:
+        """Already in memory (streamed outputs read theirs: ``streamed.StreamTeacherOutputs.whole``)."""
+        return self
+
     @property
     def deletion_auc(self) -> torch.Tensor | None:
         return (self.faithfulness or {}).get("deletion_teacher")

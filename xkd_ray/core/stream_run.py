@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
@@ -22,29 +21,27 @@ from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.checkpoints import write_model_folder
 from xkd_ray.core.distill import (
     build_student,
+    evaluate,
     final_metrics,
     make_optimizer,
-    student_predictions,
     train_one_epoch,
 )
-from xkd_ray.core.explain import TeacherOutputs, explain_settings
-from xkd_ray.core.faithfulness import faithfulness_subset
-from xkd_ray.core.metrics import metrics_of
-from xkd_ray.core.models import StudentNet, build_teacher, predict_logits
+from xkd_ray.core.explain import explain_settings
+from xkd_ray.core.models import StudentNet, build_teacher
 from xkd_ray.core.progress import track
 from xkd_ray.core.streamed import StreamTeacherOutputs, stream_epoch_loader, stream_teacher_outputs
 from xkd_ray.core.teacher import (
     cached_teacher,
     make_teacher_optimizer,
+    split_accuracies,
     teacher_architecture,
     teacher_directory,
     teacher_id,
     teacher_input,
     train_teacher_epoch,
 )
-from xkd_ray.core.teacher_input import TeacherInput, student_view
 from xkd_ray.data.splits import SPLIT_NAMES
-from xkd_ray.data.streaming import StreamSplit, StreamSplits, stream_imagefolder
+from xkd_ray.data.streaming import StreamSplits, stream_imagefolder
 from xkd_ray.errors import XKDConfigError, XKDTrainingDiverged
 
 
@@ -69,12 +66,10 @@ class StreamData:
         model.load_state_dict(self.teacher_state)
         return model.eval()
 
-
-def _stream_accuracy(model: nn.Module, split: StreamSplit, inputs: TeacherInput, batch_size: int = 256) -> float:
-    correct, view = 0, student_view(model, inputs)
-    for ids, images in split.batches(batch_size):
-        correct += int((predict_logits(view, images).argmax(dim=1) == split.labels[ids]).sum())
-    return correct / max(len(split), 1)
+    def live_teacher(self, config: ExperimentConfig) -> None:
+        """Streamed batches carry the teacher's cached logits and maps, never the network: a
+        method that trains on its features is refused (``refuse_live_teacher``)."""
+        refuse_live_teacher(config.distill.method)
 
 
 def _teacher(config: ExperimentConfig, splits: StreamSplits, progress: bool) -> tuple[nn.Module, str, dict]:
@@ -101,7 +96,7 @@ def _teacher(config: ExperimentConfig, splits: StreamSplits, progress: bool) -> 
             scheduler.step()
             bar.advance(loss=float(loss_sum) / count)
     model.eval()
-    metrics = {f"{name}_accuracy": _stream_accuracy(model, splits.split(name), inputs) for name in ("val", "test")}
+    metrics = split_accuracies(model, splits, ("val", "test"), inputs)  # type: ignore[arg-type]
     record = {"architecture": architecture, "teacher": config.to_dict()["teacher"], "data": splits.describe()}
     write_model_folder(teacher_directory(config, splits), model, {**record, "training": {"backend": "stream"}}, metrics)  # type: ignore[arg-type]
     return model, teacher_id(config, splits), metrics  # type: ignore[arg-type]
@@ -139,42 +134,31 @@ def prepare_stream(config: ExperimentConfig, progress: bool = True) -> StreamDat
     )
 
 
-def evaluate_stream(student: StudentNet, data: StreamData, split_name: str, config: ExperimentConfig) -> dict:
-    """Every metric on one val/test split. The metrics are whole-split statistics, so this split's
-    images, maps and the student's maps are gathered here (val/test only; train is never gathered)."""
-    split = data.splits.split(split_name)
-    ids = np.arange(len(split))
-    images = split.read(ids)
-    logits, maps = data.teacher_outputs[split_name].read(ids)
-    subset = faithfulness_subset(split.labels, config.faithfulness.images, config.faithfulness.seed)
-    predictions = student_predictions(
-        student, images, logits.argmax(dim=1), config, diagnostics=subset, split=split_name
-    )
-    outputs = TeacherOutputs(logits, maps, data.teacher_outputs[split_name].degenerate_maps)
-    return metrics_of(
-        predictions, split.labels, outputs, data.template_map, config.distill.seed, predictions.diagnostics
-    )
-
-
-def stream_loader(config: ExperimentConfig, data: StreamData, epoch: int) -> DataLoader:
+def stream_loader(config: ExperimentConfig, data: StreamData, epoch: int, world: int = 1, rank: int = 0) -> DataLoader:
+    """One epoch's batches for this rank: ``distill.batch_size`` split over ``world`` ranks, as the
+    in-memory loop splits it."""
     return stream_epoch_loader(
         data.splits.train,
         data.teacher_outputs["train"],
-        batch_size=config.distill.batch_size,
+        batch_size=config.distill.batch_size // world,
         seed=config.distill.seed,
         epoch=epoch,
         augment=config.data.augment_on,
+        num_replicas=world,
+        rank=rank,
     )
+
+
+def refuse_live_teacher(method: str) -> None:
+    if METHODS[method].needs_teacher:
+        raise XKDConfigError(f"distill.method: {method!r} needs the live teacher; not with data.storage=stream")
 
 
 def distill_stream(
     config: ExperimentConfig, data: StreamData, *, progress: bool = True, evaluate_val: bool = True
 ) -> tuple[StudentNet, dict[str, Any]]:
     """``distill.distill`` over streamed batches (one process; Ray Train is not wired for streams)."""
-    if METHODS[config.distill.method].needs_teacher:
-        raise XKDConfigError(
-            f"distill.method: {config.distill.method!r} needs the live teacher; not with data.storage=stream"
-        )
+    refuse_live_teacher(config.distill.method)
     torch.manual_seed(config.distill.seed)
     student = build_student(config, data.splits)  # type: ignore[arg-type]
     optimizer, scheduler = make_optimizer(config, student)
@@ -189,11 +173,11 @@ def distill_stream(
             if not math.isfinite(record["train_total"]):
                 raise XKDTrainingDiverged(f"distill: the loss became NaN/inf at epoch {epoch}; lower distill.lr")
             if evaluate_val and epoch == config.distill.epochs - 1:
-                record.update(evaluate_stream(student, data, "val", config))
+                record.update(evaluate(student, data, "val", config))  # type: ignore[arg-type]
             history.append(record)
             bar.advance(loss=record["train_total"])
     metrics: dict[str, Any] = {"teacher": data.teacher_metrics, "history": history}
     if evaluate_val:
         metrics["val"] = final_metrics(history)
-        metrics["test"] = evaluate_stream(student, data, "test", config)
+        metrics["test"] = evaluate(student, data, "test", config)  # type: ignore[arg-type]
     return student, metrics

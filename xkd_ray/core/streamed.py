@@ -23,7 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.core.augment import AugmentCollate
-from xkd_ray.core.explain import explain_batch, teacher_cache_file
+from xkd_ray.core.explain import TeacherOutputs, explain_batch, teacher_cache_file
 from xkd_ray.core.teacher_input import TeacherInput
 from xkd_ray.data.streaming import StreamSplit
 from xkd_ray.errors import XKDDataError
@@ -48,11 +48,18 @@ class StreamTeacherOutputs:
             del array
         return out[0], out[1]
 
+    @property
     def predictions(self) -> torch.Tensor:
         """The teacher's top-1 class per image (N int64s: small enough to hold)."""
         logits = np.load(Path(self.folder) / "logits.npy", mmap_mode="r")
         found = np.concatenate([logits[s : s + 4096].argmax(axis=1) for s in range(0, len(logits), 4096)])
         return torch.from_numpy(found.astype(np.int64))
+
+    def whole(self) -> TeacherOutputs:
+        """Every row in memory, for the whole-split metrics of val/test (train is never gathered)."""
+        rows = len(np.load(Path(self.folder) / "logits.npy", mmap_mode="r"))
+        logits, maps = self.read(np.arange(rows))
+        return TeacherOutputs(logits, maps, self.degenerate_maps)
 
 
 def _open(folder: Path) -> StreamTeacherOutputs:

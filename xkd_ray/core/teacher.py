@@ -131,12 +131,21 @@ def train_teacher(config: ExperimentConfig, splits: Splits, progress: bool = Tru
 def split_accuracies(
     model: nn.Module, splits: Splits, names: tuple[str, ...], inputs: TeacherInput | None = None
 ) -> dict[str, float]:
-    """The teacher's accuracy on ``names``, each image fed through the contract ``inputs``."""
+    """The teacher's accuracy on ``names``, each image fed through the contract ``inputs``; a
+    streamed split (``data.streaming.StreamSplit``, no ``images``) is read a batch at a time."""
     view = student_view(model, inputs)
-    return {
-        f"{name}_accuracy": accuracy(predict_logits(view, splits.split(name).images), splits.split(name).labels)
-        for name in names
-    }
+    found = {}
+    for name in names:
+        split = splits.split(name)
+        if hasattr(split, "images"):
+            found[f"{name}_accuracy"] = accuracy(predict_logits(view, split.images), split.labels)
+            continue
+        correct = sum(
+            int((predict_logits(view, images).argmax(dim=1) == split.labels[ids]).sum())
+            for ids, images in split.batches(256)
+        )
+        found[f"{name}_accuracy"] = correct / max(len(split), 1)
+    return found
 
 
 def _load_checkpoint(config: ExperimentConfig, splits: Splits) -> Teacher:

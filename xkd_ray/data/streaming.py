@@ -39,6 +39,7 @@ from xkd_ray.errors import XKDConfigError, XKDDataError
 
 if TYPE_CHECKING:
     from xkd_ray.config.schema import DataConfig
+    from xkd_ray.config.space import SearchSpec
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,30 @@ def storage_for(config: DataConfig) -> str:
     return resolve_storage(config, images, 3)
 
 
-def refuse_stream_in_search(config: DataConfig) -> None:
-    """Trials read the search's one in-memory bundle; a streamed dataset would silently be loaded
-    whole instead, so a search over one is refused until trials read streams."""
-    if storage_for(config) == "stream":
+def check_stream_search(spec: SearchSpec, remote: bool) -> None:
+    """A search over streamed data (trials read the shards and maps the driver wrote under
+    ``explain.cache_dir``, never a whole split): refused, before anything is written, where that
+    cannot hold: a method the search may train that needs the live teacher's features (streamed
+    batches carry only its cached logits and maps), or object storage as ``--out``."""
+    from xkd_ray.config.methods import METHODS
+
+    config = spec.base.data
+    sampled = spec.parameters.get("distill.method")
+    methods = {spec.base.distill.method, *(sampled.probes() if sampled is not None else [])}
+    methods |= {given.get("distill.method", spec.base.distill.method) for given in spec.search.cli_point_givens()}
+    needs_teacher = {name for name, method in METHODS.items() if method.needs_teacher}
+    if storage_for(config) != "stream":
+        return
+    live = sorted(methods & needs_teacher)
+    if live:
         raise XKDConfigError(
-            "data.storage: a search does not read streamed data yet (it resolved to stream, docs/DATA.md); "
-            "use data.storage=memory, or xkd distill for one student"
+            f"distill.method: {', '.join(live)} train on the live teacher, which streamed data "
+            "(data.storage resolved to stream) does not carry; drop it from the space or use data.storage=memory"
+        )
+    if remote:
+        raise XKDConfigError(
+            "--out: streamed shards are read from explain.cache_dir on the nodes' shared disk, not from "
+            "object storage; use a shared folder for --out, or data.storage=memory"
         )
 
 

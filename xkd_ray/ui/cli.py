@@ -116,20 +116,19 @@ def run_distill(config: ExperimentConfig, out: Path | None, address: str | None 
     from xkd_ray.core.prepared import prepare
     from xkd_ray.data.streaming import storage_for
 
+    data: Any
     if storage_for(config.data) == "stream":  # docs/DATA.md: data larger than memory
-        from xkd_ray.core.stream_run import distill_stream, prepare_stream
+        from xkd_ray.core.stream_run import distill_stream, prepare_stream, refuse_live_teacher
 
-        if config.ray.num_workers > 0:
-            raise XKDConfigError(
-                "ray.num_workers: Ray Train does not read streamed data yet (data.storage resolved to stream); "
-                "use --workers 0 or data.storage=memory"
-            )
-        streamed = prepare_stream(config, progress=True)
-        student, metrics = distill_stream(config, streamed, progress=True)
-        if out is not None:
-            save_student(out, config, student, streamed, metrics)  # type: ignore[arg-type]
-        return metrics
-    data = prepare(config, progress=True)
+        refuse_live_teacher(config.distill.method)  # before any shard is written
+        data = prepare_stream(config, progress=True)
+        if config.ray.num_workers == 0:
+            student, metrics = distill_stream(config, data, progress=True)
+            if out is not None:
+                save_student(out, config, student, data, metrics)
+            return metrics
+    else:
+        data = prepare(config, progress=True)
     if config.ray.num_workers > 0:
         from xkd_ray.cluster.ray_run import distill_with_ray
 
