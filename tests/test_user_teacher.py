@@ -17,13 +17,15 @@ from xkd_ray.data.datasets import load_splits
 from xkd_ray.ui.cli import main
 
 SIZE = 32
+TRAIN_IMAGES = 1000  # of mnist5k's training split: the teacher, its maps and the students, in a fraction of the time
 
 
 @pytest.fixture(scope="module")
 def user_teacher(tmp_path_factory) -> tuple[Path, Path, float]:
-    """A resnet18 trained 1 epoch on digits in plain torch (only the data tensors come from xkd_ray,
-    so both sides see the same split); grey images repeated to 3 channels, as documented."""
-    splits = load_splits(DataConfig(image_size=SIZE))
+    """A resnet18 trained 1 epoch on mnist5k (5,000 real MNIST digits) in plain torch (only the data
+    tensors come from xkd_ray, so both sides see the same split); grey images repeated to 3 channels,
+    as documented."""
+    splits = load_splits(DataConfig(dataset="mnist5k", image_size=SIZE, max_train_samples=TRAIN_IMAGES))
     model = plain_torch_resnet18(splits.train.images.repeat(1, 3, 1, 1), splits.train.labels)
     with torch.no_grad():
         predicted = model(splits.test.images.repeat(1, 3, 1, 1)).argmax(1)
@@ -46,12 +48,16 @@ def untrained_weights(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "10.pt", folder / "7.pt"
 
 
-def _args(out: Path, cache: Path, weights: Path, *extra: str) -> list[str]:
+def _args(
+    out: Path, cache: Path, weights: Path, *extra: str, method: str = "kd", dataset: str = "mnist5k"
+) -> list[str]:
     sets = {
         "teacher.arch": "torchvision.resnet18",
         "teacher.weights": str(weights),
         "teacher.epochs": 50,  # would take minutes if it were (wrongly) trained
+        "data.dataset": dataset,
         "data.image_size": SIZE,
+        "data.max_train_samples": TRAIN_IMAGES,
         "distill.epochs": 1,
         "student.width": 8,
         "explain.cache_dir": str(cache),
@@ -61,19 +67,19 @@ def _args(out: Path, cache: Path, weights: Path, *extra: str) -> list[str]:
         "faithfulness.mprt": False,
         "faithfulness.images": 32,
     }
-    args = ["distill", "--method", "kd", "--out", str(out)]
+    args = ["distill", "--method", method, "--out", str(out)]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
     return args + list(extra)
 
 
 @pytest.mark.slow  # end to end: trains a resnet18, explains digits with it, distils
-@pytest.mark.parametrize("kind", ["pt", "safetensors"])
-def test_user_teacher_is_used_as_is(user_teacher, tmp_path, kind) -> None:
+@pytest.mark.parametrize(("kind", "method"), [("pt", "kd"), ("safetensors", "e2kd")])
+def test_user_teacher_is_used_as_is(user_teacher, tmp_path, kind, method) -> None:
     pt, safetensors, accuracy = user_teacher
     weights = pt if kind == "pt" else safetensors
-    out = tmp_path / "kd"
-    assert main(_args(out, tmp_path / "cache", weights)) == 0
+    out = tmp_path / method
+    assert main(_args(out, tmp_path / "cache", weights, method=method)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["teacher"]["test_accuracy"] == pytest.approx(accuracy, abs=1e-9)
     assert not (tmp_path / "cache" / "teachers").exists()  # nothing trained or saved as a teacher
@@ -124,7 +130,7 @@ def test_imagenet_style_teacher_declares_its_input(tmp_path) -> None:
     torch.save(model.state_dict(), tmp_path / "imagenet_style.pt")
     contract = ["--set", f"teacher.input_size={size}", "--set", f"teacher.mean={mean}", "--set", f"teacher.std={std}"]
     out = tmp_path / "kd"
-    assert main(_args(out, tmp_path / "cache", tmp_path / "imagenet_style.pt", *contract)) == 0
+    assert main(_args(out, tmp_path / "cache", tmp_path / "imagenet_style.pt", *contract, dataset="digits")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["teacher"]["test_accuracy"] == pytest.approx(accuracy, abs=1.5 / len(splits.test.labels))
     maps = list((tmp_path / "cache" / "explanations").glob("teacher-test-*.parquet"))
