@@ -118,6 +118,17 @@ def test_xkd_distill_streams_and_its_student_predicts_the_raw_files(tree: Path, 
     labels = torch.tensor([student.prep.class_names.index(path.parent.name) for path in files])
     predicted = student.predict([str(path) for path in files], explain=False).labels
     assert (predicted == labels).float().mean().item() == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
+    # The teacher this run trained, given back as teacher.checkpoint with an empty cache: loaded,
+    # never retrained, the same test accuracy.
+    (teacher,) = (cache / "teachers").iterdir()
+    again = dict(sets, **{"explain.cache_dir": str(tmp_path / "cache2"), "teacher.checkpoint": str(teacher)})
+    argv_again = ["distill", "--method", "kd", "--out", str(tmp_path / "again")]
+    for key, value in again.items():
+        argv_again += ["--set", f"{key}={value}"]
+    assert main(argv_again) == 0, capsys.readouterr().err
+    assert not (tmp_path / "cache2" / "teachers").exists()
+    reloaded = json.loads((tmp_path / "again" / "metrics.json").read_text())["teacher"]["test_accuracy"]
+    assert reloaded == pytest.approx(metrics["teacher"]["test_accuracy"], abs=1e-9)
     # Streamed batches carry the teacher's cached outputs, not the network: AT is refused up front.
     shards = sorted(path.name for path in (cache / "streams").iterdir())
     refused = main(["distill", "--method", "at", "--out", str(tmp_path / "other"), *argv[5:]])

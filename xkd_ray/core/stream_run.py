@@ -75,8 +75,6 @@ class StreamData:
 def _teacher(config: ExperimentConfig, splits: StreamSplits, progress: bool) -> tuple[nn.Module, str, dict]:
     """The cached teacher for this data, else one trained here on streamed batches (the recipe of
     ``teacher.train_teacher``: AdamW, cosine, shuffled batches of ``teacher.batch_size``)."""
-    if config.teacher.checkpoint:
-        raise XKDConfigError("teacher.checkpoint: not supported with data.storage=stream yet; use a cached teacher")
     found = cached_teacher(config, splits)  # type: ignore[arg-type]  # duck-typed: fingerprint, classes, channels
     if found is not None:
         return found.model, found.teacher_id, dict(found.metrics)
