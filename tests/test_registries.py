@@ -116,9 +116,11 @@ def test_a_plugin_method_trains_on_a_cluster_started_without_the_plugin(tiny_dat
             overrides = {**TINY_OVERRIDES, "explain.cache_dir": cache_dir, "distill.method": PLUGIN_METHOD,
                          "ray.num_workers": 1}  # fmt: skip
             # Beside the session's busy Ray (pytest-xdist), ray.init's one GCS request for the local
-            # raylets once ran past Ray's 60 s default on 2 cores: give it the head's start-up budget.
+            # raylets once ran past Ray's 60 s default on 2 cores, and once the driver's connection
+            # to that starved GCS did (it exits after 60 s unanswered): the head's start-up budget for both.
             driver_env = {**head_env, "XKD_PLUGINS": "tests.registry_plugin", "PYTHONPATH": str(REPO),
-                          "RAY_gcs_server_request_timeout_seconds": "180"}  # fmt: skip
+                          "RAY_gcs_server_request_timeout_seconds": "180",
+                          "RAY_gcs_rpc_server_reconnect_timeout_s": "180"}  # fmt: skip
             driver = subprocess.run(
                 [sys.executable, "-c", PLUGIN_DISTILL_DRIVER, gcs_address, json.dumps(overrides),
                  str(tmp_path / "ray_train")],
