@@ -62,6 +62,8 @@ def test_front_members_are_evaluated_by_their_trial_and_the_loop_goes_on(
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("xkd_ray")]
     finished = [m for m in messages if re.match(r"trial \S+ (ok|stopped|errored|diverged) after", m)]
     assert len(finished) == 3, messages
+    epochs = spec.base.distill.epochs  # the epochs trained, not Tune's iterations (the final report is one more)
+    assert all(re.match(rf"trial \S+ ok after {epochs} epoch\(s\): accuracy ", m) for m in finished), finished
     periodic = [r for r in caplog.records if r.getMessage().startswith("search: ")]
     assert periodic, messages
     assert re.search(

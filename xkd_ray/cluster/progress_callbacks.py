@@ -116,9 +116,10 @@ class ProgressLogCallback(tune.Callback):
         self._finished_here += 1
         result = trial.last_result or {}
         values = ", ".join(f"{name} {_shown(result.get(name))}" for name in self.objectives.names)
-        logger.info(
-            "trial %s %s after %s epoch(s): %s", trial.trial_id, status, result.get("training_iteration", 0), values
-        )
+        # A finished trial's last result is its final report, one Tune iteration after its last
+        # epoch: it says how many epochs it trained. A stopped one's is its last epoch's report.
+        epochs = result.get("epochs_trained", result.get("training_iteration", 0))
+        logger.info("trial %s %s after %s epoch(s): %s", trial.trial_id, status, epochs, values)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finished(trial, (trial.last_result or {}).get("status", "stopped"))
