@@ -174,6 +174,26 @@ def _user_teacher(folder: Path) -> tuple[Path, float]:
     return folder / "resnet18.pt", float((predicted == splits.test.labels).float().mean())
 
 
+def _killed_while_held(command: list[str], rules: list[dict], address: str, tmp_path: Path, finished: int) -> None:
+    """Run ``xkd search`` (``command``) as a separate process on the session's Ray with the ``hold``
+    ``rules`` armed (``held_trial_points``, holding file ``tmp_path / "holding"``) and SIGKILL its
+    process group once ``finished`` trials are recorded and the next is held: no handler runs."""
+    experiment = Path(command[command.index("--out") + 1])
+    log = open(tmp_path / "first.log", "w")
+    with injected_faults(rules):
+        first = subprocess.Popen(
+            [sys.executable, str(REPO / "xkd_ray" / "search.py"), *command, "--address", address],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            held = (tmp_path / "holding").exists
+            wait_for(lambda: held() and len(read_trials(experiment)) >= finished, 600, "trials and one held", first)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            log.close()
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_path, ray_local):
     """A search from a user's teacher (a torchvision resnet18 trained in plain torch, given as
@@ -192,20 +212,7 @@ def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_
     space.write_text(yaml.safe_dump(raw))
     experiment = tmp_path / "experiment"
     command = ["--space", str(space), "--out", str(experiment), "--no-live"]
-    address = ray_local.get_runtime_context().gcs_address
-    log = open(tmp_path / "first.log", "w")
-    with injected_faults(rules):
-        first = subprocess.Popen(
-            [sys.executable, str(REPO / "xkd_ray" / "search.py"), *command, "--address", address],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            held = (tmp_path / "holding").exists
-            wait_for(lambda: held() and len(read_trials(experiment)) >= 2, 600, "two trials and the third held", first)
-        finally:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-            log.close()
+    _killed_while_held(command, rules, ray_local.get_runtime_context().gcs_address, tmp_path, finished=2)
     before = {r["trial_id"]: r for r in read_trials(experiment)}
     assert len(before) == 2
     assert search_main([*command, "--resume"]) == 0
@@ -311,20 +318,7 @@ def test_a_streamed_search_from_a_user_teacher_resumes_after_sigkill(tmp_path, r
     space.write_text(yaml.safe_dump(raw))
     experiment = tmp_path / "experiment"
     command = ["--space", str(space), "--out", str(experiment), "--no-live"]
-    log = open(tmp_path / "first.log", "w")
-    with injected_faults(rules):
-        first = subprocess.Popen(
-            [sys.executable, str(REPO / "xkd_ray" / "search.py"), *command,
-             "--address", ray_local.get_runtime_context().gcs_address],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            held = (tmp_path / "holding").exists
-            wait_for(lambda: held() and len(read_trials(experiment)) >= 1, 600, "one trial and the second held", first)
-        finally:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-            log.close()
+    _killed_while_held(command, rules, ray_local.get_runtime_context().gcs_address, tmp_path, finished=1)
     written = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
     before = {r["trial_id"]: r for r in read_trials(experiment)}
     assert len(before) == 1

@@ -31,7 +31,7 @@ from xkd_ray.cluster.search_callbacks import RegistryCallback, current_spec, reg
 from xkd_ray.cluster.tracking import log_search_to_parent, tracking_callbacks
 from xkd_ray.config.space import Constraint, Parameter, SearchSpec
 from xkd_ray.core.teacher import teacher_directory
-from xkd_ray.data.streaming import check_stream_search, storage_for
+from xkd_ray.data.streaming import check_stream_search
 from xkd_ray.errors import XKDConfigError
 from xkd_ray.pareto.experiment_folder import seal_tune_state
 from xkd_ray.pareto.front import Objectives
@@ -230,7 +230,7 @@ def run_search(
     With ``storage`` (object storage), ``experiment`` is its local staging folder (xkd_ray.pareto.storage):
     Tune and Train write to storage, the registry is mirrored there after every trial."""
     experiment = Path(experiment).resolve()
-    check_stream_search(spec, remote=storage is not None)
+    data_storage = check_stream_search(spec, remote=storage is not None)
     if not state_api_reachable():
         problem = "Ray's dashboard (state API) is not reachable"
         # Only Ray Train runs hold a placement group to free; a trial trained in its driver does not.
@@ -251,7 +251,7 @@ def run_search(
     if storage is not None:
         pull_cache(storage, cache_dir)
     data: Any
-    if storage_for(base.data) == "stream":
+    if data_storage == "stream":
         # Shards, teacher and maps written here once, streamed (docs/DATA.md); what goes into the
         # object store is their paths and the teacher's weights, and every trial reads the shards.
         from xkd_ray.core.stream_run import prepare_stream

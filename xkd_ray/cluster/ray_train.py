@@ -39,7 +39,6 @@ from xkd_ray.core.distill import (
     build_student,
     distill_dataset,
     make_optimizer,
-    split_images,
     split_metrics,
     student_predictions,
     train_one_epoch,
@@ -48,6 +47,7 @@ from xkd_ray.core.faithfulness import faithfulness_subset
 from xkd_ray.core.models import StudentNet
 from xkd_ray.core.prepared import DistillData
 from xkd_ray.core.stream_run import StreamData, stream_loader
+from xkd_ray.data.streaming import split_images
 
 CHECKPOINT_FILE = "state.pt"
 # Ray Train's controller collects the workers' reports, and notices that a run has ended, only

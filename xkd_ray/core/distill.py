@@ -31,6 +31,7 @@ from xkd_ray.core.models import StudentNet, autocast, parameter_count
 from xkd_ray.core.prepared import DistillData
 from xkd_ray.core.progress import track
 from xkd_ray.data.splits import Split, Splits
+from xkd_ray.data.streaming import split_images
 from xkd_ray.errors import XKDTrainingDiverged
 
 
@@ -241,15 +242,6 @@ def student_predictions(
         )
         predictions = predictions._replace(diagnostics=found)
     return predictions
-
-
-def split_images(split: Any, rows: slice) -> torch.Tensor:
-    """Rows of a split's normalised images: sliced from memory, or read from a streamed split's
-    shard (``data.streaming.StreamSplit``; evaluation of val/test only, train is never gathered)."""
-    images = getattr(split, "images", None)
-    if images is not None:
-        return images[rows]
-    return split.read(np.arange(rows.start, rows.stop))
 
 
 def split_metrics(

@@ -72,11 +72,12 @@ def storage_for(config: DataConfig) -> str:
     return resolve_storage(config, images, 3)
 
 
-def check_stream_search(spec: SearchSpec, remote: bool) -> None:
-    """A search over streamed data (trials read the shards and maps the driver wrote under
-    ``explain.cache_dir``, never a whole split): refused, before anything is written, where that
-    cannot hold: a method the search may train that needs the live teacher's features (streamed
-    batches carry only its cached logits and maps), or object storage as ``--out``."""
+def check_stream_search(spec: SearchSpec, remote: bool) -> str:
+    """The storage a search's data resolves to (``storage_for``: one folder scan). A search over
+    streamed data (trials read the shards and maps the driver wrote under ``explain.cache_dir``,
+    never a whole split) is refused, before anything is written, where that cannot hold: a method
+    the search may train that needs the live teacher's features (streamed batches carry only its
+    cached logits and maps), or object storage as ``--out``."""
     from xkd_ray.config.methods import METHODS
 
     config = spec.base.data
@@ -84,8 +85,9 @@ def check_stream_search(spec: SearchSpec, remote: bool) -> None:
     methods = {spec.base.distill.method, *(sampled.probes() if sampled is not None else [])}
     methods |= {given.get("distill.method", spec.base.distill.method) for given in spec.search.cli_point_givens()}
     needs_teacher = {name for name, method in METHODS.items() if method.needs_teacher}
-    if storage_for(config) != "stream":
-        return
+    storage = storage_for(config)
+    if storage != "stream":
+        return storage
     live = sorted(methods & needs_teacher)
     if live:
         raise XKDConfigError(
@@ -97,6 +99,16 @@ def check_stream_search(spec: SearchSpec, remote: bool) -> None:
             "--out: streamed shards are read from explain.cache_dir on the nodes' shared disk, not from "
             "object storage; use a shared folder for --out, or data.storage=memory"
         )
+    return storage
+
+
+def split_images(split: Any, rows: slice) -> torch.Tensor:
+    """Rows of a split's normalised images: sliced from memory, or read from a streamed split's
+    shard (``StreamSplit``; evaluation of val/test only, train is never gathered)."""
+    images = getattr(split, "images", None)
+    if images is not None:
+        return images[rows]
+    return split.read(np.arange(rows.start, rows.stop))
 
 
 @dataclass(frozen=True)
