@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/rung_agreement.py --configs 12
 	$(BIN)/python bench/fsync_cost.py --trials 40
 	$(BIN)/python bench/data_scale.py --scales 1,4,16 --size 32
+	$(BIN)/python bench/data_readers.py --copies 4 --size 32
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/faithfulness.py  # with XKD_QUANTUS_PATH=DIR (Quantus installed there) it also compares with Quantus
 

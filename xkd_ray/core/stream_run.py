@@ -155,7 +155,8 @@ def refuse_live_teacher(method: str) -> None:
 def distill_stream(
     config: ExperimentConfig, data: StreamData, *, progress: bool = True, evaluate_val: bool = True
 ) -> tuple[StudentNet, dict[str, Any]]:
-    """``distill.distill`` over streamed batches (one process; Ray Train is not wired for streams)."""
+    """``distill.distill`` over streamed batches in one process (``xkd distill`` without ``--workers``;
+    a trial and a Ray Train rank read streams through ``ray_train.train_student_loop``)."""
     refuse_live_teacher(config.distill.method)
     torch.manual_seed(config.distill.seed)
     student = build_student(config, data.splits)  # type: ignore[arg-type]
