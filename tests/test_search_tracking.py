@@ -1,22 +1,14 @@
-"""``search.tracking``: a smoke search's MLflow store (SQLite in the experiment folder) read back,
-and no warning from Tune's loggers."""
+"""``search.tracking``: the smoke search's MLflow store (SQLite in the experiment folder) read
+back, its TensorBoard event files, and no warning from Tune's loggers. The smoke search
+(``smoke_experiment``, shared with test_search and test_registries) runs with both trackers on."""
 
 from __future__ import annotations
 
-from tests.conftest import smoke_space
 
-
-def test_mlflow_store_has_one_run_per_trial_under_a_parent_with_the_front(ray_local, cache_dir, tmp_path, capfd):
+def test_mlflow_store_has_one_run_per_trial_under_a_parent_with_the_front(smoke_experiment):
     import mlflow
 
-    from xkd_ray.cluster.ray_search import run_search
-    from xkd_ray.config.space import load_search_space
-
-    path = smoke_space(tmp_path, cache_dir, trials=2, tracking=["mlflow", "tensorboard"])
-    spec = load_search_space(path)
-    experiment = tmp_path / "experiment"
-    summary = run_search(spec, experiment, live=False)
-
+    experiment, summary, spec = smoke_experiment.experiment, smoke_experiment.summary, smoke_experiment.spec
     assert (experiment / "mlflow.db").is_file()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{experiment / 'mlflow.db'}")
     found = client.get_experiment_by_name(experiment.name)
@@ -32,5 +24,4 @@ def test_mlflow_store_has_one_run_per_trial_under_a_parent_with_the_front(ray_lo
         assert "distill.method" in run.data.params and "accuracy" in run.data.metrics
     # TensorBoard event files per trial, and no warning from Tune's loggers.
     assert list((experiment / "tune").glob("*/events.out.tfevents.*"))
-    output = capfd.readouterr()
-    assert "invalid value" not in output.out + output.err
+    assert not [message for message in smoke_experiment.tune_warnings if "invalid value" in message]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import boto3
 import pyarrow.fs as pafs
@@ -32,6 +34,18 @@ from xkd_ray.pareto.front import front_rows, read_objectives
 from xkd_ray.pareto.snapshot import registry_snapshot
 from xkd_ray.pareto.storage import Storage, open_storage, staging_folder
 from xkd_ray.search import main as search_main
+
+
+def _files_holding(folder: Path, text: str) -> dict[str, int]:
+    """How many times ``text`` occurs in each regular file under ``folder`` (read whole, as bytes)."""
+    needle = text.encode()
+    counts = {}
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            found = path.read_bytes().count(needle)
+            if found:
+                counts[str(path.relative_to(folder))] = found
+    return counts
 
 
 def _refused(capsys, space, url: str) -> str:
@@ -139,7 +153,14 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     another machine) to its 3 trials: Tune's state, Train's checkpoints, the registry and the teacher /
     explanation cache are all on storage; the knee student loads from s3 in a fresh process. Ctrl-C
     comes while the second trial is held (a ``hold`` fault): exactly one trial finished before it.
-    The interrupted search joins the session's Ray as a job of its own (one Ray start less)."""
+    The interrupted search joins the session's Ray as a job of its own (one Ray start less).
+
+    Its driver holds a random secret in ``AWS_SECRET_ACCESS_KEY``, and no file under that Ray's
+    session folder (``logs/`` and all) may contain it: Ray Tune used to copy the driver's AWS
+    credentials into each trial actor's runtime env, and ``runtime_env_agent.log`` (mode 0644) held
+    the secret 6 times for one trial. The session's Ray was started with the suite's own credentials,
+    which its workers inherit; moto takes any secret, so only the driver's is looked for."""
+    secret = f"xkd-secret-{secrets.token_hex(16)}"
     points, rules = held_trial_points(tmp_path / "holding")
     space = smoke_space(tmp_path, str(tmp_path / "cache"), trials=3, max_concurrent_trials=1, initial_points=points)
     url = "s3://xkd/search-1"
@@ -151,6 +172,7 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
             [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(space), "--out", url, "--no-live",
              "--address", address],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "AWS_SECRET_ACCESS_KEY": secret},
         )  # fmt: skip
         try:
             held = (tmp_path / "holding").exists
@@ -172,6 +194,9 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     assert any(p.startswith("tune/trial_driver_") and "/checkpoint_" in p for p in objects), objects
     before = len(pq.read_table(s3_server.open_input_file(storage.path("trials.parquet"))))
     assert before == 1
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    assert (session / "logs" / "runtime_env_agent.log").stat().st_size > 0  # the log the secret went to
+    assert _files_holding(session, secret) == {}
 
     shutil.rmtree(staging_folder(url))
     assert search_main(["--space", str(space), "--out", url, "--no-live", "--resume"]) == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -281,43 +280,3 @@ def test_distill_takes_the_folder_lock(tmp_path, tiny_config):
     assert f"in use by a running search (host {os.uname().nodename} pid {os.getpid()}" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
-
-
-def _files_holding(folder: Path, text: str) -> dict[str, int]:
-    """How many times ``text`` occurs in each regular file under ``folder`` (read whole, as bytes)."""
-    needle = text.encode()
-    counts = {}
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            found = path.read_bytes().count(needle)
-            if found:
-                counts[str(path.relative_to(folder))] = found
-    return counts
-
-
-def test_an_s3_search_writes_no_credential_to_rays_logs(s3_server, ray_local, tiny_data, cache_dir, tmp_path):
-    """A one-trial search on s3, its driver holding a random secret in ``AWS_SECRET_ACCESS_KEY``,
-    joined to the session's Ray as a job of its own: it succeeds, and no file under that Ray's
-    session folder (``logs/`` and all) contains the secret. Before the fix Ray Tune copied the
-    driver's AWS credentials into each trial actor's runtime env, and ``runtime_env_agent.log``
-    (mode 0644) held the secret 6 times for one trial. The session's Ray was started with the
-    suite's own credentials, which its workers inherit; moto takes any secret, so the driver's
-    differs from the workers' and only the driver's is looked for."""
-    secret = f"xkd-secret-{secrets.token_hex(16)}"
-    cache = tmp_path / "cache"
-    teacher = Path(cache_dir) / "teachers" / f"teacher-{tiny_data.teacher_id}"
-    shutil.copytree(teacher, cache / "teachers" / teacher.name)  # trained once per session, not again here
-    space = smoke_space(tmp_path, str(cache), trials=1, max_concurrent_trials=1)
-    url = "s3://xkd/no-secret-in-logs"
-    address = ray_local.get_runtime_context().gcs_address
-    search = subprocess.run(
-        [sys.executable, str(REPO / "xkd_ray" / "search.py"), "--space", str(space), "--out", url, "--no-live",
-         "--address", address],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "AWS_SECRET_ACCESS_KEY": secret},
-    )  # fmt: skip
-    assert search.returncode == 0, search.stderr[-3000:]
-    trials = pq.read_table(s3_server.open_input_file("xkd/no-secret-in-logs/trials.parquet")).to_pylist()
-    assert [row["status"] for row in trials] == ["ok"]
-    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
-    assert (session / "logs" / "runtime_env_agent.log").stat().st_size > 0  # the log the secret went to
-    assert _files_holding(session, secret) == {}
