@@ -23,8 +23,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/xkd demo
 
-# Two pytest workers (pytest-xdist): the Ray tests stay together in one (conftest's "ray" group,
-# one Ray per session), the Ray-free tests run beside them.
+# Two pytest workers (pytest-xdist), each with its own local Ray started on first use; the tests
+# that start a cluster of their own run one after another (conftest's OWN_CLUSTER group).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 

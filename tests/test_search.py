@@ -119,7 +119,7 @@ LOAD_IN_FRESH_PROCESS = textwrap.dedent(
 
 
 def test_smoke_search_fills_a_consistent_registry(smoke_experiment):
-    experiment, summary, _, _ = smoke_experiment
+    experiment, summary = smoke_experiment.experiment, smoke_experiment.summary
     rows = read_trials(experiment)
     assert len(rows) >= 4 and sum(r["status"] == "ok" for r in rows) >= 4
     front = pq.read_table(experiment / "pareto" / "front.parquet").to_pylist()
@@ -135,14 +135,14 @@ def test_smoke_search_fills_a_consistent_registry(smoke_experiment):
 
 
 def test_teacher_explainer_ran_once_for_the_whole_search(smoke_experiment):
-    _, summary, writes, cache = smoke_experiment
+    summary, writes, cache = smoke_experiment.summary, smoke_experiment.explanation_writes, smoke_experiment.cache
     assert len(writes) == 3  # train, val, test: computed once, before any trial
     assert len(list((cache / "explanations").glob("*.parquet"))) == 3
     assert summary["explanations_from_cache"] == {"train": False, "val": False, "test": False}
 
 
 def test_front_students_load_without_ray_in_a_fresh_process(smoke_experiment):
-    experiment, _, _, _ = smoke_experiment
+    experiment = smoke_experiment.experiment
     result = subprocess.run(
         [sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(experiment)],
         capture_output=True,

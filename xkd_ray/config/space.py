@@ -31,7 +31,6 @@ from xkd_ray.config.search_settings import (  # noqa: F401 (the names callers im
     Objective,
     SchedulerSettings,
     SearchSettings,
-    parse_constraint,
 )
 from xkd_ray.config.yaml_loader import read_yaml
 from xkd_ray.errors import XKDConfigError
@@ -267,7 +266,7 @@ def _check_measured_on_val(spec: SearchSpec) -> None:
     would be None for every trial, so Optuna could rank nothing. Refused here, not after hours."""
     faithfulness = spec.trial_config({}).faithfulness
     used = [(f"search.objectives[{i}]", o.metric) for i, o in enumerate(spec.search.objectives)]
-    used += [(f"search.constraints[{i}]", parse_constraint(c).metric) for i, c in enumerate(spec.search.constraints)]
+    used += [(f"search.constraints[{i}]", c.metric) for i, c in enumerate(spec.search.parsed_constraints())]
     for where, metric in used:
         if (why := faithfulness.not_measured(metric, "val")) is not None:
             raise XKDConfigError(f"{where}: {metric} {why}; set it in base or choose another metric")

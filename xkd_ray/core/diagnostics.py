@@ -1,6 +1,7 @@
 """Is an explanation the model's real reason? The per-image faithfulness measurements of a
 student (``student_diagnostics``) and of the teacher (``teacher_diagnostics``) on the
-faithfulness subset, keyed as ``Evidence.diagnostics`` reads them (docs/FAITHFULNESS.md).
+faithfulness subset, keyed as ``Evidence.diagnostics`` reads them (docs/FAITHFULNESS.md), and
+its cost (``student_cost``: parameters, latency).
 
 Every random draw (random maps, tie order, ROAD noise) is seeded per image by its index in the
 split, so a split measured in shards gives what the whole split would.
@@ -8,8 +9,10 @@ split, so a split measured in shards gives what the whole split would.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +28,7 @@ from xkd_ray.core.faithfulness import (
     ssim_per_image,
 )
 from xkd_ray.core.losses import pearson_per_image
+from xkd_ray.core.models import StudentNet, parameter_count
 from xkd_ray.core.road import road_curves
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -116,3 +120,30 @@ def student_diagnostics(
             found["mprt_spearman_posthoc"] = torch.stack([spearman_per_image(posthoc_maps, s) for s in steps]).mean(0)
             found["mprt_ssim_posthoc"] = torch.stack([ssim_per_image(posthoc_maps, s) for s in steps]).mean(0)
     return found
+
+
+LATENCY_REPEATS = 20
+LATENCY_WARMUP = 3
+
+
+def student_cost(student: StudentNet, image: torch.Tensor, repeats: int = LATENCY_REPEATS) -> dict[str, float]:
+    """Parameter count and per-image latency at batch size 1: the median of ``repeats`` timed
+    forwards after ``LATENCY_WARMUP`` untimed ones (first calls pay for allocation and kernel
+    selection), with the interquartile range of the timed runs as its spread. The median, not
+    the minimum: trials train side by side on the same cores, and the median is what a caller
+    sees typically while staying robust to the odd run another process disturbed."""
+    device = next(student.parameters()).device
+    sample = image[None].to(device)
+    times = []
+    with torch.no_grad():
+        for index in range(repeats + LATENCY_WARMUP):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            student(sample)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index >= LATENCY_WARMUP:
+                times.append(time.perf_counter() - started)
+    low, median, high = np.percentile(np.asarray(times) * 1000.0, [25, 50, 75])
+    return {"params": float(parameter_count(student)), "latency_ms": float(median), "latency_iqr_ms": float(high - low)}

@@ -22,12 +22,12 @@ from torch.utils.data.distributed import DistributedSampler
 from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.augment import AugmentCollate
-from xkd_ray.core.diagnostics import student_diagnostics
+from xkd_ray.core.diagnostics import student_cost, student_diagnostics
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import faithfulness_subset
 from xkd_ray.core.losses import differentiable_gradcam, differentiable_gradient_map, distillation_loss, explanation_loss
 from xkd_ray.core.metrics import METRICS, metrics_of
-from xkd_ray.core.models import StudentNet, autocast, parameter_count
+from xkd_ray.core.models import StudentNet, autocast
 from xkd_ray.core.prepared import DistillData
 from xkd_ray.core.progress import track
 from xkd_ray.data.splits import Split, Splits
@@ -154,33 +154,6 @@ class StudentPredictions(NamedTuple):
     cost: dict[str, float] | None = None  # params, latency_ms (``student_cost``)
 
 
-LATENCY_REPEATS = 20
-LATENCY_WARMUP = 3
-
-
-def student_cost(student: StudentNet, image: torch.Tensor, repeats: int = LATENCY_REPEATS) -> dict[str, float]:
-    """Parameter count and per-image latency at batch size 1: the median of ``repeats`` timed
-    forwards after ``LATENCY_WARMUP`` untimed ones (first calls pay for allocation and kernel
-    selection), with the interquartile range of the timed runs as its spread. The median, not
-    the minimum: trials train side by side on the same cores, and the median is what a caller
-    sees typically while staying robust to the odd run another process disturbed."""
-    device = next(student.parameters()).device
-    sample = image[None].to(device)
-    times = []
-    with torch.no_grad():
-        for index in range(repeats + LATENCY_WARMUP):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            student(sample)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if index >= LATENCY_WARMUP:
-                times.append(time.perf_counter() - started)
-    low, median, high = np.percentile(np.asarray(times) * 1000.0, [25, 50, 75])
-    return {"params": float(parameter_count(student)), "latency_ms": float(median), "latency_iqr_ms": float(high - low)}
-
-
 def _posthoc_maps(student: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: ExperimentConfig):
     return explain_maps(
         student,
@@ -245,10 +218,15 @@ def student_predictions(
 
 
 def split_metrics(
-    data: DistillData, split_name: str, config: ExperimentConfig, predictions: StudentPredictions
+    data: DistillData,
+    split_name: str,
+    config: ExperimentConfig,
+    predictions: StudentPredictions,
+    outputs: TeacherOutputs | None = None,
 ) -> dict[str, float]:
-    """Every registered metric of one whole split, from the student's predictions on it."""
-    outputs = data.teacher_outputs[split_name].whole()
+    """Every registered metric of one whole split, from the student's predictions on it
+    (``outputs``: the split's teacher outputs when the caller already read them whole)."""
+    outputs = outputs if outputs is not None else data.teacher_outputs[split_name].whole()
     diagnostics = None
     if predictions.diagnostics is not None:
         diagnostics = {**predictions.diagnostics, **(outputs.faithfulness or {})}
@@ -269,18 +247,18 @@ def evaluate(
     """The one evaluation entry point: a student on one split of the prepared data, every metric
     (``diagnostics=False``: a cheap mid-run look, without the faithfulness measurements)."""
     split = data.splits.split(split_name)
-    teacher_predictions = data.teacher_outputs[split_name].predictions
+    outputs = data.teacher_outputs[split_name].whole()  # read once (from disk, for a streamed split)
     subset = faithfulness_subset(split.labels, config.faithfulness.images, config.faithfulness.seed)
     predictions = student_predictions(
         student,
         split_images(split, slice(0, len(split))),
-        teacher_predictions,
+        outputs.predictions,
         config,
         device=device,
         diagnostics=subset if diagnostics else None,
         split=split_name,
     )
-    return split_metrics(data, split_name, config, predictions)
+    return split_metrics(data, split_name, config, predictions, outputs)
 
 
 def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ class Evidence:
     # "road_morf_posthoc", "randomisation_head", "mprt_ssim_posthoc", and the teacher's own
     # "deletion_teacher" / "road_lerf_teacher" / "road_morf_teacher_rand".
     diagnostics: dict[str, torch.Tensor] | None = None
-    # The student's size and speed, measured on the model (xkd_ray.core.distill.student_cost):
+    # The student's size and speed, measured on the model (xkd_ray.core.diagnostics.student_cost):
     # "params" (count) and "latency_ms" (per image at batch size 1).
     cost: dict[str, float] | None = None
 

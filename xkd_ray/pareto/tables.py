@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xkd_ray.config.space import parse_constraint
+from xkd_ray.config.search_settings import parse_constraint
 from xkd_ray.core.checkpoints import MAX_TABLE_BYTES, atomic_write, read_json_mapping, read_regular_file
 from xkd_ray.core.metrics import METRICS, non_dominated
 from xkd_ray.errors import XKDCheckpointError
