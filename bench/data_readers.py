@@ -40,22 +40,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from data_scale import vm_hwm_mib, write_tree  # the same tree and RSS probe as data_scale (this folder is on sys.path)
 
 READERS = ("shard", "files_w0", "files_w2", "raydata_files", "raydata_shard")
 BATCH = 64
-
-
-def vm_hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def write_tree(root: Path, copies: int, size: int) -> None:
-    from data_scale import write_tree as digits_tree  # this script's folder is on sys.path
-
-    digits_tree(root, copies, size)
 
 
 def _normalise(images, mean, std):

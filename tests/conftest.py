@@ -70,6 +70,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from xkd_ray.config.schema import ExperimentConfig  # noqa: E402
+from xkd_ray.config.space import SearchSpec  # noqa: E402
 
 TINY_OVERRIDES = {
     "data.image_size": 16,
@@ -363,7 +364,7 @@ class SmokeSearch(NamedTuple):
     summary: dict
     explanation_writes: list[str]  # every teacher-output file written while the search ran
     cache: Path
-    spec: object  # the SearchSpec it ran
+    spec: SearchSpec  # the space it ran
     tune_warnings: list[str]  # Ray Tune's WARNING+ log messages during the search
 
 

@@ -66,7 +66,7 @@ def test_new_method_and_metric_reach_the_search_registry(smoke_experiment):
     imported the plugin themselves; its row and the new metric's column are in trials.parquet."""
     from xkd_ray.pareto.front import list_pareto_students, read_trials
 
-    experiment = smoke_experiment[0]
+    experiment = smoke_experiment.experiment
     rows = read_trials(experiment)
     plugin_rows = [r for r in rows if r["method"] == PLUGIN_METHOD]
     assert plugin_rows and plugin_rows[0]["status"] == "ok"

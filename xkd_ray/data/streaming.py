@@ -80,14 +80,13 @@ def check_stream_search(spec: SearchSpec, remote: bool) -> str:
     cached logits and maps), or object storage as ``--out``."""
     from xkd_ray.config.methods import METHODS
 
-    config = spec.base.data
+    storage = storage_for(spec.base.data)
+    if storage != "stream":
+        return storage
     sampled = spec.parameters.get("distill.method")
     methods = {spec.base.distill.method, *(sampled.probes() if sampled is not None else [])}
     methods |= {given.get("distill.method", spec.base.distill.method) for given in spec.search.cli_point_givens()}
     needs_teacher = {name for name, method in METHODS.items() if method.needs_teacher}
-    storage = storage_for(config)
-    if storage != "stream":
-        return storage
     live = sorted(methods & needs_teacher)
     if live:
         raise XKDConfigError(
