@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import OWN_CLUSTER, REPO, TINY_OVERRIDES, ray_head, wait_for
+from tests.conftest import REPO, TINY_OVERRIDES
 from xkd_ray.core.progress import DEFAULT_INTERVAL_S, INTERVAL_ENV, interval_from_env, progress_line, track
 
 TIMING = r"elapsed \d+:\d\d:\d\d rate [\d.]+/s eta (\d+:\d\d:\d\d|\?)"
@@ -103,50 +103,3 @@ def test_interval_from_the_environment(value, expected):
 def test_a_bad_interval_warns_and_keeps_the_default(value):
     with pytest.warns(UserWarning, match=INTERVAL_ENV):
         assert interval_from_env({INTERVAL_ENV: value}) == DEFAULT_INTERVAL_S
-
-
-@pytest.mark.slow
-@OWN_CLUSTER
-def test_progress_reaches_ray_job_logs_from_a_job_on_ray_workers(tmp_path):
-    """What a person following ``ray job logs`` sees: ``xkd teacher --workers 1`` submitted as a Ray
-    job to a head started by `ray start` (the dashboard's job API): its teacher epochs (trained by Ray
-    Train, relayed to the job's driver) and explanation batches (Ray actors) arrive as plain lines, no
-    bar codes. The head is the test's own, every port picked free (``ray_head``): a second local Ray
-    on the dashboard agent's fixed port has no job agent, and its jobs are never accepted."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    sets = " ".join(f"--set {key}={value}" for key, value in FRESH_TEACHER.items())
-    entrypoint = (
-        f"{sys.executable} -m xkd_ray.ui.cli teacher --workers 1 --address auto {sets} "
-        f"--set explain.cache_dir={tmp_path / 'c'}"
-    )
-    env = {name: os.environ[name] for name in ("PYTHONPATH", "XKD_PLUGINS", "XDG_CONFIG_HOME") if name in os.environ}
-    head_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    head_env.pop("RAY_ADDRESS", None)
-    with ray_head(head_env, dashboard=True, cwd=REPO) as (_, dashboard_url):
-        client = JobSubmissionClient(dashboard_url)
-        submitted: list[str] = []
-
-        def submit() -> bool:
-            """The head's job agent comes up a little after the dashboard answers."""
-            try:
-                submitted.append(
-                    client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {**env, INTERVAL_ENV: "0"}})
-                )
-            except RuntimeError as refused:
-                if "No available agent" not in str(refused):
-                    raise
-            return bool(submitted)
-
-        wait_for(submit, 180, "the job agent to accept the job")
-        job = submitted[0]
-        ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
-        wait_for(lambda: client.get_job_status(job) in ended, 300, "the Ray job to end")
-        logs = client.get_job_logs(job)
-        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-        epochs = TINY_OVERRIDES["teacher.epochs"]
-        lines = [line for line in logs.splitlines() if line.startswith("teacher epochs (Ray Train):")]
-        assert lines and lines[-1].startswith(f"teacher epochs (Ray Train): {epochs}/{epochs} (100%)"), logs[-3000:]
-        explained = rf"^teacher gradcam on 1 Ray workers \(train, val, test\): (\d+)/\1 \(100%\) {TIMING}"
-        assert re.search(explained, logs, re.MULTILINE), logs[-3000:]
-        assert "\x1b[" not in logs

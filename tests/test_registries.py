@@ -5,18 +5,10 @@ touching the package, and each one reaches the config, the CLI, training, the fi
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
-import textwrap
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import OWN_CLUSTER, REPO, TINY_OVERRIDES, ray_head
+from tests.conftest import TINY_OVERRIDES
 from tests.registry_plugin import PLUGIN_DATASET, PLUGIN_EXPLAINER, PLUGIN_METHOD, PLUGIN_METRIC
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.errors import XKDConfigError
@@ -72,64 +64,3 @@ def test_new_method_and_metric_reach_the_search_registry(smoke_experiment):
     assert plugin_rows and plugin_rows[0]["status"] == "ok"
     assert all(r[f"val_{PLUGIN_METRIC}"] is not None for r in rows if r["status"] == "ok")
     assert f"test_{PLUGIN_METRIC}" in list_pareto_students(experiment).column_names
-
-
-PLUGIN_DISTILL_DRIVER = textwrap.dedent(
-    """
-    import json, sys
-    from xkd_ray.cluster.ray_run import distill_with_ray
-    from xkd_ray.config.schema import ExperimentConfig
-    from xkd_ray.core.prepared import prepare
-    address, overrides, storage = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    config = ExperimentConfig().with_overrides(overrides)
-    _, metrics = distill_with_ray(config, prepare(config, progress=False), address=address, storage_path=storage)
-    print(json.dumps({"val": metrics["val"], "epochs": [row["epoch"] for row in metrics["history"]]}))
-    """
-)
-
-
-@pytest.mark.slow
-@OWN_CLUSTER
-def test_a_plugin_method_trains_on_a_cluster_started_without_the_plugin(tiny_data, cache_dir, tmp_path):
-    """A head started by `ray start` from an environment without ``XKD_PLUGINS`` and without the
-    repository (the folder holding ``tests/``) on ``PYTHONPATH``, as a cluster's nodes are; a driver
-    that has both runs one Ray Train distill with the plugin's method there. Its worker, started by
-    that head's raylet, knows the method and the plugin's metric only through the job's runtime env
-    (``xkd_ray.cluster.runtime_env``): both epochs train and the metric is in the validation
-    metrics. Before, the raylet's workers lacked the variable and the method failed in the worker.
-
-    The driver runs outside the repository: Ray puts a driver's working folder on its workers'
-    ``sys.path``, which would hide a missing plugin folder. The head has ports and a temp folder of
-    its own, so it never meets the session's local Ray; it is stopped by signalling its `ray start
-    --block` process, which stops what it started (`ray stop` would stop every Ray process on the
-    machine, the session's included)."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="xkdplug-", dir="/tmp"))
-    token_file = temp_dir / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
-    auth = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
-    head_env = {name: value for name, value in os.environ.items()
-                if name not in ("XKD_PLUGINS", "PYTHONPATH", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}  # fmt: skip
-    head_env.update(auth)
-    try:
-        with ray_head(head_env, cwd=temp_dir) as (gcs_address, _):
-            overrides = {**TINY_OVERRIDES, "explain.cache_dir": cache_dir, "distill.method": PLUGIN_METHOD,
-                         "ray.num_workers": 1}  # fmt: skip
-            # Beside the session's busy Ray (pytest-xdist), ray.init's one GCS request for the local
-            # raylets once ran past Ray's 60 s default on 2 cores, and once the driver's connection
-            # to that starved GCS did (it exits after 60 s unanswered): the head's start-up budget for both.
-            driver_env = {**head_env, "XKD_PLUGINS": "tests.registry_plugin", "PYTHONPATH": str(REPO),
-                          "RAY_gcs_server_request_timeout_seconds": "180",
-                          "RAY_gcs_rpc_server_reconnect_timeout_s": "180"}  # fmt: skip
-            driver = subprocess.run(
-                [sys.executable, "-c", PLUGIN_DISTILL_DRIVER, gcs_address, json.dumps(overrides),
-                 str(tmp_path / "ray_train")],
-                env=driver_env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert driver.returncode == 0, driver.stderr[-3000:]
-    trained = json.loads(driver.stdout.strip().splitlines()[-1])
-    assert trained["epochs"] == [0, 1]
-    assert 0.0 < trained["val"]["accuracy"] <= 1.0
-    assert PLUGIN_METRIC in trained["val"]  # computed in the worker, by the plugin's metric

@@ -18,15 +18,12 @@ import torch
 import yaml
 
 from tests.conftest import (
-    OWN_CLUSTER,
-    RAY_BIN,
     REPO,
     SMOKE,
     digits_image_folder,
     held_trial_points,
     injected_faults,
     plain_torch_resnet18,
-    ray_head,
     smoke_space,
     wait_for,
 )
@@ -235,65 +232,6 @@ def test_resume_after_sigkill_finishes_the_budget_and_keeps_finished_trials(tmp_
     student = next(p for p in (experiment / "pareto").iterdir() if p.is_dir())
     metrics = json.loads((student / "metrics.json").read_text())
     assert metrics["teacher"]["test_accuracy"] == pytest.approx(teacher_accuracy, abs=1e-9)
-
-
-@pytest.mark.slow
-@OWN_CLUSTER
-def test_search_runs_as_a_ray_job_with_token_auth(tmp_path, cache_dir):
-    """The user's path: a head started with `ray start`, the script submitted with `ray job
-    submit` (token authentication on through RAY_AUTH_MODE=token, as cluster/*.yaml starts Ray), the registry
-    found afterwards. The head really demands the token: its jobs API answers 401 without it, 403 with a
-    wrong one, and lists the job with it."""
-    import secrets
-    import urllib.error
-    import urllib.request
-
-    space = smoke_space(tmp_path, cache_dir, trials=2)
-    experiment = tmp_path / "experiment"
-    # The test's own token file (`ray start` does not make one), as `ray get-auth-token --generate` writes
-    # ~/.ray/auth_token: read by the head, `ray job` and, through the head, the job.
-    token = secrets.token_hex(32)
-    token_file = tmp_path / "auth_token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
-    env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
-    with ray_head(env, dashboard=True) as (_, address):
-        runtime_env = json.dumps({"excludes": [".venv", ".xkd_cache", "runs", ".git"]})
-        for _ in range(20):  # the head's job agent comes up a little after the dashboard answers
-            submitted = subprocess.run(
-                [RAY_BIN, "job", "submit", "--address", address, "--working-dir", str(REPO),
-                 "--runtime-env-json", runtime_env, "--",
-                 sys.executable, "xkd_ray/search.py", "--space", str(space), "--out", str(experiment),
-                 "--address", "auto", "--no-live"],
-                env=env, capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            logs = submitted.stdout[-3000:] + submitted.stderr[-3000:]
-            if "No available agent" not in logs:
-                break
-            time.sleep(3)
-        assert submitted.returncode == 0, logs
-        assert "succeeded" in logs.lower(), logs
-
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
-
-        def jobs_api(authorization: str | None) -> tuple[int, str]:
-            headers = {} if authorization is None else {"Authorization": authorization}
-            try:
-                with direct.open(urllib.request.Request(f"{address}/api/jobs/", headers=headers), timeout=60) as reply:
-                    return reply.status, reply.read().decode()
-            except urllib.error.HTTPError as refused:
-                return refused.code, refused.read().decode()
-
-        assert jobs_api(None)[0] == 401
-        assert jobs_api(f"Bearer {secrets.token_hex(32)}")[0] == 403
-        status, body = jobs_api(f"Bearer {token}")
-        assert status == 200, body
-        assert "SUCCEEDED" in [job["status"] for job in json.loads(body) if "xkd_ray/search.py" in job["entrypoint"]]
-    assert len(read_trials(experiment)) == 2
-    assert (experiment / "pareto" / "front.parquet").exists()
-    assert (experiment / "pareto" / "front.png").exists()
 
 
 @pytest.mark.slow
