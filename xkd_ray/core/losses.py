@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 from xkd_ray.config.registries import EXPLANATION_LOSSES
 
@@ -128,6 +127,9 @@ def blur_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     them must be too."""
     if sigma <= 0:
         return maps
+    # Imported here: torchvision pulls in torch._dynamo (~1.5 s per process), and most runs never blur.
+    from torchvision.transforms.functional import gaussian_blur
+
     kernel = 2 * math.ceil(2 * sigma) + 1
     return gaussian_blur(maps.unsqueeze(1), [kernel, kernel], [sigma, sigma]).squeeze(1)
 

@@ -10,7 +10,6 @@ import contextlib
 from typing import Any, NamedTuple
 
 import torch
-import torchvision
 from torch import nn
 
 from xkd_ray.config.registries import FUSIONS, TEACHERS
@@ -75,6 +74,8 @@ class ResNet18Teacher(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, width: int = 64) -> None:
         super().__init__()
         del width  # resnet18's widths are fixed by torchvision
+        import torchvision  # here, not at the top: it costs every student process ~1.5 s (torch._dynamo)
+
         self.net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
         self.net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.net.maxpool = nn.Identity()
@@ -103,6 +104,8 @@ class TorchvisionTeacher(nn.Module):
 
     def __init__(self, name: str, in_channels: int, num_classes: int) -> None:
         super().__init__()
+        import torchvision  # here, not at the top: it costs every student process ~1.5 s (torch._dynamo)
+
         self.net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         self.repeat = 3 if in_channels == 1 else 1
         self.default_explain_layer = "net." + last_conv_name(self.net)
