@@ -19,9 +19,9 @@ from typing import Any
 from rich.console import Console
 
 from xkd_ray.config.methods import METHODS
+from xkd_ray.config.registries import DATASETS
 from xkd_ray.config.schema import ExperimentConfig, load_config
 from xkd_ray.config.yaml_loader import parse_overrides
-from xkd_ray.data.datasets import DATASETS
 from xkd_ray.errors import XKDConfigError, XKDError
 from xkd_ray.pareto.display import items_table, metrics_table
 
