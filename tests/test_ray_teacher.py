@@ -18,7 +18,6 @@ import xkd_ray.core.teacher as teacher_module
 from tests.conftest import injected_faults
 from xkd_ray.cluster.fault_hooks import FAULT_MARKER
 from xkd_ray.cluster.ray_explain import prepare_on_workers
-from xkd_ray.cluster.ray_teacher import train_teacher_with_ray
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.core.prepared import prepare
 from xkd_ray.core.teacher import load_or_train_teacher, teacher_directory
@@ -52,22 +51,31 @@ def refuse(what: str):
     return refused
 
 
-def test_pipeline_on_workers_fills_the_caches_plain_prepare_reads(ray_local, tmp_path, monkeypatch, capsys):
-    """Ray Train (2 workers, DDP) trains the teacher and Ray actors explain every split; a plain
-    ``prepare`` then trains and explains nothing, and gets the same bundle."""
-    config = tiny(tmp_path / "cache")
-    data = prepare_on_workers(config, workers=2, use_gpu=False, progress=True)
+def test_pipeline_on_workers_survives_a_killed_worker_and_fills_the_caches_plain_prepare_reads(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    """Ray Train (2 workers, DDP) trains the teacher and Ray actors explain every split. The last
+    worker SIGKILLs itself at the start of epoch 1 (after epoch 0's checkpoint): Ray Train restarts
+    the worker group, which resumes at epoch 1, and the teacher is saved. A plain ``prepare`` then
+    trains and explains nothing, and gets the same bundle."""
+    config = tiny(tmp_path / "cache", **{"teacher.epochs": 3, "teacher.seed": 11})
+    rule = {"fault": "kill_worker", "epoch": 1, "when": {"stage.name": "teacher", "teacher.seed": 11}}
+    with injected_faults([rule]):
+        data = prepare_on_workers(config, workers=2, use_gpu=False, progress=True)
     assert data.cache_hits == dict.fromkeys(SPLIT_NAMES, False)
     printed = capsys.readouterr().out  # not a terminal: plain progress lines
-    assert "teacher epochs (Ray Train): 2/2 (100%)" in printed
+    assert "teacher epochs (Ray Train): 3/3 (100%)" in printed
     assert "teacher gradcam on 2 Ray workers (train, val, test):" in printed
 
     node = ray_local.get_runtime_context().get_node_id()
     training = training_record(config)
+    assert (Path(training["run"]) / FAULT_MARKER).exists(), "the fault never fired"
     assert training["backend"] == "ray_train" and training["workers"] == 2
     assert training["node_ids"] == [node] and training["worker_node_ids"] == [node, node]
-    assert [record["epoch"] for record in training["history"]] == [0, 1]
-    assert not training["resumed_from_checkpoint"]
+    assert training["resumed_from_checkpoint"]
+    history = training["history"]
+    assert [record["epoch"] for record in history] == [0, 1, 2]  # each epoch once: none lost, none redone
+    assert [record["start_epoch"] for record in history] == [0, 1, 1]
     for name, path in data.cache_files.items():
         info = json.loads(pq.read_schema(path).metadata[b"xkd_ray"])
         assert info["split"] == name and info["computed_on"] == {
@@ -124,26 +132,6 @@ def test_distributed_explanations_equal_single_process_ones(ray_local, tmp_path,
         theirs_table = pq.read_table(kept / Path(single.cache_files[name]).name)
         assert ours_table.column_names == theirs_table.column_names
         assert ours_table.column("index").equals(theirs_table.column("index"))
-
-
-def test_killed_teacher_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
-    """The last of 2 workers SIGKILLs itself at the start of epoch 1 (after epoch 0's checkpoint):
-    Ray Train restarts the worker group, which resumes at epoch 1, and the teacher is saved."""
-    config = tiny(tmp_path / "cache", **{"teacher.epochs": 3, "teacher.seed": 11})
-    splits = load_splits(config.data)
-    rule = {"fault": "kill_worker", "epoch": 1, "when": {"stage.name": "teacher", "teacher.seed": 11}}
-    with injected_faults([rule]):
-        teacher = train_teacher_with_ray(config, splits, workers=2, progress=False)
-    training = training_record(config)
-    run = Path(training["run"])
-    assert (run / FAULT_MARKER).exists(), "the fault never fired"
-    assert training["resumed_from_checkpoint"]
-    history = training["history"]
-    assert [record["epoch"] for record in history] == [0, 1, 2]  # each epoch once: none lost, none redone
-    assert [record["start_epoch"] for record in history] == [0, 1, 1]
-    assert training["workers"] == 2 and len(training["worker_node_ids"]) == 2
-    cached = load_or_train_teacher(config, splits, progress=False)
-    assert cached.teacher_id == teacher.teacher_id and set(cached.metrics) == {"val_accuracy", "test_accuracy"}
 
 
 def test_cli_teacher_on_one_ray_worker(ray_local, tmp_path, capsys):
