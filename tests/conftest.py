@@ -105,6 +105,10 @@ def pytest_collection_modifyitems(config, items) -> None:
 # For a test that starts and stops a Ray cluster of its own (``ray start``, ``cluster_utils``): these
 # run one after another in one worker, so no two such clusters compete for the cores at once.
 OWN_CLUSTER = pytest.mark.xdist_group("own_cluster")
+# The tests that read a costly shared fixture run in one pytest-xdist worker: a session or module
+# fixture is built once per worker that asks for it, and these were built twice (a smoke search
+# 66 + 37 s, the two-worker Ray Train run 39 + 36 s, the served student 12 + 12 s in one CI run).
+SMOKE_SEARCH = pytest.mark.xdist_group("smoke_search")  # ``smoke_experiment``
 
 
 RAY_BIN = str(Path(sys.executable).parent / "ray")

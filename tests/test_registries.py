@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import SMOKE_SEARCH, TINY_OVERRIDES
 from tests.registry_plugin import PLUGIN_DATASET, PLUGIN_EXPLAINER, PLUGIN_METHOD, PLUGIN_METRIC
 from xkd_ray.config.schema import ExperimentConfig
 from xkd_ray.errors import XKDConfigError
@@ -53,6 +53,7 @@ def test_new_method_metric_explainer_and_dataset_train_and_reach_metrics_json(ca
 
 
 @pytest.mark.slow
+@SMOKE_SEARCH
 def test_new_method_and_metric_reach_the_search_registry(smoke_experiment):
     """The smoke search (tests/test_search.py) tried the plugin method first, on Ray workers that
     imported the plugin themselves; its row and the new metric's column are in trials.parquet."""

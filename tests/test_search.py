@@ -20,6 +20,7 @@ import yaml
 from tests.conftest import (
     REPO,
     SMOKE,
+    SMOKE_SEARCH,
     digits_image_folder,
     held_trial_points,
     injected_faults,
@@ -115,6 +116,7 @@ LOAD_IN_FRESH_PROCESS = textwrap.dedent(
 )
 
 
+@SMOKE_SEARCH
 def test_smoke_search_fills_a_consistent_registry(smoke_experiment):
     experiment, summary = smoke_experiment.experiment, smoke_experiment.summary
     rows = read_trials(experiment)
@@ -131,6 +133,7 @@ def test_smoke_search_fills_a_consistent_registry(smoke_experiment):
     assert {r["method"] for r in rows} <= {"kd", "xd", PLUGIN_METHOD}
 
 
+@SMOKE_SEARCH
 def test_teacher_explainer_ran_once_for_the_whole_search(smoke_experiment):
     summary, writes, cache = smoke_experiment.summary, smoke_experiment.explanation_writes, smoke_experiment.cache
     assert len(writes) == 3  # train, val, test: computed once, before any trial
@@ -138,6 +141,7 @@ def test_teacher_explainer_ran_once_for_the_whole_search(smoke_experiment):
     assert summary["explanations_from_cache"] == {"train": False, "val": False, "test": False}
 
 
+@SMOKE_SEARCH
 def test_front_students_load_without_ray_in_a_fresh_process(smoke_experiment):
     experiment = smoke_experiment.experiment
     result = subprocess.run(

@@ -4,7 +4,10 @@ back, its TensorBoard event files, and no warning from Tune's loggers. The smoke
 
 from __future__ import annotations
 
+from tests.conftest import SMOKE_SEARCH
 
+
+@SMOKE_SEARCH
 def test_mlflow_store_has_one_run_per_trial_under_a_parent_with_the_front(smoke_experiment):
     import mlflow
 

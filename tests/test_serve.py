@@ -16,6 +16,10 @@ from tests.conftest import _free_port
 from xkd_ray.core.distill import distill, save_student
 from xkd_ray.student.predict import load_student_folder
 
+# One worker builds this module's costly fixture (conftest.SMOKE_SEARCH says why).
+pytestmark = pytest.mark.xdist_group("served")
+
+
 MAX_BYTES = 64 * 1024
 
 
