@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(BIN)/xkd demo
 
 # Two pytest workers (pytest-xdist), each with its own local Ray started on first use; the tests
-# that start a cluster of their own run one after another (conftest's OWN_CLUSTER group).
+# that start a cluster of their own run one after another (conftest's OWN_CLUSTER group), and the
+# tests that read one costly shared fixture run in one worker (SMOKE_SEARCH, the served student).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 

@@ -107,7 +107,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 OWN_CLUSTER = pytest.mark.xdist_group("own_cluster")
 # The tests that read a costly shared fixture run in one pytest-xdist worker: a session or module
 # fixture is built once per worker that asks for it, and these were built twice (a smoke search
-# 66 + 37 s, the two-worker Ray Train run 39 + 36 s, the served student 12 + 12 s in one CI run).
+# 66 + 37 s, the served student 12 + 12 s in one CI run). tests/test_train.py's two-worker run
+# (39 + 36 s) is not grouped: grouped, its tests ran first, at the suite's busiest, and one Ray
+# Train run ended in a ControllerError (its worker's placement group removed under it) once.
 SMOKE_SEARCH = pytest.mark.xdist_group("smoke_search")  # ``smoke_experiment``
 
 
