@@ -17,6 +17,7 @@ from xkd_ray.core.distill import distill
 ACCURACY_TOLERANCE = 2 / 270
 FIDELITY_TOLERANCE = 0.01
 
+
 @pytest.fixture(scope="module")
 def train_config(tiny_config):
     return tiny_config.with_overrides({"distill.epochs": 4, "ray.cpus_per_worker": 0.9, "ray.max_failures": 1})
