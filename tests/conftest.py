@@ -102,6 +102,11 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+# The timing tail of a plain progress line (``xkd_ray.core.progress``), for tests that read logs.
+TIMING = r"elapsed \d+:\d\d:\d\d rate [\d.]+/s eta (\d+:\d\d:\d\d|\?)"
+# A fresh teacher on a fifth of digits' training split: every progress line, in a fifth of the time.
+FRESH_TEACHER = {**TINY_OVERRIDES, "data.max_train_samples": 240}
+
 # For a test that starts and stops a Ray cluster of its own (``ray start``, ``cluster_utils``): these
 # run one after another in one worker, so no two such clusters compete for the cores at once.
 OWN_CLUSTER = pytest.mark.xdist_group("own_cluster")

@@ -10,12 +10,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.conftest import FRESH_TEACHER, REPO, TIMING, TINY_OVERRIDES
 from xkd_ray.core.progress import DEFAULT_INTERVAL_S, INTERVAL_ENV, interval_from_env, progress_line, track
-
-TIMING = r"elapsed \d+:\d\d:\d\d rate [\d.]+/s eta (\d+:\d\d:\d\d|\?)"
-# A fresh teacher on a fifth of digits' training split: every progress line, in a fifth of the time.
-FRESH_TEACHER = {**TINY_OVERRIDES, "data.max_train_samples": 240}
 
 
 class FakeClock:

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import OWN_CLUSTER, RAY_BIN, REPO, TINY_OVERRIDES, ray_head, smoke_space
+from tests.conftest import FRESH_TEACHER, OWN_CLUSTER, RAY_BIN, REPO, TIMING, TINY_OVERRIDES, ray_head, smoke_space
 from tests.registry_plugin import PLUGIN_METHOD, PLUGIN_METRIC
-from tests.test_progress import TIMING
 from xkd_ray.core.progress import INTERVAL_ENV
 from xkd_ray.pareto.front import read_trials
 
@@ -73,7 +72,7 @@ def test_the_search_runs_as_a_ray_job_with_token_auth_and_reports_in_its_logs(to
 
     space = smoke_space(tmp_path, str(tmp_path / "cache"), trials=2)
     raw = yaml.safe_load(space.read_text())
-    raw["base"]["data"]["max_train_samples"] = 240  # a fresh teacher on a fifth of the training split
+    raw["base"]["data"]["max_train_samples"] = FRESH_TEACHER["data.max_train_samples"]
     space.write_text(yaml.safe_dump(raw))
     experiment = tmp_path / "experiment"
     address, env = token_head["dashboard"], token_head["env"]
