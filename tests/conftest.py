@@ -46,6 +46,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # with OpenMP threads that spin while they wait. Measured on 2 cores: `make test-fast` 3:53 with
 # the default, 2:09 with one thread (CPU time 7:23 -> 3:57). Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray Train starts a PreemptionWatcher actor per run (a process of its own, 1.4 s of CPU each, 19
+# runs in a suite: measured by process kind) to notice spot-instance drains, which no test but the
+# multi-node one could see; that one (tests/test_cluster.py) turns it back on, as users run it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ["XKD_PLUGINS"] = "tests.registry_plugin"
 os.environ["XKD_FAULTS"] = str(FAULTS_FILE)
 # The per-user key that signs experiment folders (xkd_ray.pareto.experiment_folder): one per session.
