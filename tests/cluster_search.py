@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,14 @@ class Experiment:
             return {}
         table = pq.read_table(pa.BufferReader(self.storage.read_bytes("trials.parquet")))
         return {row["trial_id"]: row for row in table.to_pylist()}
+
+
+def _forget_bootstrap_file(address: str) -> None:
+    """Remove the "latest cluster" file ``cluster_utils`` wrote for ``address`` (Ray's default temp
+    folder), so no other Ray process on this machine autodetects this cluster as its own."""
+    bootstrap = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if bootstrap.exists() and bootstrap.read_text().strip() == address:
+        bootstrap.unlink()
 
 
 def _registered_checkpoint(payload: bytes | None) -> dict[str, Any] | None:
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    import ray
     from ray.cluster_utils import Cluster
 
     from xkd_ray.cluster.ray_trial import trains_in_driver
@@ -204,9 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     # Train's PlacementGroupCleaner asks the state API (served by the dashboard) whether a
     # trial's Train controller died with its node, and only then frees the workers' placement
     # group; without it the retried trial would wait for CPUs forever.
+    # This cluster's own processes find it through RAY_ADDRESS (its GCS port chosen here), and it
+    # leaves no /tmp/ray/ray_current_cluster behind (cluster_utils writes one): Ray Train's
+    # PlacementGroupCleaner finds "its" cluster's state API by autodetection, which reads that
+    # file, so a Ray Train run on any other Ray of this machine (the pytest workers' session Rays)
+    # asked this cluster whether its controller was alive, was told no, and had its workers'
+    # placement group removed mid-run ("Destroying worker since its placement group was
+    # removed", seen in two suite runs); and a `ray.init()` without an address would join it.
+    gcs_port = _free_port()
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{gcs_port}"
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
+            "gcs_server_port": gcs_port,
             "num_cpus": 0,
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
@@ -215,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             "_system_config": SYSTEM_CONFIG,
         },
     )
+    assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
+    _forget_bootstrap_file(cluster.address)
     workers = [cluster.add_node(num_cpus=args.cpus_per_node) for _ in range(2)]
     cluster.wait_for_nodes()
     roles = {cluster.head_node.node_id: "head", **{node.node_id: f"worker{i}" for i, node in enumerate(workers)}}
