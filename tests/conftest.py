@@ -316,6 +316,16 @@ def digits_image_folder(root: Path, count: int = 300) -> Path:
     return root
 
 
+def seed_session_teacher(cache_dir: str, teacher_id: str, fresh_cache: str | Path) -> None:
+    """Copy the session's trained teacher (``tiny_data``'s) into a fresh cache, with no
+    explanations: a search on that cache explains every split itself but does not train the
+    teacher again (the smoke space's teacher config is the session's, so the same id). Training
+    the teacher on Ray workers is checked where it is the subject (test_ray_teacher,
+    test_cluster, test_ray_head's job)."""
+    teacher = Path(cache_dir) / "teachers" / f"teacher-{teacher_id}"
+    shutil.copytree(teacher, Path(fresh_cache) / "teachers" / teacher.name)
+
+
 def smoke_space(tmp_path: Path, cache_dir: str, **search: object) -> Path:
     """The shipped smoke space with its cache moved to ``cache_dir`` and ``search`` settings replaced."""
     raw = yaml.safe_load(SMOKE.read_text())
@@ -330,11 +340,8 @@ def smoke_space(tmp_path: Path, cache_dir: str, **search: object) -> Path:
 def smoke_experiment(ray_local, cache_dir, tiny_data, tmp_path_factory, request):
     """One smoke search (4 trials), run in this process on the session's local Ray.
 
-    Its cache starts with the session's teacher (``tiny_data``'s: the smoke space's teacher
-    config is the same, so the same id) and no explanations: the search explains every split
-    itself (what its tests count) without training that teacher a second time. Training the
-    teacher on Ray workers is checked where it is the subject (test_ray_teacher, test_cluster,
-    the s3 search in test_storage)."""
+    Its cache starts with the session's teacher and no explanations (``seed_session_teacher``):
+    the search explains every split itself, which its tests count."""
     import xkd_ray.core.explain as explain_module
     from tests.registry_plugin import PLUGIN_METHOD
     from xkd_ray.cluster.ray_search import run_search
@@ -342,8 +349,7 @@ def smoke_experiment(ray_local, cache_dir, tiny_data, tmp_path_factory, request)
 
     tmp = tmp_path_factory.mktemp("search")
     fresh_cache = str(tmp / "cache")
-    teacher = Path(cache_dir) / "teachers" / f"teacher-{tiny_data.teacher_id}"
-    shutil.copytree(teacher, Path(fresh_cache) / "teachers" / teacher.name)
+    seed_session_teacher(cache_dir, tiny_data.teacher_id, fresh_cache)
     # The test plugin's method joins the choices and is tried first (tests/test_registries.py).
     # MLflow and TensorBoard tracking on, so test_search_tracking reads this search's store back.
     path = smoke_space(

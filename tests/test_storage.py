@@ -24,6 +24,7 @@ from tests.conftest import (
     _free_port,
     held_trial_points,
     injected_faults,
+    seed_session_teacher,
     smoke_space,
     start_s3_server,
     wait_for,
@@ -148,7 +149,9 @@ def _refused_after_download(capsys, space, url: str, extra: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_local, tmp_path, capsys):
+def test_a_search_writes_resumes_and_loads_from_object_storage(
+    s3_server, ray_local, cache_dir, tiny_data, tmp_path, capsys
+):
     """A search on s3 interrupted after its first trial, resumed from another staging folder (as on
     another machine) to its 3 trials: Tune's state, Train's checkpoints, the registry and the teacher /
     explanation cache are all on storage; the knee student loads from s3 in a fresh process. Ctrl-C
@@ -162,6 +165,7 @@ def test_a_search_writes_resumes_and_loads_from_object_storage(s3_server, ray_lo
     which its workers inherit; moto takes any secret, so only the driver's is looked for."""
     secret = f"xkd-secret-{secrets.token_hex(16)}"
     points, rules = held_trial_points(tmp_path / "holding")
+    seed_session_teacher(cache_dir, tiny_data.teacher_id, tmp_path / "cache")  # pushed to s3 by the search
     space = smoke_space(tmp_path, str(tmp_path / "cache"), trials=3, max_concurrent_trials=1, initial_points=points)
     url = "s3://xkd/search-1"
     storage = Storage(url=url, filesystem=s3_server, root="xkd/search-1")
