@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from captum.attr import InputXGradient, Saliency
+from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
 
 from xkd_ray.config.schema import ExperimentConfig
-from xkd_ray.core.losses import differentiable_gradient_map, distillation_loss
+from xkd_ray.core.losses import differentiable_gradient_map, differentiable_integrated_gradients, distillation_loss
 from xkd_ray.core.models import StudentNet
 from xkd_ray.errors import XKDConfigError
 
@@ -31,6 +31,33 @@ def test_gradient_maps_by_hand_and_against_captum():
     sal = differentiable_gradient_map(images, model(images)[:, 1], "saliency", blur_sigma=0.0)
     assert torch.allclose(sal, weight[1].abs().sum(dim=0).expand(5, 4, 4))
     assert torch.allclose(sal, Saliency(model).attribute(images, target=1, abs=True).sum(dim=1), atol=1e-6)
+
+
+def test_few_step_integrated_gradients_by_hand_and_against_captum():
+    """score = sum(W * x^2): d score / dx at a*x is 2aW x, so the k-step right Riemann IG is
+    x * 2W x * mean(i/k) = (1 + 1/k) W x^2; exact IG (k -> inf) is W x^2, captum's with many steps.
+    k = 1 is input x gradient (differentiable_gradient_map); the map's gradient reaches W."""
+    torch.manual_seed(0)
+    weight = torch.randn(2, 1, 4, 4, requires_grad=True)
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return (x.pow(2).unsqueeze(1) * weight).flatten(2).sum(dim=2)  # [N, 2]
+
+    images, targets = torch.randn(5, 1, 4, 4), torch.tensor([0, 1, 1, 0, 1])
+    exact = (weight[targets] * images.pow(2)).abs().sum(dim=1)
+    for steps in (1, 4, 16):
+        ig = differentiable_integrated_gradients(model, images, targets, steps, blur_sigma=0.0)
+        assert torch.allclose(ig, (1 + 1 / steps) * exact, atol=1e-5), steps
+    captum = IntegratedGradients(model).attribute(images, target=targets, n_steps=64, method="riemann_right")
+    ig = differentiable_integrated_gradients(model, images, targets, 64, blur_sigma=0.0)
+    assert torch.allclose(ig, captum.abs().sum(dim=1), atol=1e-5)
+    one_step = images.clone().requires_grad_(True)
+    by_gradient = differentiable_gradient_map(
+        one_step, model(one_step).gather(1, targets[:, None])[:, 0], "integrated_gradients", blur_sigma=0.0
+    )
+    assert torch.allclose(differentiable_integrated_gradients(model, images, targets, 1, 0.0), by_gradient)
+    ig.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
 
 
 def test_the_gradient_map_term_trains_the_first_conv_layer():

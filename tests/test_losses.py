@@ -94,3 +94,29 @@ def test_joint_loss_by_hand():
     # A term whose weight is zero is neither computed nor added (plain CE when alpha = beta = 0).
     plain = distillation_loss(logits, labels, teacher, temperature=2.0, alpha=0.0, predicted_maps=maps)
     assert set(plain) == {"ce", "total"} and plain["total"].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_honesty_term_moves_the_own_map_toward_the_head_and_not_the_head():
+    """honesty_weight * L(own map, sg(head map)), L the e2kd distance: the own map [1, 2, 3]
+    against a head map [3, 2, 1] is Pearson distance 2; its gradient reaches the own map only
+    (the head's map is the target)."""
+    logits, labels = torch.zeros(1, 2), torch.tensor([0])
+    own = torch.tensor([[[1.0, 2.0, 3.0]]], requires_grad=True)
+    head = torch.tensor([[[3.0, 2.0, 1.0]]], requires_grad=True)
+    parts = distillation_loss(
+        logits,
+        labels,
+        None,
+        temperature=1.0,
+        alpha=0.0,
+        predicted_maps=head,
+        student_cams=own,
+        honesty_weight=0.5,
+        e2kd_kind="pearson",
+    )
+    assert parts["honesty"].item() == pytest.approx(2.0, abs=1e-6)
+    assert parts["total"].item() == pytest.approx(math.log(2) + 0.5 * 2.0, rel=1e-6)
+    parts["total"].backward()
+    assert own.grad is not None and own.grad.abs().sum() > 0 and head.grad is None
+    with pytest.raises(ValueError, match="honesty_weight > 0 needs"):
+        distillation_loss(logits, labels, None, temperature=1.0, alpha=0.0, predicted_maps=head, honesty_weight=1.0)

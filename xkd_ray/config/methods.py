@@ -4,6 +4,7 @@
         + beta L_exp(head map, E_T)                    (head; xd_e2kd_own: E_T -> sg(the student's own map))
         + at_weight AT(A_S, A_T)                       (attention)
         + e2kd_weight L_e2kd(GradCAM_S, E_T)           (e2kd: the student's own map; distill.e2kd_loss)
+        + honesty_weight L_e2kd(GradCAM_S, sg(m))      (head and e2kd: the own map pulled to the head's m)
         (e2kd_grad: the student's own gradient map, input x gradient or |gradient|, for IG/saliency teachers)
 
 A method is only a set of switches over the same joint loss (``losses.distillation_loss``),
@@ -46,13 +47,17 @@ class Method:
         """Only feature-level terms need the teacher network during training; logits and maps are cached."""
         return self.attention
 
-    def loss_weights(self, alpha: float, beta: float, at_weight: float, e2kd_weight: float) -> dict[str, float]:
-        """The weights ``distillation_loss`` takes: a term that is off gets weight 0."""
+    def loss_weights(
+        self, alpha: float, beta: float, at_weight: float, e2kd_weight: float, honesty_weight: float = 0.0
+    ) -> dict[str, float]:
+        """The weights ``distillation_loss`` takes: a term that is off gets weight 0. The honesty
+        term needs both maps it compares: the head's and the student's own (e2kd's)."""
         return {
             "alpha": alpha if self.kd else 0.0,
             "beta": beta if self.head else 0.0,
             "at_weight": at_weight if self.attention else 0.0,
             "e2kd_weight": e2kd_weight if self.e2kd else 0.0,
+            "honesty_weight": honesty_weight if self.head and self.e2kd else 0.0,
         }
 
 

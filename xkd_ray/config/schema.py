@@ -145,6 +145,12 @@ class DistillConfig(Schema):
     # moved the student's own map most at no accuracy cost (README, "Whose explanation is it?").
     e2kd_weight: NonNegativeFloat = 2.0
     e2kd_loss: Choice(EXPLANATION_LOSSES, "distill.e2kd_loss") = "pearson"
+    # xd_e2kd: the weight of a term pulling the student's own map to its head's map (stop-gradient
+    # on the head), so the map the head shows is the student's reason (head_honesty). 0: off.
+    honesty_weight: NonNegativeFloat = 0.0
+    # e2kd_grad with an IG teacher: Riemann steps of the student's own trainable IG map. 1 is
+    # input x gradient (one backward); k steps cost k forward and double-backward passes.
+    student_ig_steps: Annotated[int, Field(ge=1, le=64)] = 1
     head_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     lr: LearningRate = 5e-3
     weight_decay: NonNegativeFloat = 5e-4

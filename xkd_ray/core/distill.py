@@ -25,7 +25,13 @@ from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.diagnostics import student_cost, student_diagnostics
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import faithfulness_subset
-from xkd_ray.core.losses import differentiable_gradcam, differentiable_gradient_map, distillation_loss, explanation_loss
+from xkd_ray.core.losses import (
+    differentiable_gradcam,
+    differentiable_gradient_map,
+    differentiable_integrated_gradients,
+    distillation_loss,
+    explanation_loss,
+)
 from xkd_ray.core.metrics import METRICS, metrics_of
 from xkd_ray.core.models import StudentNet, autocast
 from xkd_ray.core.prepared import DistillData
@@ -85,7 +91,9 @@ def train_one_epoch(
     settings = config.distill
     method = METHODS[settings.method]
     warming_up = method.head and epoch < settings.head_warmup_epochs
-    weights = method.loss_weights(settings.alpha, settings.beta, settings.at_weight, settings.e2kd_weight)
+    weights = method.loss_weights(
+        settings.alpha, settings.beta, settings.at_weight, settings.e2kd_weight, settings.honesty_weight
+    )
     if weights["at_weight"] > 0 and teacher is None:
         raise ValueError(f"method {settings.method!r} needs the teacher model")
     student.train()
@@ -112,8 +120,19 @@ def train_one_epoch(
                     # The student's own map (Grad-CAM of its last conv block, or its gradient map) for
                     # the teacher's top-1 class: e2KD's input, and the head's target for xd_e2kd_own.
                     scores = output.logits.gather(1, teacher_logits.argmax(dim=1, keepdim=True))[:, 0]
-                    if gradient_map:
-                        explain = config.explain
+                    explain = config.explain
+                    ig_steps = settings.student_ig_steps if explain.explainer == "integrated_gradients" else 1
+                    if gradient_map and ig_steps > 1:
+                        # The extra forward passes go through the bare module: DDP expects one
+                        # forward per backward, and its hooks still see every parameter's gradient.
+                        student_cams = differentiable_integrated_gradients(
+                            getattr(student, "module", student),
+                            images,
+                            teacher_logits.argmax(dim=1),
+                            ig_steps,
+                            explain.blur_sigma,
+                        )
+                    elif gradient_map:
                         student_cams = differentiable_gradient_map(
                             images, scores, explain.explainer, explain.blur_sigma
                         )

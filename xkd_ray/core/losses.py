@@ -4,6 +4,7 @@
         + beta * L_exp(m, E_T(x))                      (xd, xd_e2kd: the head's map m)
         + at_weight * AT(A_S, A_T)                     (at)
         + e2kd_weight * L_e2kd(GradCAM_S(x), E_T(x))   (e2kd, xd_e2kd: the student's own map)
+        + honesty_weight * L_e2kd(GradCAM_S(x), sg(m))  (xd_e2kd: the own map pulled to the head's)
         (e2kd_grad: the student's own gradient map G_S(x) in place of GradCAM_S(x), below)
 
 No I/O, no config objects: every function takes tensors and numbers.
@@ -12,6 +13,7 @@ No I/O, no config objects: every function takes tensors and numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,29 @@ def differentiable_gradient_map(
     return blur_maps(attribution.abs().sum(dim=1), blur_sigma)
 
 
+def differentiable_integrated_gradients(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    blur_sigma: float,
+) -> torch.Tensor:
+    """Integrated Gradients from a zero baseline, k-point right Riemann sum, made trainable
+    (e2kd_grad with ``distill.student_ig_steps`` = k > 1), [N, C, H, W] -> [N, H, W]:
+
+        G_S(x) = blur(sum_c |x_c * (1/k) sum_{i=1..k} d s_t/d x_c (i/k * x)|)
+
+    ``model`` maps images to logits, ``targets`` [N] is each image's class t. The k scaled copies
+    go through the model as one batch of k*N. k = 1 is input x gradient at x, the IG of
+    ``differentiable_gradient_map``; the teacher's captum IG uses more steps (explain.ig_steps)."""
+    alphas = torch.arange(1, steps + 1, dtype=images.dtype, device=images.device) / steps
+    scaled = (alphas.view(-1, 1, 1, 1, 1) * images.detach().unsqueeze(0)).flatten(0, 1).requires_grad_(True)
+    scores = model(scaled).gather(1, targets.repeat(steps).unsqueeze(1))
+    (gradients,) = torch.autograd.grad(scores.sum(), scaled, create_graph=True)
+    mean_gradient = gradients.view(steps, *images.shape).mean(dim=0)
+    return blur_maps((images.detach() * mean_gradient).abs().sum(dim=1), blur_sigma)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -168,6 +193,7 @@ def distillation_loss(
     student_cams: torch.Tensor | None = None,
     e2kd_kind: str = "cosine",
     head_targets: torch.Tensor | None = None,
+    honesty_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The joint loss and its parts (returned so training logs show what each term does).
 
@@ -200,5 +226,12 @@ def distillation_loss(
         # explanation loss can stand in (scale-invariant ones need no normalisation of the raw CAM).
         parts["e2kd"] = explanation_loss(student_cams, teacher_maps, e2kd_kind)
         total = total + e2kd_weight * parts["e2kd"]
+    if honesty_weight > 0:
+        if student_cams is None or predicted_maps is None:
+            raise ValueError("honesty_weight > 0 needs student_cams and predicted_maps")
+        # The head's map is the target, not a learner here (stop-gradient): the student's own
+        # reason is moved toward the map it shows, so the shown map describes the student.
+        parts["honesty"] = explanation_loss(student_cams, predicted_maps.detach(), e2kd_kind)
+        total = total + honesty_weight * parts["honesty"]
     parts["total"] = total
     return parts
