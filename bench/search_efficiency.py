@@ -25,12 +25,17 @@ recorded; the hypervolume of the val front over time gives the curves (a PNG) an
     xkd_vs_plain_optuna      median over seeds of HV(b) / HV(a) at the budget
     gp_vs_tpe_hv             median over seeds of HV(d) / HV(a) at the budget
 
+``--record FILE`` keeps each finished seed (one JSON line: curves, final hypervolumes, trial
+counts) and the RESULT covers every seed in the file, so the long comparison (80 minutes per seed
+on 2 cores) can be run a seed at a time: ``--long --first-seed 1 --seeds 1 --record FILE``.
+
 Run: python bench/search_efficiency.py [--space search_spaces/default.yaml] [--budget-minutes 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -49,6 +54,7 @@ from xkd_ray.core.prepared import prepare
 from xkd_ray.pareto.front import Objectives, read_trials
 
 Curve = list[tuple[float, tuple[float, ...]]]  # (seconds since start, val objective point)
+ARMS = ("plain_optuna", "xkd_fifo", "xkd_mo_asha", "plain_optuna_gp")
 
 
 def _distribution(parameter: Parameter) -> optuna.distributions.BaseDistribution:
@@ -153,11 +159,61 @@ def plot(curves: dict[str, list[Curve]], objectives: Objectives, budget_s: float
     plt.close(figure)
 
 
+def run_seed(base: SearchSpec, args: argparse.Namespace, seed: int, root: Path, budget_s: float) -> dict[str, Any]:
+    """The four arms for one seed: each arm's curve, its final hypervolume and trial count, the
+    reference config's point, and how long MO-ASHA took to reach FIFO's final hypervolume."""
+    trials = {"trials": 1000, "seed": seed}  # the budget, not the trial count, ends each arm
+    asha = base.search.scheduler.model_dump() if base.search.scheduler.name != "fifo" else None
+    if args.long:
+        asha = {"name": "mo_asha", "grace_epochs": 2, "reduction_factor": 3}
+    fifo = load_search_space(args.space, {**trials, "scheduler": {"name": "fifo"}})
+    mo_asha = load_search_space(args.space, {**trials, "scheduler": asha or {"name": "mo_asha"}})
+    objectives = Objectives.of(fifo.search)
+    record: dict[str, Any] = {"seed": seed, "budget_s": budget_s, "curves": {}, "final": {}, "finished": {}}
+    for arm in ARMS:
+        if arm.startswith("plain_optuna"):
+            curve, reference = plain_optuna(fifo, budget_s, gp=arm == "plain_optuna_gp")
+        else:
+            spec = fifo if arm == "xkd_fifo" else mo_asha
+            curve, reference = xkd_search(spec, root / f"{arm}-{seed}", budget_s)
+        record["curves"][arm], record["finished"][arm] = curve, len(curve)
+        record["final"][arm] = hv_at(curve, budget_s, objectives)
+        if arm == "xkd_mo_asha":
+            record["reference_hv"] = (
+                hypervolume([reference], objectives.reference_point, objectives.directions) if reference else None
+            )
+        final = record["final"][arm]
+        print(f"seed {seed} {arm:12s}: {len(curve)} feasible trials, hypervolume {final:.4f}", flush=True)
+    fifo_final = record["final"]["xkd_fifo"]
+    reached = time_to_reach(record["curves"]["xkd_mo_asha"], fifo_final, objectives) if fifo_final > 0 else 0.0
+    record["mo_asha_reached_fifo_hv"] = reached is not None
+    record["mo_asha_time_to_fifo_hv"] = 1.0 if reached is None else reached / budget_s
+    return record
+
+
+def read_records(path: Path | None, budget_s: float) -> list[dict[str, Any]]:
+    """Seeds recorded by earlier runs (one JSON object per line) at the same budget: a long
+    comparison (4 arms x 20 min per seed) can be spread over several sessions."""
+    if path is None or not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    other = sorted({r["budget_s"] for r in records} - {budget_s})
+    if other:
+        raise SystemExit(f"--record {path}: holds seeds at a budget of {other} s, not {budget_s} s")
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", type=Path, default=Path("search_spaces/default.yaml"))
     parser.add_argument("--budget-minutes", type=float, default=6.0)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds to run now")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument(
+        "--record",
+        type=Path,
+        help="JSON-lines file: each seed is appended as it finishes, and the RESULT covers every seed in it",
+    )
     parser.add_argument("--plot", type=Path, default=Path(tempfile.gettempdir()) / "xkd_search_efficiency.png")
     parser.add_argument("--smoke", action="store_true", help="smoke space, 1 seed, 40 s per arm")
     parser.add_argument("--long", action="store_true", help="20 min per arm, rungs 2/6/18 of 20 epochs")
@@ -168,55 +224,43 @@ def main() -> None:
     if args.long and args.budget_minutes == parser.get_default("budget_minutes"):
         args.budget_minutes = 20.0
     budget_s = 60 * args.budget_minutes
-    curves: dict[str, list[Curve]] = {"plain_optuna": [], "xkd_fifo": [], "xkd_mo_asha": [], "plain_optuna_gp": []}
-    finished: dict[str, list[int]] = {arm: [] for arm in curves}
-    references: list[tuple[float, ...]] = []
+    records = read_records(args.record, budget_s)
+    done = {r["seed"] for r in records}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xkd-search-efficiency-") as root:
         base = load_search_space(args.space)
         prepare(base.trial_config({}), progress=False)  # teacher + explanations, cached for every arm
-        for seed in range(args.seeds):
-            trials = {"trials": 1000, "seed": seed}  # the budget, not the trial count, ends each arm
-            asha = base.search.scheduler.model_dump() if base.search.scheduler.name != "fifo" else None
-            if args.long:
-                asha = {"name": "mo_asha", "grace_epochs": 2, "reduction_factor": 3}
-            fifo = load_search_space(args.space, {**trials, "scheduler": {"name": "fifo"}})
-            mo_asha = load_search_space(args.space, {**trials, "scheduler": asha or {"name": "mo_asha"}})
-            for arm in curves:
-                if arm.startswith("plain_optuna"):
-                    curve, reference = plain_optuna(fifo, budget_s, gp=arm == "plain_optuna_gp")
-                else:
-                    spec = fifo if arm == "xkd_fifo" else mo_asha
-                    curve, reference = xkd_search(spec, Path(root) / f"{arm}-{seed}", budget_s)
-                curves[arm].append(curve)
-                finished[arm].append(len(curve))
-                if reference is not None and arm == "xkd_mo_asha":
-                    references.append(reference)
-                final = hv_at(curve, budget_s, Objectives.of(fifo.search))
-                print(f"seed {seed} {arm:12s}: {len(curve)} feasible trials, hypervolume {final:.4f}", flush=True)
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            if seed in done:
+                print(f"seed {seed}: already in {args.record}, skipped")
+                continue
+            record = run_seed(base, args, seed, Path(root), budget_s)
+            records.append(record)
+            if args.record is not None:
+                with args.record.open("a") as file:
+                    file.write(json.dumps(record) + "\n")
     objectives = Objectives.of(base.search)
-    final = {arm: [hv_at(c, budget_s, objectives) for c in runs] for arm, runs in curves.items()}
-    reference_hv = [hypervolume([p], objectives.reference_point, objectives.directions) for p in references]
-    times: list[float] = []
-    reached_seeds = 0
-    for asha_curve, fifo_final in zip(curves["xkd_mo_asha"], final["xkd_fifo"], strict=True):
-        reached = time_to_reach(asha_curve, fifo_final, objectives) if fifo_final > 0 else 0.0
-        reached_seeds += reached is not None
-        times.append(1.0 if reached is None else reached / budget_s)
-    plot(curves, objectives, budget_s, args.plot)
+    records.sort(key=lambda r: r["seed"])
+    # A transcribed record (from a run before records were kept) has no curves: only its numbers count.
+    plot({arm: [r["curves"][arm] for r in records if r.get("curves")] for arm in ARMS}, objectives, budget_s, args.plot)
+    final = {arm: [r["final"][arm] for r in records] for arm in ARMS}
     for arm, volumes in final.items():
         print(f"{arm:12s} hypervolume per seed: {', '.join(f'{v:.4f}' for v in volumes)}")
+    reference_hv = [r["reference_hv"] for r in records if r.get("reference_hv")]
+    print(f"seeds: {', '.join(str(r['seed']) for r in records)}")
     print(f"reference config hypervolume per seed: {', '.join(f'{v:.4f}' for v in reference_hv) or '-'}")
-    print(f"budget {args.budget_minutes:.1f} min per arm and seed; {time.perf_counter() - started:.0f} s in all")
+    print(f"budget {args.budget_minutes:.1f} min per arm and seed; {time.perf_counter() - started:.0f} s in all now")
     print(f"curves: {args.plot}")
     median: Any = statistics.median
     hv_vs_reference = _ratio(median(final["xkd_mo_asha"]), median(reference_hv) if reference_hv else 0.0)
     xkd_vs_plain = median([_ratio(b, a) for a, b in zip(final["plain_optuna"], final["xkd_fifo"], strict=True)])
     gp_vs_tpe = median([_ratio(d, a) for a, d in zip(final["plain_optuna"], final["plain_optuna_gp"], strict=True)])
-    fewest = min(min(counts) for counts in finished.values())
+    fewest = min(min(r["finished"].values()) for r in records)
+    reached_seeds = sum(r["mo_asha_reached_fifo_hv"] for r in records)
     print(f"fewest feasible trials finished by an arm: {fewest} (the long budget asks for >= 27)")
     print(
-        f"RESULT hv_vs_reference={hv_vs_reference:.3f} mo_asha_time_to_fifo_hv={median(times):.3f} "
+        f"RESULT seeds={len(records)} hv_vs_reference={hv_vs_reference:.3f} "
+        f"mo_asha_time_to_fifo_hv={median([r['mo_asha_time_to_fifo_hv'] for r in records]):.3f} "
         f"mo_asha_reached_fifo_hv_seeds={reached_seeds} xkd_vs_plain_optuna={xkd_vs_plain:.3f} "
         f"gp_vs_tpe_hv={gp_vs_tpe:.3f} fewest_trials_per_arm={fewest}"
     )
