@@ -24,6 +24,7 @@ import torch
 
 from xkd_ray.config.methods import GRADIENT_MAP_EXPLAINERS, METHODS
 from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.config.yaml_loader import parse_overrides
 from xkd_ray.core.checkpoints import atomic_write
 from xkd_ray.core.distill import StudentPredictions, distill, split_metrics, student_predictions
 from xkd_ray.core.explain import EXPLAINERS, explain_maps
@@ -177,6 +178,13 @@ def main() -> None:
         help="data.augment: random resized crop + flip on image and teacher map (default: the dataset's rule)",
     )
     parser.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)} (default: all that apply)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every method, as in `xkd distill --set` (named in the results file)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works (seconds)")
     parser.add_argument("--grid-only", action="store_true", help="only train seed-0 kd and xd and draw the map grid")
     args = parser.parse_args()
@@ -196,6 +204,7 @@ def main() -> None:
         overrides |= {"data.image_size": 16, "teacher.width": 8, "teacher.epochs": 2, "distill.epochs": 1}
         overrides |= {"student.width": 8, "student.ae_width": 8, "explain.cache_dir": ".xkd_cache/smoke"}
         args.seeds, methods = 1, ["kd", "xd", "xd_e2kd"]
+    overrides |= parse_overrides(args.set)
     base = ExperimentConfig().with_overrides(overrides)
     started = time.perf_counter()
     data = prepare(base, progress=False)
@@ -246,6 +255,7 @@ def main() -> None:
     lines = []
     for title, columns in (("like the teacher's", LIKENESS), ("the student's own reason?", REASON)):
         heading = f"{args.dataset} / {args.explainer}, augment {'on' if base.data.augment_on else 'off'}"
+        heading += "".join(f", {text}" for text in args.set)
         lines += [f"| {heading}, {title} (test, {args.seeds} seeds) | " + " | ".join(columns) + " |"]
         lines += ["|" + "---|" * (len(columns) + 1)]
         for name, values in rows.items():
@@ -280,6 +290,7 @@ def main() -> None:
     print(table)
     name = f"paper_claim_{args.dataset}_{args.explainer}" + ("_" + "_".join(methods) if subset else "")
     name += "" if args.augment == "default" else f"_augment_{args.augment}"
+    name += "".join(f"_{text.replace('=', '-')}" for text in args.set)
     if not args.smoke and not args.grid_only:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}.md").write_text(table)
