@@ -92,6 +92,22 @@ def test_the_head_learns_the_target_its_method_gives_it(tiny_config, tiny_data):
     assert xd["fidelity"] > own["fidelity"] + 0.2, (own, xd)
 
 
+def test_the_honesty_term_pulls_the_students_own_map_to_its_head(tiny_config, tiny_data):
+    """distill.honesty_weight alone (the e2KD pull to the teacher off): the student's own map
+    follows its head's, so the head's map describes the student (head_honesty far higher than
+    without the term; same seed, data and epochs). A method without e2kd's own map ignores it."""
+    runs = {}
+    for weight in (0.0, 2.0):
+        config = tiny_config.with_overrides(
+            {"distill.method": "xd_e2kd", "distill.e2kd_weight": 0.0, "distill.honesty_weight": weight}
+        )
+        runs[weight] = distill(config, tiny_data, progress=False)[1]
+    assert runs[2.0]["val"]["head_honesty"] > runs[0.0]["val"]["head_honesty"] + 0.5, runs
+    assert "train_honesty" in runs[2.0]["history"][-1] and "train_honesty" not in runs[0.0]["history"][-1]
+    xd = tiny_config.with_overrides({"distill.method": "xd", "distill.honesty_weight": 2.0, "distill.epochs": 1})
+    assert "train_honesty" not in distill(xd, tiny_data, progress=False)[1]["history"][-1]
+
+
 def test_head_warmup_trains_only_the_head_first(tiny_config, tiny_data):
     """Warm-up epochs change the head and nothing else (AdamW's weight decay included)."""
     config = tiny_config.with_overrides({"distill.head_warmup_epochs": 1})

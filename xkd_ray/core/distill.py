@@ -116,7 +116,7 @@ def train_one_epoch(
                 if weights["at_weight"] > 0:
                     with torch.no_grad():
                         teacher_features = teacher.stages(images)
-                if weights["e2kd_weight"] > 0 or method.head_target == "own":
+                if weights["e2kd_weight"] > 0 or weights["honesty_weight"] > 0 or method.head_target == "own":
                     # The student's own map (Grad-CAM of its last conv block, or its gradient map) for
                     # the teacher's top-1 class: e2KD's input, and the head's target for xd_e2kd_own.
                     scores = output.logits.gather(1, teacher_logits.argmax(dim=1, keepdim=True))[:, 0]
