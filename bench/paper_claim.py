@@ -185,6 +185,12 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="config override for every method, as in `xkd distill --set` (named in the results file)",
     )
+    parser.add_argument(
+        "--no-head-control",
+        action="store_true",
+        help="skip the kd+head control (a head trained and evaluated beside each KD student: with IG, "
+        "most of a KD seed's time)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works (seconds)")
     parser.add_argument("--grid-only", action="store_true", help="only train seed-0 kd and xd and draw the map grid")
     args = parser.parse_args()
@@ -223,7 +229,7 @@ def main() -> None:
             for key in COLUMNS:
                 rows.setdefault(method, {}).setdefault(key, []).append(metrics["test"][key])
             rows[method].setdefault("s/epoch", []).append(seconds_per_epoch(metrics["history"]))
-            if method == "kd":
+            if method == "kd" and not args.no_head_control:
                 control = train_head_alone(config, data, student, metrics["test"])
                 row = rows.setdefault("kd+head (control)", {})
                 for key in COLUMNS:
