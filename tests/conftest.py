@@ -116,10 +116,12 @@ FRESH_TEACHER = {**TINY_OVERRIDES, "data.max_train_samples": 240}
 OWN_CLUSTER = pytest.mark.xdist_group("own_cluster")
 # The tests that read a costly shared fixture run in one pytest-xdist worker: a session or module
 # fixture is built once per worker that asks for it, and these were built twice (a smoke search
-# 66 + 37 s, the served student 12 + 12 s in one CI run). tests/test_train.py's two-worker run
-# (39 + 36 s) is not grouped: grouped, its tests ran first, at the suite's busiest, and one Ray
-# Train run ended in a ControllerError (its worker's placement group removed under it) once.
+# 66 + 37 s, the served student 12 + 12 s, the Ray Train fault search 60 + 61 s in CI runs).
+# (A ControllerError once blamed on grouping tests/test_train.py was the placement-group removal
+# that tests/cluster_search.py now prevents.)
 SMOKE_SEARCH = pytest.mark.xdist_group("smoke_search")  # ``smoke_experiment``
+FAULTY_SEARCH = pytest.mark.xdist_group("faulty_search")  # tests/test_faults.py's ``faulty_search``
+TWO_WORKER_RUN = pytest.mark.xdist_group("two_worker_run")  # tests/test_train.py's ``two_worker_run``
 
 
 RAY_BIN = str(Path(sys.executable).parent / "ray")

@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import SMOKE, injected_faults
+from tests.conftest import FAULTY_SEARCH, SMOKE, injected_faults
 from xkd_ray.config.space import load_search_space
 from xkd_ray.core.metrics import non_dominated
 from xkd_ray.pareto.front import load_pareto_student, read_trials
+
+pytestmark = FAULTY_SEARCH  # both tests read each mode's search: build it in one worker only
 
 # Each point is told apart by its temperature; the fault rules (xkd_ray.testing.faults) key on it.
 HEALTHY = {"distill.method": "xd", "distill.lr": 0.005, "distill.temperature": 2.0}

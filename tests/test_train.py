@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import injected_faults
+from tests.conftest import TWO_WORKER_RUN, injected_faults
 from xkd_ray.cluster.ray_run import distill_with_ray
 from xkd_ray.core.distill import distill
+
+pytestmark = TWO_WORKER_RUN  # two tests compare with one two-worker run: build it in one worker only
 
 # Global batch and sampler order are the same for any worker count (each rank takes every
 # world-th index of one seeded permutation, with batch_size / world per rank) and the student

@@ -33,7 +33,7 @@ from xkd_ray.core.losses import (
     explanation_loss,
 )
 from xkd_ray.core.metrics import METRICS, metrics_of
-from xkd_ray.core.models import StudentNet, autocast
+from xkd_ray.core.models import StudentNet, StudentOutput, autocast
 from xkd_ray.core.prepared import DistillData
 from xkd_ray.core.progress import track
 from xkd_ray.data.splits import Split, Splits
@@ -117,27 +117,7 @@ def train_one_epoch(
                     with torch.no_grad():
                         teacher_features = teacher.stages(images)
                 if weights["e2kd_weight"] > 0 or weights["honesty_weight"] > 0 or method.head_target == "own":
-                    # The student's own map (Grad-CAM of its last conv block, or its gradient map) for
-                    # the teacher's top-1 class: e2KD's input, and the head's target for xd_e2kd_own.
-                    scores = output.logits.gather(1, teacher_logits.argmax(dim=1, keepdim=True))[:, 0]
-                    explain = config.explain
-                    ig_steps = settings.student_ig_steps if explain.explainer == "integrated_gradients" else 1
-                    if gradient_map and ig_steps > 1:
-                        # The extra forward passes go through the bare module: DDP expects one
-                        # forward per backward, and its hooks still see every parameter's gradient.
-                        student_cams = differentiable_integrated_gradients(
-                            getattr(student, "module", student),
-                            images,
-                            teacher_logits.argmax(dim=1),
-                            ig_steps,
-                            explain.blur_sigma,
-                        )
-                    elif gradient_map:
-                        student_cams = differentiable_gradient_map(
-                            images, scores, explain.explainer, explain.blur_sigma
-                        )
-                    else:
-                        student_cams = differentiable_gradcam(output.features[-1], scores, images.shape[-2:])
+                    student_cams = _own_map(student, output, images, teacher_logits.argmax(dim=1), config, gradient_map)
                 parts = distillation_loss(
                     output.logits.float(),
                     labels,
@@ -161,6 +141,31 @@ def train_one_epoch(
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         batches += 1
     return {f"train_{name}": total / max(batches, 1) for name, total in sums.items()}
+
+
+def _own_map(
+    student: nn.Module,
+    output: StudentOutput,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    config: ExperimentConfig,
+    gradient_map: bool,
+) -> torch.Tensor:
+    """The student's own map for the teacher's top-1 class, trainable: e2KD's input, the honesty
+    term's and xd_e2kd_own's. Grad-CAM of its last conv block, or (e2kd_grad) its gradient map,
+    a k-step IG when ``distill.student_ig_steps`` > 1 with an IG teacher."""
+    explain = config.explain
+    scores = output.logits.gather(1, targets.unsqueeze(1))[:, 0]
+    if not gradient_map:
+        return differentiable_gradcam(output.features[-1], scores, images.shape[-2:])
+    steps = config.distill.student_ig_steps if explain.explainer == "integrated_gradients" else 1
+    if steps == 1:
+        return differentiable_gradient_map(images, scores, explain.explainer, explain.blur_sigma)
+    # The k scaled copies go through the bare module, since DDP's wrapper expects one forward per
+    # backward (multi-worker training with student_ig_steps > 1 is not covered by a test).
+    return differentiable_integrated_gradients(
+        getattr(student, "module", student), images, targets, steps, explain.blur_sigma
+    )
 
 
 class StudentPredictions(NamedTuple):
