@@ -21,17 +21,11 @@ from torch.utils.data.distributed import DistributedSampler
 
 from xkd_ray.config.methods import METHODS
 from xkd_ray.config.schema import ExperimentConfig
+from xkd_ray.core import losses
 from xkd_ray.core.augment import AugmentCollate
 from xkd_ray.core.diagnostics import student_cost, student_diagnostics
 from xkd_ray.core.explain import TeacherOutputs, explain_maps
 from xkd_ray.core.faithfulness import faithfulness_subset
-from xkd_ray.core.losses import (
-    differentiable_gradcam,
-    differentiable_gradient_map,
-    differentiable_integrated_gradients,
-    distillation_loss,
-    explanation_loss,
-)
 from xkd_ray.core.metrics import METRICS, metrics_of
 from xkd_ray.core.models import StudentNet, StudentOutput, autocast
 from xkd_ray.core.prepared import DistillData
@@ -108,7 +102,7 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             output = student(images, return_all=True)
             if warming_up:
-                parts = {"explanation": explanation_loss(output.maps, teacher_maps, settings.explanation_loss)}
+                parts = {"explanation": losses.explanation_loss(output.maps, teacher_maps, settings.explanation_loss)}
                 # Keep every parameter in the graph (DDP expects gradients for all of them).
                 parts["total"] = parts["explanation"] + 0.0 * output.logits.sum()
             else:
@@ -118,7 +112,7 @@ def train_one_epoch(
                         teacher_features = teacher.stages(images)
                 if weights["e2kd_weight"] > 0 or weights["honesty_weight"] > 0 or method.head_target == "own":
                     student_cams = _own_map(student, output, images, teacher_logits.argmax(dim=1), config, gradient_map)
-                parts = distillation_loss(
+                parts = losses.distillation_loss(
                     output.logits.float(),
                     labels,
                     teacher_logits,
@@ -157,13 +151,13 @@ def _own_map(
     explain = config.explain
     scores = output.logits.gather(1, targets.unsqueeze(1))[:, 0]
     if not gradient_map:
-        return differentiable_gradcam(output.features[-1], scores, images.shape[-2:])
+        return losses.differentiable_gradcam(output.features[-1], scores, images.shape[-2:])
     steps = config.distill.student_ig_steps if explain.explainer == "integrated_gradients" else 1
     if steps == 1:
-        return differentiable_gradient_map(images, scores, explain.explainer, explain.blur_sigma)
+        return losses.differentiable_gradient_map(images, scores, explain.explainer, explain.blur_sigma)
     # The k scaled copies go through the bare module, since DDP's wrapper expects one forward per
     # backward (multi-worker training with student_ig_steps > 1 is not covered by a test).
-    return differentiable_integrated_gradients(
+    return losses.differentiable_integrated_gradients(
         getattr(student, "module", student), images, targets, steps, explain.blur_sigma
     )
 
