@@ -243,6 +243,12 @@ def main() -> None:
     records.sort(key=lambda r: r["seed"])
     # A transcribed record (from a run before records were kept) has no curves: only its numbers count.
     plot({arm: [r["curves"][arm] for r in records if r.get("curves")] for arm in ARMS}, objectives, budget_s, args.plot)
+    minutes = [*(2.5 * k for k in range(1, math.ceil(budget_s / 150))), budget_s / 60]  # every 2.5 min
+    for record in (r for r in records if r.get("curves")):  # when each arm got its hypervolume
+        for arm in ARMS:
+            curve = [(when, tuple(point)) for when, point in record["curves"][arm]]
+            at = " ".join(f"{m:g}m {hv_at(curve, 60 * m, objectives):.3f}" for m in minutes)
+            print(f"seed {record['seed']} {arm:16s} hypervolume at {at}")
     final = {arm: [r["final"][arm] for r in records] for arm in ARMS}
     for arm, volumes in final.items():
         print(f"{arm:12s} hypervolume per seed: {', '.join(f'{v:.4f}' for v in volumes)}")
